@@ -16,7 +16,7 @@ and is never lost silently.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Iterator, Literal, Mapping
 
@@ -32,6 +32,9 @@ __all__ = [
     "load_online_retail",
     "load_table",
     "load_purchases",
+    "load_schema",
+    "parse_columns",
+    "source_options",
     "iter_events",
     "PAPER_EXCLUDED_COUNTRIES",
 ]
@@ -74,6 +77,8 @@ class LoadReport:
     rows_kept: int
     dropped: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    columns: tuple[tuple[str, str], ...] = ()  # (canonical, where it came from), for the user
+    notes: tuple[str, ...] = ()  # what the loader assumed (no price, no ts, ...)
 
     def __post_init__(self) -> None:
         if self.rows_in != self.rows_kept + sum(self.dropped.values()):
@@ -88,6 +93,16 @@ class LoadReport:
             return head + "; nothing dropped"
         parts = ", ".join(f"{reason} {n:,}" for reason, n in self.dropped.items())
         return f"{head}; dropped {self.rows_in - self.rows_kept:,}: {parts}"
+
+    def describe(self) -> str:
+        """The column mapping, the cleaning summary and the loader's assumptions, one line each:
+        what every command prints before it starts, so a wrong mapping shows at once."""
+        lines = []
+        if self.columns:
+            lines.append("columns: " + ", ".join(f"{c} <- {src}" for c, src in self.columns))
+        lines.append(self.summary())
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
 
 
 # -- the one cleaning function -------------------------------------------------------------------
@@ -180,10 +195,16 @@ def clean_purchases(
 
     quantity = _to_number(staged["quantity"]) if "quantity" in staged else pd.Series(np.ones(n))
     price = _to_number(staged["price"]) if "price" in staged else pd.Series(np.zeros(n))
+    notes: list[str] = []
+    priced = "price" in staged
+    if priced and n and bool((price == 0).all()):
+        # A shop without prices often exports a column of zeros: that is "no price", not n bad rows.
+        priced = False
+        notes.append("price column is all zero: treated as no price (monetary value is constant)")
     drop("unparseable_number", quantity.isna() | price.isna())
     drop("non_integer_quantity", np.mod(quantity.fillna(0), 1) != 0)
     drop("non_positive_quantity", quantity <= 0)
-    drop("non_positive_price", (price <= 0) if drop_zero_price and "price" in staged else price < 0)
+    drop("non_positive_price", (price <= 0) if drop_zero_price and priced else price < 0)
     ts = _to_unix_seconds(staged["ts"], ts_format, ts_unit)
     drop("unparseable_timestamp", ts.isna() | ~np.isfinite(ts.fillna(0)))
 
@@ -214,7 +235,8 @@ def clean_purchases(
 
     counts = pd.Series(reason[~keep]).value_counts()
     order = list((flags or {}).keys()) + list(REASONS)
-    report = LoadReport(n, int(keep.sum()), {r: int(counts[r]) for r in order if r in counts}, source)
+    report = LoadReport(n, int(keep.sum()), {r: int(counts[r]) for r in order if r in counts}, source,
+                        notes=tuple(notes))
     log.info("%s", report.summary())
     return frame, report
 
@@ -254,6 +276,85 @@ def _require(columns: pd.Index, needed: list[str], source: str) -> None:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}; the file has {list(columns)}")
+
+
+# -- column mappings: one parser for every command -------------------------------------------
+SCHEMA_OPTIONS = ("columns", "ts_format", "ts_unit")
+_DEFAULTS = {"event_id": "(generated)", "item_name": "(item_id)", "quantity": "(1)",
+             "price": "(none)", "ts": "(file order)"}
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`user_id=customer,item_id=product_id` -> {"user_id": "customer", "item_id": "product_id"}.
+
+    >>> parse_columns("user_id=customer, ts=order_number")
+    {'user_id': 'customer', 'ts': 'order_number'}
+    """
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not name or not column:
+            raise ValueError(f"column mapping {part!r}: expected CANONICAL=SOURCE, e.g. user_id=customer")
+        if name in mapping:
+            raise ValueError(f"column mapping names {name!r} twice")
+        mapping[name] = column
+    _check_canonical(mapping)
+    return mapping
+
+
+def _check_canonical(mapping: Mapping[str, str]) -> None:
+    unknown = set(mapping) - set(CANONICAL_COLUMNS)
+    if unknown:
+        raise ValueError(f"mapping has unknown canonical column(s) {sorted(unknown)}; "
+                         f"known: {list(CANONICAL_COLUMNS)}")
+
+
+def load_schema(path: str | Path) -> dict[str, object]:
+    """`load_table` keyword arguments from a YAML or JSON schema file.
+
+    Either a flat mapping (`user_id: customer`) or `{columns: {...}, ts_format: ..., ts_unit: ...}`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"schema {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            import json
+
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as exc:  # a JSON or YAML syntax error: one line naming the file
+        raise ValueError(f"schema {path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"schema {path}: expected a mapping such as {{user_id: customer, item_id: sku}}")
+    if "columns" not in raw:
+        raw = {"columns": raw}
+    unknown = set(raw) - set(SCHEMA_OPTIONS)
+    if unknown:
+        raise ValueError(f"schema {path}: unknown key(s) {sorted(unknown)}; allowed: {list(SCHEMA_OPTIONS)}")
+    columns = raw["columns"]
+    if not isinstance(columns, dict) or not all(isinstance(v, (str, int)) for v in columns.values()):
+        raise ValueError(f"schema {path}: 'columns' must map canonical names to source column names")
+    mapping = {str(k): str(v) for k, v in columns.items()}
+    _check_canonical(mapping)
+    out: dict[str, object] = {"mapping": mapping}
+    out.update({k: str(raw[k]) for k in ("ts_format", "ts_unit") if raw.get(k) is not None})
+    return out
+
+
+def source_options(columns: str | None = None, schema: str | Path | None = None) -> dict[str, object]:
+    """Loader keyword arguments from `--schema FILE` and `--columns ...` (the flags win)."""
+    options: dict[str, object] = load_schema(schema) if schema else {}
+    if columns:
+        options["mapping"] = {**dict(options.get("mapping", {})), **parse_columns(columns)}  # type: ignore[arg-type]
+    return options
 
 
 def load_online_retail(path: PathLike, paper_filter: bool = False) -> tuple[pd.DataFrame, LoadReport]:
@@ -310,33 +411,45 @@ def load_table(
     ts_format: str | None = None,
     ts_unit: str = "s",
     drop_zero_price: bool = True,
+    require_ts: bool = True,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Load a CSV or Parquet purchases table (by suffix; open text streams are read as CSV).
 
     `mapping` maps canonical names to source columns; canonical names it does not mention are
-    looked up under their own name. user_id, item_id and ts are required; event_id is generated
-    from row content when absent, item_name defaults to item_id, quantity to 1, price to 0.
-    Numeric ts are in `ts_unit` ("s", "ms", ...); text ts are parsed with `ts_format` (strftime)
-    or, without it, as ISO 8601 with a slower fallback for other layouts.
+    looked up under their own name. user_id and item_id are required, ts too unless
+    `require_ts=False` (batch commands: the rows then keep file order); event_id is generated
+    from row content when absent, item_name defaults to item_id, quantity to 1, price to 0 (a
+    price column of zeros counts as no price). Numeric ts are in `ts_unit` ("s", "ms", ...), so
+    order sequence numbers work too; text ts are parsed with `ts_format` (strftime) or, without
+    it, as ISO 8601 with a slower fallback for other layouts.
     """
     source = _source_name(path)
     mapping = dict(mapping or {})
-    unknown = set(mapping) - set(CANONICAL_COLUMNS)
-    if unknown:
-        raise ValueError(f"mapping has unknown canonical column(s) {sorted(unknown)}; "
-                         f"known: {list(CANONICAL_COLUMNS)}")
+    _check_canonical(mapping)
     if _suffix_format(path) == "parquet":
         raw = pd.read_parquet(path)
     else:
         sep = "\t" if source.lower().endswith(".tsv") else ","
         raw = _read_csv_text(path, sep=sep)
-    needed = [mapping.get(c, c) for c in ("user_id", "item_id", "ts")]
+    ts_col = mapping.get("ts", "ts")
+    has_ts = "ts" in mapping or ts_col in raw.columns
+    needed = [mapping.get(c, c) for c in ("user_id", "item_id")] + ([ts_col] if has_ts or require_ts else [])
     _require(raw.columns, list(dict.fromkeys([*mapping.values(), *needed])), source)
     staged = pd.DataFrame({
         c: raw[mapping.get(c, c)] for c in CANONICAL_COLUMNS if mapping.get(c, c) in raw.columns
     })
-    return clean_purchases(staged, drop_zero_price=drop_zero_price, ts_format=ts_format,
-                           ts_unit=ts_unit, source=source)
+    notes = []
+    if not has_ts:
+        staged["ts"] = np.arange(len(raw), dtype=np.float64)
+        notes.append("no ts column: purchases keep the file's order")
+    frame, report = clean_purchases(staged, drop_zero_price=drop_zero_price, ts_format=ts_format,
+                                    ts_unit=ts_unit, source=source)
+    if has_ts and len(frame) and frame["ts"].abs().max() < 1e6:
+        notes.append(f"ts values are small numbers (max {frame['ts'].max():g}): read as a sequence, "
+                     "not as dates")
+    columns = tuple((c, mapping.get(c, c) if mapping.get(c, c) in raw.columns else _DEFAULTS[c])
+                    for c in CANONICAL_COLUMNS)
+    return frame, replace(report, columns=columns, notes=report.notes + tuple(notes))
 
 
 def _looks_like_online_retail(path: PathLike) -> bool:
@@ -358,8 +471,10 @@ def load_purchases(
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Dispatch for the CLI: `auto` picks the Online Retail loader when its columns are present."""
     if fmt == "auto":
-        fmt = "online-retail" if _looks_like_online_retail(path) else "table"
+        mapped = any(kw.get(k) for k in ("mapping", "ts_format"))
+        fmt = "table" if mapped or not _looks_like_online_retail(path) else "online-retail"
     if fmt == "online-retail":
+        kw.pop("require_ts", None)
         return load_online_retail(path, **kw)
     if fmt == "table":
         return load_table(path, **kw)

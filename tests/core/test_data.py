@@ -247,11 +247,78 @@ def test_any_rows_are_all_accounted_for_and_kept_rows_are_valid(rows):
     frame, report = clean_purchases(staged.replace({"": None}))
     assert report.rows_in == len(rows) == report.rows_kept + sum(report.dropped.values())
     assert len(frame) == report.rows_kept and frame["event_id"].is_unique
+    no_price = bool(rows) and all(r[3] == "0" for r in rows)  # a column of zeros means "no price"
+    assert no_price == any("all zero" in n for n in report.notes)
     for event in iter_events(frame):
         assert parse_purchase(event.to_dict()) == event
-        assert event.quantity > 0 and event.price > 0 and np.isfinite(event.ts)
+        assert event.quantity > 0 and np.isfinite(event.ts)
+        assert event.price == 0 if no_price else event.price > 0
     assert not frame.duplicated(subset=[c for c in CANONICAL_COLUMNS if c != "event_id"]).any()
 
 
 def test_events_and_frame_share_one_schema():
     assert CANONICAL_COLUMNS == tuple(PurchaseEvent.__dataclass_fields__)
+
+
+# -- column mappings, optional ts, shops without prices (issue 11) ------------------------------
+GROCERY = """\
+order_id,customer,order_number,product_id,product_name,price
+o1,u1,1,p1,Bananas,0
+o1,u1,1,p2,Milk,0
+o2,u2,1,p1,Bananas,0
+o3,u1,2,p3,Bread,0
+"""
+
+
+def test_column_mapping_from_flags_and_schema_files(tmp_path: Path):
+    from core.data import load_schema, parse_columns, source_options
+
+    flags = "user_id=customer,item_id=product_id,item_name=product_name,ts=order_number"
+    expected = {"user_id": "customer", "item_id": "product_id", "item_name": "product_name", "ts": "order_number"}
+    assert parse_columns(flags) == expected
+    (tmp_path / "flat.yaml").write_text("".join(f"{k}: {v}\n" for k, v in expected.items()))
+    (tmp_path / "nested.json").write_text('{"columns": {"user_id": "customer"}, "ts_unit": "D"}')
+    assert load_schema(tmp_path / "flat.yaml") == {"mapping": expected}
+    assert load_schema(tmp_path / "nested.json") == {"mapping": {"user_id": "customer"}, "ts_unit": "D"}
+    merged = source_options("item_id=sku", tmp_path / "nested.json")  # the flags win over the file
+    assert merged == {"mapping": {"user_id": "customer", "item_id": "sku"}, "ts_unit": "D"}
+    for bad, message in (("user_id", "expected CANONICAL=SOURCE"), ("customer=user_id", "unknown canonical"),
+                         ("user_id=a,user_id=b", "twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_columns(bad)
+    (tmp_path / "typo.yaml").write_text("columns: {user_id: a}\nts_fromat: '%Y'\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ts_fromat'\]"):
+        load_schema(tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match="no such file|No such file"):
+        load_schema(tmp_path / "absent.yaml")
+
+
+def test_order_numbers_as_ts_and_a_zero_price_column_is_no_price(tmp_path: Path):
+    path = tmp_path / "orders.csv"
+    path.write_text(GROCERY)
+    mapping = {"user_id": "customer", "item_id": "product_id", "item_name": "product_name", "ts": "order_number"}
+    frame, report = load_table(path, mapping)
+    assert report.rows_kept == 4 and not report.dropped  # not 4 x non_positive_price
+    assert frame["price"].tolist() == [0.0] * 4 and frame["ts"].tolist() == [1.0, 1.0, 1.0, 2.0]
+    text = report.describe()
+    assert "user_id <- customer" in text and "ts <- order_number" in text and "event_id <- (generated)" in text
+    assert "price column is all zero" in text and "read as a sequence" in text
+    # one real price among zeros: the zeros are bad rows again
+    path.write_text(GROCERY.replace("p3,Bread,0", "p3,Bread,2.5"))
+    _, report = load_table(path, mapping)
+    assert report.dropped == {"non_positive_price": 3}
+
+
+def test_ts_is_optional_only_when_not_required(tmp_path: Path):
+    path = tmp_path / "orders.csv"
+    path.write_text(GROCERY)
+    mapping = {"user_id": "customer", "item_id": "product_id"}
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['ts'\]; the file has \['order_id', 'customer'"):
+        load_table(path, mapping)
+    frame, report = load_table(path, mapping, require_ts=False)
+    assert frame["user_id"].tolist() == ["u1", "u1", "u2", "u1"]  # file order kept
+    assert frame["ts"].tolist() == [0.0, 1.0, 2.0, 3.0] and "ts <- (file order)" in report.describe()
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['when'\]"):  # a named ts must exist
+        load_table(path, {**mapping, "ts": "when"}, require_ts=False)
+    frame, _ = load_purchases(path, mapping=mapping, require_ts=False)  # auto: a mapping means a table
+    assert len(frame) == 4
