@@ -145,8 +145,7 @@ def _summary(console: Console, graph: BipartiteGraph, personas: PersonaSet, resu
 
 # -- gplr label ------------------------------------------------------------------------------
 def cmd_label(args: argparse.Namespace) -> int:
-    from core.data import load_purchases
-    from core.labelers import make_labeler
+    from core.data_options import load_data
     from core.personas import load_personas
 
     _check_args(args)
@@ -161,30 +160,47 @@ def cmd_label(args: argparse.Namespace) -> int:
         fmt = "online-retail"
     opts: dict[str, Any] = {"paper_filter": True} if args.paper_filter else {}
     try:
-        frame, report = load_purchases(args.data, fmt, **opts)
         personas = load_personas(args.personas)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"gplr: {exc}") from None
-    console.print(f"[bold]loaded[/] {report.summary()}")
-    if frame.empty:
-        raise SystemExit("gplr: no purchases left after cleaning; nothing to label")
+        raise SystemExit(f"gplr label: {exc}") from None
+    frame, _ = load_data(args, args.data, "label", fmt, require_ts=False, **opts)
     graph = BipartiteGraph.from_frame(frame)
-    labeler_opts: dict[str, Any] = {}
-    if args.labeler == "replay":
-        if not args.replay_file:
-            raise SystemExit("gplr: --labeler replay needs --replay-file")
-        labeler_opts["path"] = args.replay_file
-    try:
-        labeler = make_labeler(args.labeler, personas, **labeler_opts)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"gplr: {exc}") from None
+    labeler = _labeler(args, personas)
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
+    if not result.prototypes:  # every label call failed: an empty persona list for everyone is no answer
+        reasons = ", ".join(f"{r} {n:,}" for r, n in Counter(result.failed.values()).most_common(3))
+        raise SystemExit(f"gplr label: the {args.labeler} labeler labelled none of {len(result.failed):,} "
+                         f"prototype users ({reasons or 'no calls'}); nothing written to {out}")
     n = write_assignments(out, graph, personas, result)
     _summary(console, graph, personas, result, time.perf_counter() - t0)
     console.print(f"wrote {n:,} users to {out}")
     return 0
+
+
+def _labeler(args: argparse.Namespace, personas: PersonaSet):
+    """The labeler `--labeler` names; an LLM endpoint is probed first so that a missing key or
+    server fails in seconds, naming the URL, instead of labelling nobody."""
+    from core.labelers import make_labeler
+
+    options: dict[str, Any] = {}
+    try:
+        if args.labeler == "replay":
+            if not args.replay_file:
+                raise SystemExit("gplr label: --labeler replay needs --replay-file")
+            options["path"] = args.replay_file
+        elif args.labeler == "openai":
+            from core.labelers.openai_labeler import LLMConfig, LLMError, check_endpoint
+
+            options["config"] = LLMConfig.from_env()
+            try:
+                check_endpoint(options["config"])
+            except LLMError as exc:
+                raise SystemExit(f"gplr label: {exc}") from None
+        return make_labeler(args.labeler, personas, **options)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"gplr label: {exc}") from None
 
 
 # -- gplr batch-demo -------------------------------------------------------------------------
@@ -237,11 +253,14 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `label`, `batch-demo` (and `generate` when persona generation is installed)."""
+    from core.data_options import add_data_options
+
     p = subparsers.add_parser("label", help="assign personas to every user of a purchases file (GPLR)")
     p.add_argument("--data", required=True, help="purchases file (Online Retail CSV, or CSV/Parquet table)")
     p.add_argument("--format", choices=("auto", "online-retail", "table"), default="auto")
     p.add_argument("--paper-filter", action="store_true",
                    help="Online Retail: rebuild the paper's graph (4,297 users, 3,846 items)")
+    add_data_options(p)  # --columns / --schema, shared by every command that reads purchases
     p.add_argument("--personas", required=True, help="persona set JSON [{name, definition}, ...]")
     p.add_argument("--labeler", choices=("embedding", "openai", "replay"), default="embedding")
     p.add_argument("--replay-file", help="recorded labels for --labeler replay (CustomerID, personas)")

@@ -31,13 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run the chosen command. A user error the command did not catch (bad value, missing or
+    unreadable file, refused connection) still ends as one line and exit status 2; `-v` shows the
+    traceback instead."""
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("gplr: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, LookupError) as exc:
+        if getattr(args, "verbose", False):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"gplr {args.command}: {message} (-v shows the traceback)", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

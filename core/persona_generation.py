@@ -208,18 +208,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`gplr personas-generate`: sample users, run the 3 stages, write the persona JSON."""
-    from core.data import load_purchases
+    from core.data_options import load_data
     from core.graph import BipartiteGraph
+    from core.labelers.openai_labeler import check_endpoint
 
     opts = {"paper_filter": True} if args.paper_filter else {}
     fmt = "online-retail" if args.paper_filter else args.format
     try:
         config = LLMConfig.from_env()
-        frame, report = load_purchases(args.data, fmt, **opts)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"gplr: {exc}") from None
-    if frame.empty:
-        raise SystemExit("gplr: no purchases left after cleaning")
+        check_endpoint(config)  # seconds, not minutes of retries, when there is no server or key
+    except (LLMError, ValueError) as exc:
+        raise SystemExit(f"gplr personas-generate: {exc}") from None
+    frame, _ = load_data(args, args.data, "personas-generate", fmt, require_ts=False, **opts)
     graph = BipartiteGraph.from_frame(frame)
     histories = sample_histories(graph, args.users, args.min_items, args.seed)
     log.info("sampled %d of %d users", len(histories), graph.n_users)
@@ -227,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         personas = generate_persona_set(config, histories, args.n_personas, per_user=args.per_user, chat=chat)
     except PersonaGenerationError as exc:
-        raise SystemExit(f"gplr: {exc}") from None
+        raise SystemExit(f"gplr personas-generate: {exc} (endpoint {config.base_url})") from None
     _write_atomic(Path(args.out), personas.to_json() + "\n")
     summary = {"out": str(args.out), "personas": len(personas), "users": len(histories), **chat.stats.as_dict()}
     print(json.dumps(summary))
@@ -236,10 +236,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     """Register `gplr personas-generate --data ... --out personas.json`."""
+    from core.data_options import add_data_options
+
     p = subparsers.add_parser("personas-generate", help="generate a persona set with an LLM (3 stages)")
     p.add_argument("--data", required=True, help="purchases file (Online Retail CSV, or CSV/Parquet table)")
     p.add_argument("--format", choices=("auto", "online-retail", "table"), default="auto")
     p.add_argument("--paper-filter", action="store_true", help="Online Retail: the paper's cleaning rules")
+    add_data_options(p)
     p.add_argument("--out", required=True, help="where to write the persona JSON")
     p.add_argument("--n-personas", type=int, default=20)
     p.add_argument("--users", type=int, default=100, help="users sampled for stage 1")

@@ -171,21 +171,21 @@ def persona_matrix(rows: Sequence[Sequence[int]], n_personas: int) -> sp.csr_mat
 
 def load_persona_table(path: str | Path, key_column: str, keys: np.ndarray, personas: PersonaSet,
                        persona_column: str = "personas") -> sp.csr_matrix:
-    """Read `key, personas('|'-joined names)` and align it with `keys` (missing keys: no personas).
+    """Read `key, personas('|'-joined names)` (or `gplr label` JSON lines) and align it with
+    `keys` (missing keys: no personas).
 
     Names outside the persona set are dropped and counted in the log, never invented.
     """
-    frame = pd.read_csv(path, dtype={key_column: str, persona_column: str})
-    if key_column not in frame or persona_column not in frame:
-        raise ValueError(f"{path}: needs columns {key_column!r} and {persona_column!r}")
-    frame[key_column] = frame[key_column].str.replace(r"\.0$", "", regex=True)
-    names = frame.set_index(key_column)[persona_column].fillna("")
-    names = names[~names.index.duplicated()]
-    aligned = names.reindex(pd.Index(np.asarray(keys, dtype=str))).fillna("")
+    from core.personas import ID_COLUMNS, read_persona_labels
+
+    # a user table may be `gplr label` output (.jsonl or .csv, keyed by user_id) or a recorded one
+    keys_to_try = (key_column, *ID_COLUMNS) if key_column in ("CustomerID", "user_id") else (key_column,)
+    table = read_persona_labels(path, keys_to_try, (persona_column,))
+    aligned = [table.get(k, ()) for k in np.asarray(keys, dtype=str)]
     unknown = 0
     rows: list[list[int]] = []
-    for joined in aligned.to_numpy():
-        idx = [personas.index_of(n) for n in joined.split("|") if n.strip()]
+    for names in aligned:
+        idx = [personas.index_of(n) for n in names]
         unknown += sum(i is None for i in idx)
         rows.append(sorted({i for i in idx if i is not None}))
     if unknown:

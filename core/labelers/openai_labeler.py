@@ -25,7 +25,7 @@ from core.labelers.prompts import ReplyParseError, label_messages, parse_persona
 from core.personas import PersonaSet
 from core.settings import EnvReader
 
-__all__ = ["LLMConfig", "LLMError", "BudgetExhausted", "ChatClient", "OpenAILabeler"]
+__all__ = ["LLMConfig", "LLMError", "BudgetExhausted", "ChatClient", "OpenAILabeler", "check_endpoint"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,6 +94,31 @@ class LLMError(RuntimeError):
 class BudgetExhausted(LLMError):
     def __init__(self) -> None:
         super().__init__("budget_exhausted")
+
+
+DEFAULT_BASE_URL = LLMConfig.base_url
+
+
+def check_endpoint(config: LLMConfig, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the URL, when the endpoint cannot answer (a command would otherwise
+    spend minutes in retries and label nobody). One GET of `/models`: any HTTP answer but
+    401/403 counts as reachable, since local servers often lack that route.
+    Raises LLMError("no_api_key" | "unauthorized" | "unreachable")."""
+    import httpx
+
+    url = config.base_url.rstrip("/") + "/models"
+    if not config.api_key and config.base_url.rstrip("/") == DEFAULT_BASE_URL:
+        raise LLMError("no_api_key", f"OPENAI_API_KEY is unset (endpoint {config.base_url}); set it, or "
+                                     "point OPENAI_BASE_URL at an OpenAI-compatible server")
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        status = httpx.get(url, headers=headers, timeout=timeout_s).status_code
+    except httpx.HTTPError as exc:
+        raise LLMError("unreachable", f"no answer from {config.base_url} within {timeout_s:g}s "
+                                      f"({type(exc).__name__}); check OPENAI_BASE_URL") from None
+    if status in (401, 403):
+        why = "OPENAI_API_KEY is unset" if not config.api_key else "OPENAI_API_KEY was refused"
+        raise LLMError("unauthorized", f"{config.base_url} answered HTTP {status}: {why}")
 
 
 def _retry_kind(exc: Exception) -> str | None:

@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
 from core.personas import PersonaSet
@@ -63,13 +62,11 @@ class ReplayLabeler:
         self._table = self._read(Path(path), id_column, personas_column, sep)
 
     def _read(self, path: Path, id_column: str, personas_column: str, sep: str) -> dict[str, tuple[str, ...]]:
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=[id_column, personas_column])
-        except ValueError as exc:
-            raise ValueError(f"{path}: needs columns {id_column!r} and {personas_column!r} ({exc})") from None
-        keys = frame[id_column].map(normalise_id)
-        names = frame[personas_column].map(lambda s: tuple(n.strip() for n in s.split(sep) if n.strip()))
-        table = dict(zip(keys, names))
+        from core.personas import ID_COLUMNS, read_persona_labels
+
+        # by default any id column of `gplr label` output or a recorded table; a named one strictly
+        keys = (id_column, *ID_COLUMNS) if id_column == "CustomerID" else (id_column,)
+        table = read_persona_labels(path, keys, (personas_column,), sep)
         log.info("replay labels: %d ids from %s", len(table), path)
         return table
 
