@@ -237,7 +237,7 @@ def clean_purchases(
     order = list((flags or {}).keys()) + list(REASONS)
     report = LoadReport(n, int(keep.sum()), {r: int(counts[r]) for r in order if r in counts}, source,
                         notes=tuple(notes))
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # commands print report.describe() themselves
     return frame, report
 
 

@@ -49,7 +49,8 @@ def load_data(args: argparse.Namespace, path: str | Path, command: str, fmt: str
             raise ValueError(f"{path}: no such file")
         frame, report = load_purchases(path, fmt, require_ts=require_ts, **options, **kw)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"gplr {command}: {_one_line(exc)}") from None
+        hint = "; map them with --columns NAME=COLUMN,... or --schema FILE" if "missing column" in str(exc) else ""
+        raise SystemExit(f"gplr {command}: {_one_line(exc)}{hint}") from None
     print(report.describe(), file=sys.stderr, flush=True)
     if frame.empty:
         raise SystemExit(f"gplr {command}: no purchases left after cleaning ({report.summary()})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # -- gplr train-recsys -------------------------------------------------------------------------
 def _add_train_recsys(sub: argparse._SubParsersAction) -> None:
+    from core.data_options import add_data_options
+
     # The model name is checked by make_model when the command runs: importing recsys.models
     # here would load torch for every `gplr` invocation.
     p = sub.add_parser("train-recsys", help="train a (persona-aware) recommender and report test metrics",
@@ -35,11 +38,13 @@ def _add_train_recsys(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--split", type=Path, help="paper split file (CustomerID, Description, split)")
     src.add_argument("--purchases", type=Path, help="purchases CSV/Parquet (split per user at random)")
+    add_data_options(p)  # --columns / --schema for --purchases
     p.add_argument("--model", default="lgcn",
                    help="mf, lightgcn, lgcn, afd-lightgcn, lightgcn3, lgcn3 or a-lgcn3 (default lgcn)")
     p.add_argument("--personas", type=Path, help="persona set JSON (persona models)")
     p.add_argument("--user-labels", type=Path,
-                   help="recorded user personas CSV (key, '|'-joined names): used directly or replayed by GPLR")
+                   help="user personas: `gplr label`/`gplr export` output (.jsonl/.csv) or a recorded CSV "
+                        "(key, '|'-joined names); used directly or replayed by GPLR")
     p.add_argument("--user-personas", choices=("gplr", "recorded"), default="gplr",
                    help="GPLR from --user-labels at --budget (default), or the recorded labels of every user")
     p.add_argument("--user-key", default="CustomerID", help="key column of --user-labels")
@@ -62,13 +67,12 @@ def _add_train_recsys(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from core.data import load_purchases
+    from core.data_options import load_data
     from recsys.data import load_paper_split, split_frame
 
     if args.split is not None:
         return load_paper_split(args.split, valid_frac=args.valid_frac, seed=args.seed)
-    frame, report = load_purchases(args.purchases)
-    log.info("loaded %s", report.summary())
+    frame, _ = load_data(args, args.purchases, "train-recsys", require_ts=False)
     return split_frame(frame, test_frac=args.test_frac, valid_frac=args.valid_frac, seed=args.seed)
 
 
@@ -133,16 +137,19 @@ def cmd_train_recsys(args: argparse.Namespace) -> int:
 
 # -- gplr segment ------------------------------------------------------------------------------
 def _add_segment(sub: argparse._SubParsersAction) -> None:
+    from core.data_options import add_data_options
+
     p = sub.add_parser("segment", help="segment customers by personas vs RFM (PCA(3) + k-means, silhouette)",
                        description="Paper Section 7.4: persona multi-hot vectors and RFM bins, each reduced "
                                    "by PCA(3) and clustered by k-means; silhouette per k; optional robustness "
                                    "across the two halves of the purchase period.")
     p.add_argument("--personas-file", required=True, type=Path,
-                   help="persona assignments: `gplr label` output (.jsonl/.csv) or a recorded table "
-                        "(CustomerID, personas)")
+                   help="persona assignments: `gplr label` or `gplr export` output (.jsonl/.csv) or a "
+                        "recorded table (CustomerID, personas)")
     p.add_argument("--persona-set", required=True, type=Path, help="persona set JSON [{name, definition}, ...]")
     p.add_argument("--data", type=Path, help="purchases file for RFM (and --robustness)")
     p.add_argument("--format", choices=("auto", "online-retail", "table"), default="auto")
+    add_data_options(p)  # --columns / --schema for --data
     p.add_argument("--paper-filter", action="store_true", help="Online Retail: the paper's graph")
     p.add_argument("--ks", default="5,15,25,35", help="cluster counts, comma separated (default %(default)s)")
     p.add_argument("--robustness", action="store_true",
@@ -169,16 +176,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
         users, onehot = seg.load_persona_assignments(args.personas_file, personas)
         frame = None
         if args.data is not None:
-            from core.data import load_purchases
+            from core.data_options import load_data
 
             opts = {"paper_filter": True} if args.paper_filter else {}
-            frame, report = load_purchases(args.data, "online-retail" if args.paper_filter else args.format, **opts)
-            log.info("loaded %s", report.summary())
+            frame, _ = load_data(args, args.data, "segment", "online-retail" if args.paper_filter else args.format,
+                                 require_ts=False, **opts)
         elif args.robustness:
             raise ValueError("--robustness needs --data")
         rfm = None
         if frame is not None:
             table = seg.rfm_table(frame)
+            note = seg.rfm_constant_note(table)
+            if note:
+                print(f"note: {note}", file=sys.stderr, flush=True)
             keep = np.isin(users, table.index.to_numpy())
             if not keep.all():
                 log.warning("%d customers of the persona file have no purchases; segmented without them",

@@ -42,6 +42,7 @@ __all__ = [
     "quantile_bins",
     "rfm_table",
     "rfm_bins",
+    "rfm_constant_note",
     "rfm_vectors",
     "segment",
     "consistent_share",
@@ -137,6 +138,22 @@ def rfm_table(frame: pd.DataFrame, now: float | None = None) -> pd.DataFrame:
         "frequency": g["ts"].nunique().astype(np.float64),
         "monetary": g["_spend"].sum(),
     })
+
+
+def rfm_constant_note(table: pd.DataFrame) -> str | None:
+    """A sentence naming the RFM parts that are the same for every customer (a shop without prices
+    has a constant monetary value), or None. Such a part adds no information to the segments.
+
+    >>> rfm_constant_note(pd.DataFrame({"recency": [1.0, 2.0], "frequency": [1.0, 3.0], "monetary": [0.0, 0.0]}))
+    'RFM monetary is constant (0 for every customer; no prices?): RFM segments rest on the other parts'
+    """
+    constant = [c for c in ("recency", "frequency", "monetary") if table[c].nunique(dropna=False) <= 1]
+    if not constant:
+        return None
+    values = ", ".join(f"{table[c].iloc[0]:g}" for c in constant)
+    why = "; no prices?" if "monetary" in constant and float(table["monetary"].iloc[0]) == 0.0 else ""
+    return (f"RFM {' and '.join(constant)} {'is' if len(constant) == 1 else 'are'} constant ({values} for every "
+            f"customer{why}): RFM segments rest on the other parts")
 
 
 def rfm_bins(table: pd.DataFrame, n_bins: int = 10) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Stream subcommands of `gplr`: worker, produce, watch, demo and broker.
+"""Stream subcommands of `gplr`: worker, produce, watch, export, demo and broker.
 
 Settings come from the environment (`StreamConfig.from_env()`); flags only choose what to do.
 `publish_events` is the one producer loop, shared by `produce`, the demo and the benchmark.
@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 from core.events import PurchaseEvent
 from streams.config import ConfigError, StreamConfig
 
-__all__ = ["register", "main", "publish_events", "synthetic_events", "run_worker", "format_update"]
+__all__ = ["register", "main", "publish_events", "read_topic", "latest_personas", "synthetic_events",
+           "run_worker", "format_update"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,54 @@ def publish_events(
         raise RuntimeError(f"{remaining + len(failed)} of {sent} records not delivered"
                            f"{': ' + failed[0] if failed else ''}")
     return sent
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:
+    """Every JSON record now in `topic` (start to the end offsets at call time), in offset order
+    per partition; unreadable records are skipped. An absent topic reads as empty."""
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "log_level": 3})
+    records: list[dict] = []
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return records
+        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        consumer.assign(parts)
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + timeout
+        while len(done) < len(ends):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reading {topic} did not reach its end within {timeout:.0f}s")
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                done.add(msg.partition())
+            try:
+                record = json.loads(msg.value())
+            except (TypeError, ValueError):
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    finally:
+        consumer.close()
+    return records
+
+
+def latest_personas(updates: Iterable[dict]) -> dict[str, dict]:
+    """The last persona update of each user (updates are keyed by user, so one partition holds
+    all of a user's updates in order)."""
+    latest: dict[str, dict] = {}
+    for update in updates:
+        if "user" in update:
+            latest[str(update["user"])] = update
+    return latest
 
 
 def _progress(total: int | None):
@@ -159,13 +208,11 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         _, events = synthetic_events(args.synthetic, args.seed)
         total = None
     else:
-        from core.data import iter_events, load_purchases
+        from core.data import iter_events
+        from core.data_options import load_data
 
-        path = Path(args.file)
-        if not path.is_file():
-            raise SystemExit(f"gplr produce: no such file {path}")
-        frame, report = load_purchases(path, fmt=args.format)
-        logger.info("loaded %d of %d rows (dropped %s)", report.rows_kept, report.rows_in, report.dropped)
+        # purchases are published in ts order: a file without one needs --now (send-time stamps)
+        frame, _ = load_data(args, Path(args.file), "produce", args.format, require_ts=not args.now)
         events, total = iter_events(frame), len(frame)
     if args.limit:
         events = _take(events, args.limit)
@@ -212,16 +259,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     break
                 continue
             if msg.error():
-                console.print(f"[red]{msg.error()}[/red]")
+                print(f"gplr watch: {msg.error()}", file=sys.stderr)
                 continue
             last = time.monotonic()
             seen += 1
             try:
                 update = json.loads(msg.value())
             except (TypeError, ValueError):
-                console.print(f"[yellow]unreadable record at offset {msg.offset()}[/yellow]")
+                print(f"gplr watch: unreadable record at offset {msg.offset()}", file=sys.stderr)
                 continue
-            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {format_update(update)}", highlight=False)
+            if args.json:  # one event per line, never wrapped: for jq and scripts
+                print(json.dumps(update, ensure_ascii=False, separators=(",", ":")), flush=True)
+            else:
+                console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {format_update(update)}",
+                              highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -229,18 +280,68 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_SUFFIXES = (".csv", ".parquet")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Write the current personas of every user (the latest persona update each) as CSV/Parquet:
+    `user_id, personas, scores` ('|'-joined, the `gplr label` CSV layout) plus labelled_by, reason
+    and ts, so `segment` and `train-recsys --user-labels` read it as they read `gplr label` output."""
+    import pandas as pd
+
+    from streams.topics import topics_for
+
+    out = Path(args.out)
+    if out.suffix.lower() not in EXPORT_SUFFIXES:
+        raise SystemExit(f"gplr export: --out {out} must end in .csv or .parquet")
+    config = _config()
+    _need_bootstrap(config, "export")
+    topic = topics_for(config).persona_updates
+    latest = latest_personas(read_topic(config.kafka_bootstrap, topic, timeout=args.timeout))
+    if not latest:
+        raise SystemExit(f"gplr export: no persona updates in {topic} (is a worker running with the same "
+                         "KAFKA_BOOTSTRAP and GPLR_TOPIC_PREFIX?)")
+    rows = [{"user_id": user,
+             "personas": "|".join(str(p.get("name")) for p in u.get("personas", [])),
+             "scores": "|".join(f"{float(p.get('score', 0.0)):.6g}" for p in u.get("personas", [])),
+             "labelled_by": u.get("labelled_by", ""), "reason": u.get("reason", ""), "ts": u.get("ts")}
+            for user, u in sorted(latest.items())]
+    frame = pd.DataFrame(rows, columns=["user_id", "personas", "scores", "labelled_by", "reason", "ts"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")  # a crash never leaves half a file under the name
+    if out.suffix.lower() == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    print(json.dumps({"users": len(frame), "out": str(out), "topic": topic}))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
+    frame = None
+    if args.data is not None:
+        from core.data_options import load_data
+
+        if args.limit < 0:
+            raise SystemExit("gplr demo: --limit must be >= 0")
+        # the demo stamps each purchase with its send time: ts only orders the replay
+        frame, _ = load_data(args, args.data, "demo", require_ts=False)
     return run_demo(_config(), data=args.data, users=args.users, rate=args.rate, timeout=args.timeout,
-                    live=not args.no_live, keep=args.keep, labeler=args.labeler)
+                    live=not args.no_live, keep=args.keep, labeler=args.labeler, frame=frame,
+                    personas=args.personas, labels=args.labels, limit=args.limit)
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from streams.broker import EmbeddedBroker
+    from streams.broker import EmbeddedBroker, free_port
 
     config = _config()
     data_dir = Path(args.data_dir) if args.data_dir else config.broker_dir
+    if not _port_free(args.port):
+        raise SystemExit(f"gplr broker: port {args.port} is already in use (another broker?); "
+                         f"pick another with --port N, e.g. --port {free_port()}")
     broker = EmbeddedBroker(port=args.port, data_dir=data_dir, fresh=False).start()
     print(f"embedded Kafka on {broker.bootstrap} (data {data_dir}); "
           f"export KAFKA_BOOTSTRAP={broker.bootstrap}; Ctrl-C stops it", flush=True)
@@ -255,8 +356,23 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the stream commands to `gplr` (entry point group gplr.commands)."""
+    from core.data_options import add_data_options
+    from streams.demo import DEMO_LIMIT
+
     p = subparsers.add_parser("worker", help="run the streaming persona worker (Faust)")
     p.add_argument("--loglevel", choices=["critical", "error", "warning", "info", "debug"],
                    help="worker log level (default GPLR_LOG_LEVEL)")
@@ -267,10 +383,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("file", nargs="?", help="CSV/Parquet purchases (Online Retail or canonical columns)")
     src.add_argument("--synthetic", type=int, metavar="N", help="a synthetic shop with N users")
     p.add_argument("--format", choices=["auto", "online-retail", "table"], default="auto")
+    add_data_options(p)
     p.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="pace (default: as fast as possible)")
     p.add_argument("--limit", type=int, default=None, help="publish at most this many purchases")
     p.add_argument("--seed", type=int, default=0, help="synthetic shop seed")
-    p.add_argument("--now", action="store_true", help="stamp each purchase with the send time")
+    p.add_argument("--now", action="store_true",
+                   help="stamp each purchase with the send time (then the file needs no ts column)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_produce)
 
@@ -278,10 +396,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int, default=0, help="stop after this many updates")
     p.add_argument("--idle", type=float, default=0, help="stop after this many seconds without updates")
+    p.add_argument("--json", action="store_true", help="one persona update per line as JSON (no wrapping)")
     p.set_defaults(func=_cmd_watch)
+
+    p = subparsers.add_parser("export", help="write every user's current personas (from the stream) to CSV/Parquet")
+    p.add_argument("--out", required=True, help="personas.csv or personas.parquet")
+    p.add_argument("--timeout", type=float, default=60.0, help="most seconds to read the topic")
+    p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("demo", help="embedded broker + worker + replay with a live view")
     p.add_argument("--data", type=Path, default=None, help="purchases file instead of the synthetic shop")
+    add_data_options(p)
+    p.add_argument("--personas", type=Path, default=None,
+                   help="persona set for --data (default: GPLR_PERSONAS, else personas.json beside the data)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="recorded user labels for --data (`gplr label` output or CustomerID,personas CSV): "
+                        "replayed as the labeler and used to score quality (default: "
+                        "user_personas_gpt4.csv.gz beside the data)")
+    p.add_argument("--limit", type=int, default=DEMO_LIMIT,
+                   help="purchases replayed from --data (default %(default)s; 0: all)")
     p.add_argument("--users", type=int, default=500, help="users to replay")
     p.add_argument("--rate", type=float, default=100.0, help="events per second (0: unpaced)")
     p.add_argument("--timeout", type=float, default=150.0, help="stop after this many seconds")

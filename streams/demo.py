@@ -38,7 +38,7 @@ __all__ = ["WorkerProcess", "LagWatcher", "run_demo", "UpdateLog", "f1_against_t
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-DATA_EVENT_CAP = 3000  # most purchases replayed from a `--data` file
+DEMO_LIMIT = 3000  # default `--limit`: purchases replayed from a `--data` file (a few minutes at 100/s)
 
 
 @dataclass
@@ -157,10 +157,14 @@ class _Scenario:
 
 
 def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path,
-              labeler: str = "replay") -> _Scenario:
+              labeler: str = "replay", *, frame: pd.DataFrame | None = None, personas: Path | None = None,
+              labels: Path | None = None, limit: int = DEMO_LIMIT, say=print) -> _Scenario:
     """The demo's purchases and settings. `labeler="replay"` lets the recorded labels (the planted
-    truth, or GPT-4's for Online Retail) play a perfect LLM; any other name uses that labeler."""
-    from core.personas import load_personas
+    truth, `labels`, or GPT-4's beside Online Retail) play a perfect LLM; any other name uses that
+    labeler. A `data` file needs its own persona set (`personas`, GPLR_PERSONAS or personas.json
+    beside it): the built-in set describes the synthetic shop only. `frame` is `data` already loaded
+    (with the command's column mapping); `limit` caps the purchases replayed (0: all)."""
+    from core.personas import load_personas, read_persona_labels
     from core.synthetic import make_shop
 
     if data is None:
@@ -171,35 +175,73 @@ def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path
         config = dataclasses.replace(config, personas_path=personas_path, labeler=labeler,
                                      replay_labels=truth_csv if labeler == "replay" else None)
         return _Scenario(shop.frame, config, dict(shop.user_truth), f"synthetic shop, {users} users")
-    from core.data import load_purchases
+    data = Path(data).resolve()  # the worker runs in the repo root: relative paths would break there
+    if frame is None:
+        from core.data import load_purchases
 
-    if not Path(data).is_file():
-        raise SystemExit(f"gplr demo: no such file {data}")
-    frame, report = load_purchases(data)
+        if not data.is_file():
+            raise SystemExit(f"gplr demo: no such file {data}")
+        frame, _ = load_purchases(data)
     frame = _first_users(frame, users)
-    if len(frame) > DATA_EVENT_CAP:  # real shoppers buy a lot: keep the demo to a few minutes
-        logger.info("demo data: first %d of %d purchases", DATA_EVENT_CAP, len(frame))
-        frame = frame.iloc[:DATA_EVENT_CAP]
-    folder = Path(data).parent
-    if config.personas_path is None and (folder / "personas.json").is_file():
-        config = dataclasses.replace(config, personas_path=folder / "personas.json")
-    recorded = folder / "user_personas_gpt4.csv.gz"
+    if limit and len(frame) > limit:  # real shoppers buy a lot: keep the demo to a few minutes
+        say(f"demo: replaying the first {limit:,} of {len(frame):,} purchases (--limit; 0 = all)")
+        frame = frame.iloc[:limit]
+    personas_path = _persona_set_for(data, personas, config, say)
+    config = dataclasses.replace(config, personas_path=personas_path)
+    recorded = Path(labels).resolve() if labels else data.parent / "user_personas_gpt4.csv.gz"
+    if labels is not None and not recorded.is_file():
+        raise SystemExit(f"gplr demo: --labels {labels}: no such file")
+    if not recorded.is_file():
+        recorded = None
+    elif labels is None:
+        say(f"demo: labels {recorded} (found beside the data)")
     if labeler != "replay":
         config = dataclasses.replace(config, labeler=labeler)
-    elif recorded.is_file():
+    elif recorded is not None:
         config = dataclasses.replace(config, labeler="replay", replay_labels=recorded)
+    else:
+        say("demo: no recorded labels (--labels) to replay; labelling with the offline embedding labeler")
+        config = dataclasses.replace(config, labeler="embedding", replay_labels=None)
     truth = None
-    if recorded.is_file() and config.personas_path is not None:
-        personas = load_personas(config.personas_path)
-        table = pd.read_csv(recorded, dtype=str, keep_default_na=False)
+    if recorded is not None:
+        try:
+            persona_set = load_personas(personas_path)
+            table = read_persona_labels(recorded)
+        except ValueError as exc:
+            raise SystemExit(f"gplr demo: {exc}") from None
         truth = {}
-        for uid, names in zip(table["CustomerID"].map(_norm_id), table["personas"]):
-            idx = [personas.index_of(n) for n in names.split("|") if n.strip()]
+        for uid, names in table.items():
+            idx = [persona_set.index_of(n) for n in names]
             if any(i is not None for i in idx):
                 truth[uid] = tuple(i for i in idx if i is not None)
         frame = frame.assign(user_id=frame["user_id"].map(_norm_id))
-    logger.info("demo data: %d purchases (%s)", len(frame), report)
-    return _Scenario(frame, config, truth, f"{Path(data).name}, {frame['user_id'].nunique()} users")
+    logger.info("demo data: %d purchases", len(frame))
+    return _Scenario(frame, config, truth, f"{data.name}, {frame['user_id'].nunique()} users")
+
+
+def _persona_set_for(data: Path, personas: Path | None, config: StreamConfig, say) -> Path:
+    """The persona set for a `--data` demo, as an absolute path, saying where it came from."""
+    if personas is not None:
+        chosen, origin = Path(personas), "--personas"
+    elif config.personas_path is not None:
+        chosen, origin = config.personas_path, "GPLR_PERSONAS"
+    elif (data.parent / "personas.json").is_file():
+        chosen, origin = data.parent / "personas.json", "found beside the data"
+    else:
+        raise SystemExit(f"gplr demo: {data.name} needs a persona set for this shop: pass --personas P.json "
+                         "(or set GPLR_PERSONAS, or put personas.json beside the data); the built-in set "
+                         "describes the synthetic shop only")
+    chosen = chosen.resolve()
+    if not chosen.is_file():
+        raise SystemExit(f"gplr demo: persona set {chosen} ({origin}): no such file")
+    try:
+        from core.personas import load_personas
+
+        load_personas(chosen)
+    except ValueError as exc:
+        raise SystemExit(f"gplr demo: {exc}") from None
+    say(f"demo: persona set {chosen} ({origin})")
+    return chosen
 
 
 def _norm_id(value: object) -> str:
@@ -239,8 +281,9 @@ def _named_shares(personas: Sequence[Mapping[str, Any]]) -> str:
 
 def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, rate: float | None = 100.0,
              timeout: float = 150.0, live: bool = True, quiet_s: float = 6.0, keep: bool = False,
-             labeler: str = "replay") -> int:
-    """Run the demo; returns 0 when persona updates arrived, 1 otherwise."""
+             labeler: str = "replay", *, frame: pd.DataFrame | None = None, personas: Path | None = None,
+             labels: Path | None = None, limit: int = DEMO_LIMIT) -> int:
+    """Run the demo; returns 0 when persona updates arrived, 1 otherwise (see `_scenario`)."""
     from confluent_kafka import Consumer
     from rich.console import Console
     from rich.live import Live
@@ -253,7 +296,12 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
     workdir = Path(tempfile.mkdtemp(prefix="gplr-demo-"))
     tag = uuid.uuid4().hex[:6]
     base = dataclasses.replace(config, data_dir=workdir, worker_port=free_port(), metrics_port=free_port())
-    scenario = _scenario(base, data, users, workdir, labeler)
+    try:
+        scenario = _scenario(base, data, users, workdir, labeler, frame=frame, personas=personas,
+                             labels=labels, limit=limit, say=lambda text: console.print(text, highlight=False))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     events_frame = scenario.frame
     worker: WorkerProcess | None = None
     stop = threading.Event()
@@ -397,34 +445,12 @@ def _counting(events: Iterable, counter: list[int]):
 
 def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
     """Users with a successful label on the labels topic (the prototypes) and their personas."""
-    from confluent_kafka import Consumer, TopicPartition
+    from streams.cli import read_topic
 
-    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": f"demo-labels-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3})
     users: dict[str, list[int]] = {}
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None:
-            return users
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        consumer.assign(parts)
-        done = {p for p, end in ends.items() if end == 0}
-        deadline = time.monotonic() + 10
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
-            try:
-                record = json.loads(msg.value())
-            except (TypeError, ValueError):
-                continue
-            if isinstance(record, dict) and not record.get("error") and record.get("personas"):
-                users[str(record.get("user"))] = [int(p) for p in record["personas"]]
-    finally:
-        consumer.close()
+    for record in read_topic(cfg.kafka_bootstrap, topic, timeout=10):
+        if not record.get("error") and record.get("personas"):
+            users[str(record.get("user"))] = [int(p) for p in record["personas"]]
     return users
 
 

@@ -93,10 +93,40 @@ def test_watch_prints_persona_updates(stream_config, monkeypatch, produce, capsy
     produce(stream_config.kafka_bootstrap, topic, [json.dumps(u).encode() for u in updates] + [b"not json"],
             key=lambda _: "k")
     assert cli.main(["watch", "--from-beginning", "--limit", "4", "--idle", "20"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     for i in range(3):
-        assert f"user{i}: Gardener ({0.5 + i / 10:.2f})" in out
-    assert "unreadable record" in out
+        assert f"user{i}: Gardener ({0.5 + i / 10:.2f})" in captured.out
+    assert "unreadable record" in captured.err  # diagnostics on stderr: stdout stays the updates
+    assert cli.main(["watch", "--from-beginning", "--limit", "4", "--idle", "20", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == updates  # one event per line, exactly as published
+
+
+def test_export_writes_the_latest_personas_of_every_user(stream_config, monkeypatch, produce, tmp_path,
+                                                        capsys) -> None:
+    _env(monkeypatch, stream_config)
+    topic = Topics(stream_config.topic_prefix).persona_updates
+    with pytest.raises(SystemExit, match="no persona updates"):
+        cli.main(["export", "--out", str(tmp_path / "none.csv")])
+
+    def update(user: str, names: list[str], reason: str) -> dict:
+        return {"user": user, "personas": [{"idx": i, "name": n, "score": 0.5 - i / 10} for i, n in enumerate(names)],
+                "reason": reason, "labelled_by": "", "ts": time.time(), "source_ts": 0}
+
+    history = [update("a", ["Gardener"], "propagated"), update("b", ["Book Lover"], "propagated"),
+               update("a", ["Home Chef", "Gardener"], "labelled"), update("c", [], "propagated")]
+    produce(stream_config.kafka_bootstrap, topic, [json.dumps(u).encode() for u in history] + [b"not json"],
+            key=lambda r: json.loads(r)["user"] if r != b"not json" else "a")
+    for suffix in (".csv", ".parquet"):
+        out = tmp_path / f"personas{suffix}"
+        assert cli.main(["export", "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["users"] == 3
+        frame = pd.read_csv(out, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(out)
+        assert frame["user_id"].tolist() == ["a", "b", "c"]
+        assert frame["personas"].tolist() == ["Home Chef|Gardener", "Book Lover", ""]  # the latest update wins
+        assert frame["reason"].tolist() == ["labelled", "propagated", "propagated"]
+    with pytest.raises(SystemExit, match="must end in .csv or .parquet"):
+        cli.main(["export", "--out", str(tmp_path / "x.json")])
 
 
 def test_format_update_handles_empty_lists() -> None:
