@@ -155,7 +155,12 @@ def synthetic_events(n_users: int, seed: int = 0):
 
 
 def format_update(update: dict) -> str:
-    """One persona update as a line of text: `user: A (0.41), B (0.22)  [reason]`."""
+    """One persona update (or recommendation list) as a line of text:
+    `user: A (0.41), B (0.22)  [reason]`, `user -> Item (0.93), Other (0.80)  [lgcn3]`."""
+    if "items" in update:
+        items = ", ".join(f"{i.get('item_name') or i.get('item_id')} ({i.get('score', 0):.2f})"
+                          for i in update.get("items", []))
+        return f"{update.get('user_id')} -> {items or '-'}  [{update.get('model', '')}]"
     personas = ", ".join(f"{p.get('name')} ({p.get('score', 0):.2f})" for p in update.get("personas", []))
     return f"{update.get('user')}: {personas or '-'}  [{update.get('reason', '')}]"
 
@@ -243,7 +248,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from streams.topics import topics_for
 
     console = Console()
-    topic = topics_for(config).persona_updates
+    topics = topics_for(config)
+    topic = topics.recommendations if args.recommendations else topics.persona_updates
     consumer = Consumer({
         "bootstrap.servers": config.kafka_bootstrap, "group.id": f"gplr-watch-{uuid.uuid4().hex[:8]}",
         "auto.offset.reset": "earliest" if args.from_beginning else "latest",
@@ -297,6 +303,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     config = _config()
     _need_bootstrap(config, "export")
     topic = topics_for(config).persona_updates
+    if args.wait > 0:
+        from streams.demo import LagWatcher
+
+        watcher = LagWatcher(config)
+        try:
+            if not watcher.wait_drained(timeout=args.wait):
+                raise SystemExit(f"gplr export: the worker (group {config.app_id}) has not caught up after "
+                                 f"{args.wait:g}s (lag {watcher.lag()}); is `gplr worker` running?")
+        finally:
+            watcher.close()
     latest = latest_personas(read_topic(config.kafka_bootstrap, topic, timeout=args.timeout))
     if not latest:
         raise SystemExit(f"gplr export: no persona updates in {topic} (is a worker running with the same "
@@ -392,16 +408,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_produce)
 
-    p = subparsers.add_parser("watch", help="tail persona updates")
+    p = subparsers.add_parser("watch", help="tail persona updates (or --recommendations)")
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int, default=0, help="stop after this many updates")
     p.add_argument("--idle", type=float, default=0, help="stop after this many seconds without updates")
     p.add_argument("--json", action="store_true", help="one persona update per line as JSON (no wrapping)")
+    p.add_argument("--recommendations", action="store_true",
+                   help="tail the recommendations `gplr trainer` publishes instead")
     p.set_defaults(func=_cmd_watch)
 
     p = subparsers.add_parser("export", help="write every user's current personas (from the stream) to CSV/Parquet")
     p.add_argument("--out", required=True, help="personas.csv or personas.parquet")
     p.add_argument("--timeout", type=float, default=60.0, help="most seconds to read the topic")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait (up to SECONDS) until the worker has processed every purchase")
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("demo", help="embedded broker + worker + replay with a live view")

@@ -35,3 +35,10 @@ def write_grocery_shop(folder: Path, n_users: int = 120, seed: int = 1) -> dict[
     paths["personas"].write_text(shop.personas.to_json())
     write_truth_csv(shop.user_truth, shop.personas.names, paths["truth"])
     return paths
+
+
+if __name__ == "__main__":  # python -m tests.shop_files FOLDER: the example of docs/your-data.md
+    import sys
+
+    for name, path in write_grocery_shop(Path(sys.argv[1] if len(sys.argv) > 1 else "shop")).items():
+        print(f"{name}: {path}")
