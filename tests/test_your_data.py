@@ -83,7 +83,9 @@ def test_your_data_page_runs_as_written(tmp_path: Path) -> None:
     assert len(watched) == 3 and all(w["user"] in users for w in watched)
 
     # 4. recommendations from the trainer, items of this shop; offline metrics from train-recsys
-    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"user_id":')]
+    printed = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"user_id":')]
+    assert [r["user_id"] for r in printed if "llm_labelled" in r] == [r["user_id"] for r in rows[:2]]  # head -2
+    recs = [r for r in printed if "items" in r]
     assert len(recs) == 3 and all(r["items"] and {i["item_id"] for i in r["items"]} <= set(orders["product_id"])
                                   for r in recs)
     metrics = json.loads((shop / "metrics.json").read_text())

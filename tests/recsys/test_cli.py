@@ -56,3 +56,30 @@ def test_bad_input_is_a_clear_exit(files) -> None:
         _run(["train-recsys", "--purchases", str(files / "purchases.csv"), "--model", "lgcn3"])
     with pytest.raises(SystemExit, match="gplr train-recsys"):
         _run(["train-recsys", "--split", str(files / "missing.csv.gz")])
+
+
+def test_user_labels_in_every_format_gplr_label_writes(files, capsys) -> None:
+    """`--user-labels` takes `gplr label` output (.jsonl and .csv keyed by user_id) as it takes a
+    recorded table: the same personas, so the same model and the same metrics."""
+    recorded = [line.split(",", 1) for line in (files / "users.csv").read_text().splitlines()[1:]]
+    with (files / "labels.jsonl").open("w") as fh:
+        for user, names in recorded:
+            fh.write(json.dumps({"user_id": user, "personas": [n for n in names.split("|") if n],
+                                 "scores": [], "llm_labelled": False}) + "\n")
+    (files / "labels.csv").write_text("user_id,personas,scores,llm_labelled\n"
+                                      + "".join(f"{u},{n},,0\n" for u, n in recorded))
+    from core.personas import load_personas
+    from recsys.data import load_persona_table
+
+    personas, keys = load_personas(files / "personas.json"), [u for u, _ in recorded]
+    tables = [load_persona_table(files / p, "CustomerID", keys, personas).toarray()
+              for p in ("users.csv", "labels.jsonl", "labels.csv")]
+    assert tables[0].sum() > len(keys) // 2 and (tables[0] == tables[1]).all() and (tables[0] == tables[2]).all()
+    results = []
+    for path in ("users.csv", "labels.jsonl", "labels.csv"):
+        code = _run(["train-recsys", "--purchases", str(files / "purchases.csv"), "--model", "lightgcn3",
+                     "--personas", str(files / "personas.json"), "--user-labels", str(files / path),
+                     "--user-personas", "recorded", "--epochs", "2", "--dim", "8"])
+        assert code == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"])
+    assert results[0] == results[1] == results[2]

@@ -166,3 +166,46 @@ def test_produce_online_retail_in_time_order(stream_config, monkeypatch, consume
               consume(stream_config.kafka_bootstrap, topic, until=lambda r: len(r) >= 300, raw=True)]
     assert len(events) == 300 and len({e.event_id for e in events}) == 300
     assert min(e.ts for e in events) >= 1291161600  # 2010-12-01: the file's first day
+
+
+def test_demo_persona_set_for_a_data_file_is_explicit_and_absolute(tmp_path, monkeypatch, capsys) -> None:
+    """Issue 11: never the synthetic set for a shop's file; relative paths reach the worker (whose
+    cwd is the repo) as absolute ones; the demo says where the set came from."""
+    from streams.config import StreamConfig
+    from streams.demo import _persona_set_for
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shop").mkdir()
+    data = Path("shop/orders.csv")
+    said: list[str] = []
+    with pytest.raises(SystemExit, match="needs a persona set for this shop: pass --personas"):
+        _persona_set_for(data, None, StreamConfig(), said.append)
+    (tmp_path / "shop" / "personas.json").write_text('[{"name": "A", "definition": "a"}]')
+    found = _persona_set_for(data, None, StreamConfig(), said.append)
+    assert found == tmp_path / "shop" / "personas.json" and "found beside the data" in said[-1]
+    (tmp_path / "mine.json").write_text('[{"name": "B", "definition": "b"}]')
+    env_set = _persona_set_for(data, None, StreamConfig(personas_path=Path("mine.json")), said.append)
+    assert env_set == tmp_path / "mine.json" and "GPLR_PERSONAS" in said[-1]
+    flag = _persona_set_for(data, Path("mine.json"), StreamConfig(), said.append)
+    assert flag.is_absolute() and "--personas" in said[-1]
+    with pytest.raises(SystemExit, match="no such file"):
+        _persona_set_for(data, Path("absent.json"), StreamConfig(), said.append)
+
+
+def test_produce_takes_the_mapping_and_needs_ts_or_now(stream_config, monkeypatch, consume, tmp_path,
+                                                       capsys) -> None:
+    _env(monkeypatch, stream_config)
+    path = tmp_path / "orders.csv"
+    path.write_text("customer,product_id,order_number\nu1,p1,2\nu1,p2,1\nu2,p1,1\n")
+    with pytest.raises(SystemExit, match=r"missing column\(s\) \['ts'\]"):
+        cli.main(["produce", str(path), "--columns", "user_id=customer,item_id=product_id", "--quiet"])
+    assert cli.main(["produce", str(path), "--columns", "user_id=customer,item_id=product_id,ts=order_number",
+                     "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "ts <- order_number" in captured.err and json.loads(captured.out.splitlines()[-1])["published"] == 3
+    topic = Topics(stream_config.topic_prefix).purchases
+    events = consume(stream_config.kafka_bootstrap, topic, until=lambda r: len(r) >= 3)
+    u1 = [(e["item_id"], e["ts"]) for e in events if e["user_id"] == "u1"]
+    assert u1 == [("p2", 1.0), ("p1", 2.0)]  # published in order-number order, price 0
+    assert cli.main(["produce", str(path), "--columns", "user_id=customer,item_id=product_id", "--now",
+                     "--quiet"]) == 0  # no ts column: --now stamps the send time
