@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the chosen command. A user error the command did not catch (bad value, missing or
-    unreadable file, refused connection) still ends as one line and exit status 2; `-v` shows the
+    unreadable file, refused connection) still ends as its message and exit status 2; `-v` shows the
     traceback instead."""
     try:
         return int(args.func(args) or 0)
@@ -43,8 +43,8 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError, LookupError) as exc:
         if getattr(args, "verbose", False):
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"gplr {args.command}: {message} (-v shows the traceback)", file=sys.stderr)
+        message = str(exc).strip() or type(exc).__name__  # kept whole: a worker's log tail, say
+        print(f"gplr {args.command}: {message}\n(-v shows the traceback)", file=sys.stderr)
         return 2
 
 

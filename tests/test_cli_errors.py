@@ -168,7 +168,8 @@ def test_broker_port_clash_names_the_option(tmp_path) -> None:
 
 
 def test_uncaught_user_errors_still_end_in_one_line(capsys, monkeypatch) -> None:
-    """The safety net in `core.cli.run_command`: a ValueError no command caught is one line, status 2."""
+    """The safety net in `core.cli.run_command`: a ValueError no command caught is its message and
+    status 2, the traceback only with -v."""
     import argparse
 
     from core.cli import run_command
@@ -177,6 +178,6 @@ def test_uncaught_user_errors_still_end_in_one_line(capsys, monkeypatch) -> None
         raise ValueError("bad value\nsecond line")
 
     status = run_command(argparse.Namespace(func=boom, command="x", verbose=False))
-    assert status == 2 and capsys.readouterr().err == "gplr x: bad value second line (-v shows the traceback)\n"
+    assert status == 2 and capsys.readouterr().err == "gplr x: bad value\nsecond line\n(-v shows the traceback)\n"
     with pytest.raises(ValueError):
         run_command(argparse.Namespace(func=boom, command="x", verbose=True))

@@ -38,12 +38,16 @@ def test_the_page_shows_every_command() -> None:
 def test_your_data_page_runs_as_written(tmp_path: Path) -> None:
     port = free_port()
     script = doc_commands().replace("9092", str(port))
-    prelude = (f'set -euo pipefail\nPY="{sys.executable}"\n'
-               'gplr() { "$PY" -m core.cli "$@"; }\npython() { "$PY" "$@"; }\n'
-               "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n")
+    bin_dir = tmp_path / "bin"  # `gplr` and `python` as programs (exec), so `kill %1` reaches them
+    bin_dir.mkdir()
+    for name, command in (("gplr", f'exec "{sys.executable}" -m core.cli "$@"'),
+                          ("python", f'exec "{sys.executable}" "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
+        (bin_dir / name).chmod(0o755)
+    prelude = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPLR_", "KAFKA_", "OPENAI_"))}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GPLR_WORKER_PORT=str(free_port()),
-               GPLR_METRICS_PORT=str(free_port()))
+    env.update(PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+               GPLR_WORKER_PORT=str(free_port()), GPLR_METRICS_PORT=str(free_port()))
     out = subprocess.run(["bash", "-c", prelude + script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     shop = tmp_path / "shop"
