@@ -390,9 +390,13 @@ def load_online_retail(path: PathLike, paper_filter: bool = False) -> tuple[pd.D
     stock = raw["StockCode"].fillna("").str.strip()
     occurrence = raw.groupby([invoice, stock], sort=False).cumcount().astype(str)
     event_ids = invoice + ":" + stock + ":" + occurrence
-    return clean_purchases(
+    frame, report = clean_purchases(
         staged, flags=flags, drop_zero_price=not paper_filter, event_ids=event_ids, source=source,
     )
+    columns = (("event_id", "InvoiceNo:StockCode:n"), ("user_id", "CustomerID"),
+               ("item_id", "Description" if paper_filter else "StockCode"), ("item_name", "Description"),
+               ("quantity", "Quantity"), ("price", "UnitPrice"), ("ts", "InvoiceDate"))
+    return frame, replace(report, columns=columns)
 
 
 def _suffix_format(path: PathLike) -> Literal["csv", "parquet"]:
