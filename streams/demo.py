@@ -298,7 +298,8 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
     base = dataclasses.replace(config, data_dir=workdir, worker_port=free_port(), metrics_port=free_port())
     try:
         scenario = _scenario(base, data, users, workdir, labeler, frame=frame, personas=personas,
-                             labels=labels, limit=limit, say=lambda text: console.print(text, highlight=False))
+                             labels=labels, limit=limit,
+                             say=lambda text: console.print(text, highlight=False, soft_wrap=True))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
