@@ -263,7 +263,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_options(p)  # --columns / --schema, shared by every command that reads purchases
     p.add_argument("--personas", required=True, help="persona set JSON [{name, definition}, ...]")
     p.add_argument("--labeler", choices=("embedding", "openai", "replay"), default="embedding")
-    p.add_argument("--replay-file", help="recorded labels for --labeler replay (CustomerID, personas)")
+    p.add_argument("--replay-file", help="recorded labels for --labeler replay: a CustomerID,personas CSV "
+                   "or `gplr label`/`gplr export` output")
     p.add_argument("--out", required=True, help="output file, .jsonl or .csv")
     _add_gplr_options(p, k=5, budget=0.05)
     p.set_defaults(func=cmd_label)

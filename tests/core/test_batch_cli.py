@@ -147,3 +147,36 @@ def test_batch_demo_with_the_real_embedding_labeler(capsys: pytest.CaptureFixtur
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 150 and sum(r["llm_labelled"] for r in rows) == 15
     assert np.mean([len(r["personas"]) for r in rows]) > 0
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_label_output_replays_as_recorded_labels(shop_files: dict, suffix: str) -> None:
+    """What `gplr label` writes (either format, keyed by user_id) is a label file every reader takes:
+    replayed, each prototype gets exactly the personas the first run wrote for it."""
+    first = shop_files["tmp"] / f"first{suffix}"
+    assert main(label_args(shop_files, first)) == 0
+    from core.personas import read_persona_labels
+
+    written = read_persona_labels(first)
+    assert len(written) == 60 and all(written.values())
+    second = shop_files["tmp"] / f"second{suffix}.jsonl"
+    args = label_args(shop_files, second, "--seed", "7")
+    args[args.index("--replay-file") + 1] = str(first)
+    assert main(args) == 0
+    rows = [json.loads(line) for line in second.read_text().splitlines()]
+    prototypes = [r for r in rows if r["llm_labelled"]]
+    assert len(prototypes) == 15 and all(tuple(r["personas"]) == written[r["user_id"]] for r in prototypes)
+
+
+def test_label_without_ts_or_price_and_with_a_mapping(shop_files: dict, capsys: pytest.CaptureFixture) -> None:
+    shop = shop_files["shop"]
+    foreign = shop_files["tmp"] / "foreign.csv"
+    shop.frame.rename(columns={"user_id": "client", "item_id": "sku"}).drop(columns=["ts", "price"]).to_csv(
+        foreign, index=False)
+    out = shop_files["tmp"] / "foreign.jsonl"
+    args = label_args(shop_files, out, "--columns", "user_id=client,item_id=sku")
+    args[args.index("--data") + 1] = str(foreign)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "user_id <- client" in err and "ts <- (file order)" in err and "price <- (none)" in err
+    assert sorted(json.loads(line)["user_id"] for line in out.read_text().splitlines()) == sorted(shop.user_truth)
