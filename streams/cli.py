@@ -196,11 +196,27 @@ def run_worker(config: StreamConfig, loglevel: str = "info") -> int:
     return 0
 
 
+def _llm_problem(config: StreamConfig) -> str | None:
+    """Why the configured LLM endpoint cannot answer (URL named), or None when it can or is unused."""
+    if config.labeler != "openai" or config.llm is None:
+        return None
+    from core.labelers.openai_labeler import LLMError, check_endpoint
+
+    try:
+        check_endpoint(config.llm)
+    except LLMError as exc:
+        return str(exc)
+    return None
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     config = _config()
     if args.loglevel:
         config = dataclasses.replace(config, log_level=args.loglevel)
     _need_bootstrap(config, "worker")
+    problem = _llm_problem(config)
+    if problem:  # a service may start before its LLM endpoint: say so loudly, keep running
+        logger.warning("GPLR_LABELER=openai but %s; label requests will fail until it answers", problem)
     return run_worker(config, config.log_level)
 
 
@@ -337,6 +353,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
+    config = _config()
+    if args.labeler == "openai":
+        from core.labelers.openai_labeler import LLMConfig
+
+        try:
+            problem = _llm_problem(dataclasses.replace(config, labeler="openai", llm=LLMConfig.from_env()))
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            raise SystemExit(f"gplr demo: --labeler openai: {problem}")
     frame = None
     if args.data is not None:
         from core.data_options import load_data
@@ -345,7 +371,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise SystemExit("gplr demo: --limit must be >= 0")
         # the demo stamps each purchase with its send time: ts only orders the replay
         frame, _ = load_data(args, args.data, "demo", require_ts=False)
-    return run_demo(_config(), data=args.data, users=args.users, rate=args.rate, timeout=args.timeout,
+    return run_demo(config, data=args.data, users=args.users, rate=args.rate, timeout=args.timeout,
                     live=not args.no_live, keep=args.keep, labeler=args.labeler, frame=frame,
                     personas=args.personas, labels=args.labels, limit=args.limit)
 

@@ -105,13 +105,17 @@ def test_openai_labeler_failing_every_call_writes_nothing(shop, tmp_path, capsys
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_personas_generate_without_an_endpoint(shop, tmp_path, capsys, monkeypatch) -> None:
+@pytest.mark.parametrize("command", ["personas-generate", "demo"])
+def test_llm_commands_without_an_endpoint(shop, tmp_path, capsys, monkeypatch, command) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    argv = ["personas-generate", "--data", str(shop["orders"]), "--columns", COLUMNS, "--out", str(tmp_path / "p.json")]
+    argv = {"personas-generate": ["personas-generate", "--data", str(shop["orders"]), "--columns", COLUMNS,
+                                  "--out", str(tmp_path / "p.json")],
+            "demo": ["demo", "--data", str(shop["orders"]), "--columns", COLUMNS, "--personas",
+                     str(shop["personas"]), "--labeler", "openai", "--no-live"]}[command]
     status, err = run(argv, capsys)
-    assert status != 0 and url in last_line(err) and not (tmp_path / "p.json").exists()
+    assert status != 0 and f"no answer from {url}" in last_line(err) and not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
