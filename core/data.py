@@ -15,6 +15,7 @@ and is never lost silently.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -321,17 +322,14 @@ def load_schema(path: str | Path) -> dict[str, object]:
         text = path.read_text()
     except OSError as exc:
         raise ValueError(f"schema {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            import json
+    import yaml
 
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as exc:  # a JSON or YAML syntax error: one line naming the file
-        raise ValueError(f"schema {path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({exc})".replace("\n", " ")) from None
+    try:  # JSON is YAML too; a .json file is parsed as JSON for exact error positions
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"schema {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                         f"({detail})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"schema {path}: expected a mapping such as {{user_id: customer, item_id: sku}}")
     if "columns" not in raw:

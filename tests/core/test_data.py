@@ -322,3 +322,15 @@ def test_ts_is_optional_only_when_not_required(tmp_path: Path):
         load_table(path, {**mapping, "ts": "when"}, require_ts=False)
     frame, _ = load_purchases(path, mapping=mapping, require_ts=False)  # auto: a mapping means a table
     assert len(frame) == 4
+
+
+def test_a_broken_schema_file_is_one_clear_error(tmp_path: Path):
+    from core.data import load_schema
+
+    (tmp_path / "s.yaml").write_text("columns: [user_id: a\n")
+    (tmp_path / "s.json").write_text('{"user_id": ')
+    (tmp_path / "list.yaml").write_text("- user_id\n")
+    for name, message in (("s.yaml", "not valid YAML"), ("s.json", "not valid JSON"), ("list.yaml", "expected a mapping")):
+        with pytest.raises(ValueError, match=message) as exc:
+            load_schema(tmp_path / name)
+        assert "\n" not in str(exc.value)
