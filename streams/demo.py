@@ -188,13 +188,14 @@ def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path
         frame = frame.iloc[:limit]
     personas_path = _persona_set_for(data, personas, config, say)
     config = dataclasses.replace(config, personas_path=personas_path)
-    recorded = Path(labels).resolve() if labels else data.parent / "user_personas_gpt4.csv.gz"
-    if labels is not None and not recorded.is_file():
-        raise SystemExit(f"gplr demo: --labels {labels}: no such file")
+    given, origin = (labels, "--labels") if labels else (config.replay_labels, "GPLR_REPLAY_LABELS")
+    recorded = Path(given).resolve() if given else data.parent / "user_personas_gpt4.csv.gz"
+    if given is not None and not recorded.is_file():
+        raise SystemExit(f"gplr demo: {origin} {given}: no such file")
     if not recorded.is_file():
         recorded = None
     elif labels is None:
-        say(f"demo: labels {recorded} (found beside the data)")
+        say(f"demo: labels {recorded} ({origin if given else 'found beside the data'})")
     if labeler != "replay":
         config = dataclasses.replace(config, labeler=labeler)
     elif recorded is not None:

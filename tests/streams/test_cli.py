@@ -209,3 +209,29 @@ def test_produce_takes_the_mapping_and_needs_ts_or_now(stream_config, monkeypatc
     assert u1 == [("p2", 1.0), ("p1", 2.0)]  # published in order-number order, price 0
     assert cli.main(["produce", str(path), "--columns", "user_id=customer,item_id=product_id", "--now",
                      "--quiet"]) == 0  # no ts column: --now stamps the send time
+
+
+def test_demo_scenario_for_a_data_file(tmp_path, monkeypatch) -> None:
+    """--limit caps the replay; labels come from --labels, else GPLR_REPLAY_LABELS, as absolute
+    paths, and score the summary; without any the demo labels with the embedding labeler."""
+    from core.data import load_table
+    from streams.config import StreamConfig
+    from streams.demo import _scenario
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "orders.csv").write_text("c,p,n\n" + "".join(f"u{i % 5},p{i % 7},{i}\n" for i in range(40)))
+    (tmp_path / "p.json").write_text('[{"name": "A", "definition": "a"}, {"name": "B", "definition": "b"}]')
+    (tmp_path / "labels.jsonl").write_text('{"user_id": "u1", "personas": ["B"]}\n{"user_id": "u2", "personas": []}\n')
+    frame, _ = load_table("orders.csv", {"user_id": "c", "item_id": "p", "ts": "n"})
+    said: list[str] = []
+    common = dict(frame=frame, personas=Path("p.json"), say=said.append)
+    s = _scenario(StreamConfig(), Path("orders.csv"), 500, tmp_path, "replay", labels=Path("labels.jsonl"),
+                  limit=25, **common)
+    assert len(s.frame) == 25 and s.frame["ts"].tolist() == list(range(25)) and "first 25 of 40" in said[0]
+    assert s.config.labeler == "replay" and s.config.replay_labels == tmp_path / "labels.jsonl"
+    assert s.config.personas_path == tmp_path / "p.json" and s.truth == {"u1": (1,)}
+    s = _scenario(StreamConfig(labeler="replay", replay_labels=Path("labels.jsonl")), Path("orders.csv"), 500,
+                  tmp_path, "replay", limit=0, **common)
+    assert len(s.frame) == 40 and s.config.replay_labels == tmp_path / "labels.jsonl" and "GPLR_REPLAY_LABELS" in said[-1]
+    s = _scenario(StreamConfig(), Path("orders.csv"), 500, tmp_path, "replay", **common)
+    assert s.config.labeler == "embedding" and s.truth is None and "embedding labeler" in said[-1]
