@@ -89,12 +89,18 @@ def graph_share(psi_raw: np.ndarray) -> np.ndarray:
     return np.divide(psi, sums, out=np.zeros_like(psi), where=sums > 0)
 
 
-def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
-    """users × personas × FEATURES."""
+def _channels(psi_raw: np.ndarray, text_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clipped text logits, graph shares), both users × personas."""
     g = graph_share(psi_raw)
     t = np.clip(np.atleast_2d(np.asarray(text_logit, dtype=np.float64)), -20.0, 20.0)
     if t.shape != g.shape:
         raise ValueError(f"text logits {t.shape} and Ψ_raw {g.shape} differ in shape")
+    return t, g
+
+
+def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+    """users × personas × FEATURES."""
+    t, g = _channels(psi_raw, text_logit)
     return np.stack([t, g, np.sqrt(g)], axis=2)
 
 
@@ -126,7 +132,7 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
     k = min(max_personas, m)
     if k < 1:
         raise ValueError(f"max_personas must be at least 1, got {max_personas}")
-    order = np.lexsort((np.broadcast_to(np.arange(m), p.shape), -p), axis=1)[:, :k]
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]  # stable: ties keep the lower index first
     top = np.take_along_axis(p, order, axis=1)
     if rule == "expected_f1":
         gain = 2 * np.cumsum(top, axis=1) / (np.arange(1, k + 1) + p.sum(axis=1, keepdims=True))
@@ -139,10 +145,11 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
     else:
         raise ValueError(f"unknown decision rule {rule!r}; choose from {RULES}")
     keep &= top > 0
-    first = np.argsort(~keep, axis=1, kind="stable")  # kept personas first, still best first
-    keep = np.take_along_axis(keep, first, axis=1)
-    idx = np.where(keep, np.take_along_axis(order, first, axis=1), -1)
-    return idx, np.where(keep, np.take_along_axis(top, first, axis=1), 0.0)
+    if k > 1 and np.any(keep[:, 1:] > keep[:, :-1]):  # a gap: kept personas first, still best first
+        first = np.argsort(~keep, axis=1, kind="stable")
+        keep = np.take_along_axis(keep, first, axis=1)
+        order, top = np.take_along_axis(order, first, axis=1), np.take_along_axis(top, first, axis=1)
+    return np.where(keep, order, -1), np.where(keep, top, 0.0)
 
 
 def fit_thresholds(probs: np.ndarray, y: np.ndarray, rule: str = "f1") -> np.ndarray:
@@ -204,11 +211,15 @@ class PersonaDecoder:
     def n_personas(self) -> int:
         return int(self.intercept.size)
 
+    def logits(self, psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+        """z[u, m] = coef[m]·features[u, m] + intercept[m] (one formula for batch and stream)."""
+        t, g = _channels(psi_raw, text_logit)
+        c = self.coef
+        return t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
+
     def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray) -> np.ndarray:
         """Calibrated p[u, m] in [0, 1]; users with no purchase and no affinity get the prior."""
-        x = decoder_features(psi_raw, text_logit)
-        z = np.einsum("umf,mf->um", x, self.coef) + self.intercept
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = 1.0 / (1.0 + np.exp(-self.logits(psi_raw, text_logit)))
         degree = np.atleast_1d(np.asarray(degree))
         empty = (degree <= 0) & ~(np.atleast_2d(psi_raw) > 0).any(axis=1)
         return with_prior(p, self.prior, empty)
@@ -305,8 +316,7 @@ def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: n
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if strength == 0.0 or np.asarray(psi_raw).shape[0] == 0:
         return decoder
-    x = decoder_features(psi_raw, text_logit)
-    z = np.einsum("umf,mf->um", x, decoder.coef) + decoder.intercept
+    z = decoder.logits(psi_raw, text_logit)
     pi = decoder.prior
     delta = np.zeros_like(pi)
     for _ in range(iters):

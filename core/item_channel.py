@@ -36,6 +36,7 @@ never seen (`item_scores(names)`).
 """
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import re
@@ -154,6 +155,8 @@ class ItemChannel:
             raise ValueError(f"coef has {coef.shape[1]} personas, intercept {intercept.size}")
         if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
             raise ValueError("item channel weights must be finite")
+        # float32 weights: the JSON form (base64 float32) then round-trips exactly and stays small
+        coef = coef.astype("<f4").astype(np.float64)
         object.__setattr__(self, "coef", coef)
         object.__setattr__(self, "intercept", intercept)
 
@@ -195,8 +198,10 @@ class ItemChannel:
         return self.intercept + (v[:, :m] - self.intercept) * scale
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (lists of floats), for a Kafka table or a file."""
-        return {"kind": "item_channel", "words": list(self.words), "coef": self.coef.tolist(),
+        """Plain JSON-able form for a Kafka table or a file: the weights as base64 of
+        little-endian float32 (exact, about 4 bytes × words × personas × 4/3)."""
+        return {"kind": "item_channel", "words": list(self.words),
+                "coef_f32": base64.b64encode(self.coef.astype("<f4").tobytes()).decode("ascii"),
                 "intercept": self.intercept.tolist(), "sketch": int(self.sketch)}
 
     @classmethod
@@ -204,7 +209,11 @@ class ItemChannel:
         if d.get("kind") != "item_channel":
             raise ValueError("not an item channel dict (kind != 'item_channel')")
         m = len(d["intercept"])
-        coef = np.asarray(d["coef"], dtype=np.float64).reshape(len(d["words"]), m)
+        try:
+            raw = np.frombuffer(base64.b64decode(d["coef_f32"], validate=True), dtype="<f4")
+            coef = raw.astype(np.float64).reshape(len(d["words"]), m)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"item channel weights unreadable: {exc}") from None
         return cls(tuple(str(w) for w in d["words"]), coef, np.asarray(d["intercept"], dtype=np.float64),
                    int(d.get("sketch", 0)))
 

@@ -143,6 +143,9 @@ def test_round_trip_through_json_and_determinism() -> None:
     assert len(ch.words) <= len(name_features(NAMES)[1])  # only words with a weight are kept
     with pytest.raises(ValueError):
         ItemChannel.from_dict({"kind": "something else"})
+    for bad in ("not base64!", "AAAA"):  # garbage, and a wrong number of weights
+        with pytest.raises(ValueError):
+            ItemChannel.from_dict({**ch.to_dict(), "coef_f32": bad})
     with pytest.raises(ValueError):
         ItemChannel(("a",), np.array([[np.nan]]), np.array([0.0]))
     with pytest.raises(ValueError):
