@@ -14,11 +14,17 @@ Setup (all seeded, fixed across configurations):
 * decoders: GPLR's Ψ (`top-k`, or adaptive: scores ≥ r × the user's best) and the word decoder
   (`core.word_personas`: per-persona logistic regression on product-name words, trained on the
   same prototypes, personas with probability ≥ p);
-* baselines: popularity (everyone gets the 5 personas most common among the labelled users),
-  the embedding labeler applied directly to held-out users, and the authors' released output.
+* baselines: popularity (everyone gets the 5 personas most common among the labelled users)
+  and the authors' released output;
+* the offline embedding labeler (`core.labelers.embedding`, no LLM) labels every customer
+  directly: F1@5 and macro F1 against GPT-4 over all customers, at its default threshold and at
+  the threshold chosen on the validation users, with ablations (calibration, word weighting);
+  and against planted truth on synthetic shops (`core.synthetic.make_shop`, and
+  `make_sparse_shop` where it exists), with per-persona recall.
 
-    python bench/labels.py                # full grid, 3 seeds
-    python bench/labels.py --quick        # reduced grid, 1 seed, < 2 min
+    python bench/labels.py --data DIR                   # full grid, 3 seeds
+    python bench/labels.py --data DIR --quick           # reduced grid, 1 seed, fewer shops
+    python bench/labels.py --data DIR --embedding-only  # the offline labeler alone
 
 Prints a table, then one JSON object as the last line.
 """
@@ -280,7 +286,13 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
         for u, uid in enumerate(graph.user_ids):
             truth[u, list(shop.user_truth[str(uid)])] = True
         histories = histories_for(graph, range(graph.n_users))
-        labeler = EmbeddingLabeler(shop.personas).fit([str(n) for n in graph.item_names])
+        cache: dict = {}
+        variants = {}
+        for name, options in EMBEDDING_VARIANTS:
+            lab = _variant(shop.personas, [str(n) for n in graph.item_names], cache, **options)
+            variants[name] = _scored(_predict(lab.score_matrix(histories), lab.persona_base(), lab.threshold,
+                                              lab.max_personas), truth)["f1"]
+        labeler = _variant(shop.personas, [str(n) for n in graph.item_names], cache)  # default settings
         pred = np.zeros_like(truth)
         for u, r in enumerate(labeler.label(histories)):
             pred[u, list(r.personas)] = True
@@ -298,6 +310,7 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
         row = {"shop": label, **{k: v for k, v in _scored(pred, truth).items() if k in ("f1", "macro_f1", "mean_personas")},
                "ceiling_f1": _scored(ceiling, truth)["f1"], "popularity_f1": _scored(pop, truth)["f1"],
                "min_recall": min(v for v in recall.values() if v is not None), "recall_per_persona": recall,
+               "variants_f1": variants,
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         console.log(f"embedding on {label}: F1 {row['f1']:.3f} (planted-item ceiling {row['ceiling_f1']:.3f}, "
