@@ -174,6 +174,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         if not args.replay_file:
             raise SystemExit("gplr: --labeler replay needs --replay-file")
         labeler_opts["path"] = args.replay_file
+    if args.labeler == "embedding":  # calibrate on the whole catalogue, not just the prototypes' items
+        labeler_opts["catalogue"] = [str(n) for n in graph.item_names]
     try:
         labeler = make_labeler(args.labeler, personas, **labeler_opts)
     except (OSError, ValueError) as exc:
@@ -199,7 +201,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
     personas = shop.personas
     console.print(f"synthetic shop: {graph.n_users:,} users, {graph.n_items:,} items, "
                   f"{graph.n_edges:,} edges, {len(personas)} planted personas")
-    labeler = make_labeler("embedding", personas)
+    labeler = make_labeler("embedding", personas, catalogue=[str(n) for n in graph.item_names])
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
