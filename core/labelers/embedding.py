@@ -14,8 +14,9 @@ first, then users:
    over all item names), blended with strength `calibration` (0 = raw cosine, 1 = full z-score
    in cosine units), so a persona whose definition is close to everything does not win every
    item. Spreads narrower than the mean spread are not widened (a persona that matches nothing
-   in the catalogue is only centred, its noise not amplified). A softmax over personas (temperature `temperature`) turns each item's calibrated
-   similarities into a vote that sums to one: `item_persona_scores`.
+   in the catalogue is only centred, its noise not amplified). A softmax over personas
+   (temperature `temperature`) turns each item's calibrated similarities into a vote that
+   sums to one: `item_persona_scores`.
 3. **Users, per persona.** A user's score for a persona is the quantity-weighted mean of their
    purchases' votes (weight 1 + log q). A persona is kept when the user's score is at least
    `threshold` times that persona's bar: its mean vote over the catalogue, capped at the uniform
@@ -29,12 +30,13 @@ statistics are refitted whenever it has grown by `REFIT_GROWTH` (so labels depen
 seen before, but a fitted labeler is deterministic). Small catalogues are calibrated weakly:
 per-persona statistics are shrunk towards the mean over personas with `PRIOR_ITEMS` pseudo-items.
 
-Measured defaults (bench/labels.py, docs/RESULTS.md §6): on three synthetic shops with planted
-truth F1 0.70–0.72 (with the planted item personas in place of the embedding, the same user
-rule reaches 0.73–0.78); on Online Retail against GPT-4 labels F1@5 about 0.53, below the
-popularity baseline 0.57, macro F1 about 0.37 (above popularity's 0.19). Full per-persona
-standardisation (`calibration=1`) costs 0.09 F1 on Online Retail, whose GPT-4 labels favour
-the broad personas; see RESULTS.md for the sweep.
+Measured (bench/labels.py, docs/RESULTS.md §6): on the 12-persona synthetic shops with planted
+truth F1 0.70–0.71 (fed the planted item personas instead, the same user rule reaches
+0.73–0.78), 0.61 with 16 personas; on Online Retail against GPT-4, F1@5 0.51 at the default
+threshold and 0.54 at 1.25 (chosen on validation customers; GPT-4 gives ~4.75 personas, the
+synthetic users ~2.5), below the popularity baseline 0.57, macro F1 0.38 (popularity 0.19).
+Full per-persona standardisation (`calibration=1`) costs 0.08 F1 there, since GPT-4's labels
+favour the broad personas; on a 30-persona grocery shop calibration adds 0.03 F1.
 """
 from __future__ import annotations
 
@@ -258,7 +260,7 @@ class EmbeddingLabeler:
         if not calib.frequent or not any(w in calib.frequent for w in words) \
                 or all(w in calib.frequent for w in words):
             return name
-        kept = re.sub(r"[^\W\d_]+", lambda m: "" if m.group(0).lower() in calib.frequent else m.group(0), name)
+        kept = _WORD.sub(lambda m: "" if m.group(0).lower() in calib.frequent else m.group(0), name)
         return " ".join(kept.split())
 
     def item_vectors(self, names: Sequence[str], calib: _Calibration) -> np.ndarray:
