@@ -179,7 +179,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise SystemExit(f"gplr label: {exc}") from None
     frame, _ = load_data(args, args.data, "label", fmt, require_ts=False, **opts)
     graph = BipartiteGraph.from_frame(frame)
-    labeler = _labeler(args, personas)
+    labeler = _labeler(args, personas, catalogue=[str(n) for n in graph.item_names])
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
@@ -193,9 +193,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labeler(args: argparse.Namespace, personas: PersonaSet):
+def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str]):
     """The labeler `--labeler` names; an LLM endpoint is probed first so that a missing key or
-    server fails in seconds, naming the URL, instead of labelling nobody."""
+    server fails in seconds, naming the URL, instead of labelling nobody. The embedding labeler
+    calibrates on the whole `catalogue`, not just the prototypes' items."""
     from core.labelers import make_labeler
 
     options: dict[str, Any] = {}
@@ -204,6 +205,8 @@ def _labeler(args: argparse.Namespace, personas: PersonaSet):
             if not args.replay_file:
                 raise SystemExit("gplr label: --labeler replay needs --replay-file")
             options["path"] = args.replay_file
+        elif args.labeler == "embedding":
+            options["catalogue"] = catalogue
         elif args.labeler == "openai":
             from core.labelers.openai_labeler import LLMConfig, LLMError, check_endpoint
 
@@ -229,7 +232,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
     personas = shop.personas
     console.print(f"synthetic shop: {graph.n_users:,} users, {graph.n_items:,} items, "
                   f"{graph.n_edges:,} edges, {len(personas)} planted personas")
-    labeler = make_labeler("embedding", personas)
+    labeler = make_labeler("embedding", personas, catalogue=[str(n) for n in graph.item_names])
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
