@@ -68,7 +68,7 @@ def create_app(config: StreamConfig) -> faust.App:
     async def _forget_assigned(sender: faust.App, assigned: object, **kwargs: object) -> None:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
-    register_labelling(app, config, personas, topics)
+    register_labelling(app, config, personas, topics, users=tables.users)
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,
     # scipy and Faust loaded that is ~0.2 s each, seconds per assignment. Moving what exists now
