@@ -30,7 +30,7 @@ M = 5
 
 
 def _logic(eps: float = 0.05, partitions: int = 3) -> StreamLogic:
-    config = StreamConfig(eps=eps, partitions=partitions, labeler="none", label_budget=0.0)
+    config = StreamConfig(eps=eps, partitions=partitions, labeler="none", label_budget=0.0, label_sources=("t",))
     personas = PersonaSet(Persona(f"p{i}", "") for i in range(M))
     tables = Tables(users=StateTable({}), items=StateTable({}), seen={}, stats=StateTable({}), labels={})
     return StreamLogic(config, personas, tables, LabelPolicy(config))
