@@ -321,7 +321,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     was made by this worker; without it every well-formed request is labelled.
     Malformed or refused records on either topic are dead-lettered on the DLQ topic with
     `source` "labels" / "label-requests" and the reason; nothing there raises."""
-    from streams.agents import Out, dead_letter, send_or_die  # (agents imports this module)
+    from streams.agents import Out, dead_letter, hold, release, send_or_die  # (agents imports this module)
 
     m = len(personas)
 
@@ -343,6 +343,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     @app.agent(topics.labels, name="labels")
     async def labels(stream: faust.StreamT) -> None:
         async for events in stream.take_events(64, within=0.05):
+            hold(events)
             outs: list[Out] = []
             for event in events:
                 try:
@@ -351,6 +352,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
                     logger.exception("labels record dead-lettered as internal_error")
                     outs.append(dead(event, "internal_error", error_summary(exc), "labels"))
             await send_or_die(topics, outs)
+            await release(stream, events)
 
     if config.labeler == "none":
         return
@@ -383,6 +385,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     @app.agent(topics.label_requests, name="labeller")
     async def labeller(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=1.0):
+            hold(events)
             valid: list[dict[str, Any]] = []
             outs: list[Out] = []
             for event in events:
@@ -393,10 +396,10 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
                     got = dead(event, "internal_error", error_summary(exc), "label-requests")
                 (outs if isinstance(got, Out) else valid).append(got)
             await send_or_die(topics, outs)
-            if not valid:
-                continue
-            await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
-            asyncio.ensure_future(label_and_publish(valid))
+            if valid:
+                await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
+                asyncio.ensure_future(label_and_publish(valid))
+            await release(stream, events)
 
 
 def _dumps(value: Any) -> bytes:
