@@ -329,6 +329,8 @@ class StreamLogic:
         if existing is not None and work.replay(user, offset):
             for item in existing.items:
                 work.membership(user, item, op.source_ts)
+            if existing.published:  # the "labelled" update may have been lost with the crash
+                work.replayed.add(user)
             return
         if existing is not None and personas and personas == existing.label_personas:
             return  # the same label again (a replayed labels record): nothing changes
@@ -438,7 +440,8 @@ class StreamLogic:
                 before = state.seq
                 values = item_upsert(state, item, member, self.theta)
                 ts[item] = min(ts.get(item, source_ts), source_ts)
-                if offset <= base[item]:  # replay: tell everyone again
+                if offset <= base[item]:  # replay: tell everyone again, write the row again
+                    dirty.setdefault(item, base[item])  # (its changelog record may be lost, see _UserBatch.replay)
                     if state.seq > 0:
                         tell_all.add(item)
                     tell[item].update(u for v in values for u in v.users)
@@ -474,6 +477,15 @@ class StreamLogic:
                     values_op(msgs), p) for p, msgs in groups.items()]
 
 
+def replay_reason(state: UserState) -> str:
+    """Reason of a re-sent update: "replay", or "prior" when what is re-sent is the prior (no
+    prototype reaches the user yet), so readers treat it as they treated the original: a
+    re-sent prior labelled "replay" read as affinity scores off by up to Q̂'s largest share."""
+    if state.label is None and not np.any(psi_raw(state) > 0):
+        return "prior"
+    return "replay"
+
+
 class _UserBatch:
     """The rows one user-side batch touches, and what it will send once they are written."""
 
@@ -485,6 +497,7 @@ class _UserBatch:
         self.ts: dict[str, float] = {}  # rows whose Ψ̂ moved → earliest source ts
         self.members: dict[tuple[str, str], float] = {}  # (user, item) to tell → source ts
         self.replayed: set[str] = set()
+        self.replays = 0
         self.labels: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
         self.new_users = 0
         self.out: list[Out] = []
@@ -502,7 +515,15 @@ class _UserBatch:
         return state
 
     def replay(self, user: str, offset: int) -> bool:
-        return offset <= self.base[user]
+        """`offset` was applied to this row before (a crash replay). The row is then written
+        again: Faust writes RocksDB at once but the changelog through the producer, so after a
+        kill -9 the local row can be ahead of its changelog record, and without a rewrite the
+        changelog (what a worker with a new disk rebuilds from) would stay behind for good."""
+        if offset <= self.base[user]:
+            self.dirty.setdefault(user, self.base[user])
+            self.replays += 1
+            return True
+        return False
 
     def applied(self, user: str, offset: int) -> None:
         self.dirty[user] = offset
@@ -525,7 +546,10 @@ class _UserBatch:
             out.extend(logic._after_change(user, self.rows[user], partition, "propagated", source_ts))
         for user in self.replayed - set(self.ts):
             state = self.rows[user]
-            out.append(logic._update(user, state, logic._published(state), None, "replay", 0.0))
+            out.append(logic._update(user, state, logic._published(state), None, replay_reason(state), 0.0))
+        if self.replays and not self.new_users:  # rewrite the budget row too (see `replay`)
+            key = f"p{partition}"
+            logic.tables.stats.put(key, logic._stats(partition))
         for user, offset in self.dirty.items():
             state = self.rows[user]
             state.applied_offset = offset
