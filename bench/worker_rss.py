@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--lose-disk", action="store_true",
+                        help="then kill -9 the worker, delete its state dir and time a fresh worker's recovery")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     args = parser.parse_args()
     sys.path.insert(0, str(args.repo.resolve()))
@@ -81,6 +83,23 @@ def main() -> int:
         elapsed = time.monotonic() - start
         time.sleep(args.idle)
         idle = round(_rss_mb(worker.pid), 1)
+        recovery = None
+        if args.lose_disk:
+            import shutil
+
+            worker.kill()
+            shutil.rmtree(config.data_dir)
+            t0 = time.monotonic()
+            fresh = WorkerProcess(config, work / "fresh.log").start().wait_ready(900)
+            ready_s = time.monotonic() - t0
+            extra = events[-200:]  # the same events again: de-duplicated, so nothing changes
+            publish_events(broker.bootstrap, topics.purchases, extra)
+            drained = watcher.wait_drained(timeout=600, settle=2.0)
+            log = fresh.log()
+            recovery = {"ready_s": round(ready_s, 1), "drained": drained,
+                        "joins": log.count("Joined group"), "rss_mb": round(_rss_mb(fresh.pid), 1)}
+            print(f"lost disk: ready in {ready_s:.1f}s, drained={drained}", flush=True)
+            worker = fresh
         watcher.close()
         worker.stop()
     edges = int(shop.frame[["user_id", "item_id"]].drop_duplicates().shape[0])
@@ -88,7 +107,8 @@ def main() -> int:
     print(json.dumps({"repo": str(args.repo), "events": len(events), "users": users, "edges": edges,
                       "rss_mb": rss, "rss_idle_mb": idle, "growth_mb": round(grown, 1),
                       "growth_mb_per_100k_events": round(grown / len(events) * 1e5, 1),
-                      "kb_per_edge": round(grown * 1024 / edges, 2), "seconds": round(elapsed, 1)}))
+                      "kb_per_edge": round(grown * 1024 / edges, 2), "seconds": round(elapsed, 1),
+                      "lost_disk_recovery": recovery}))
     return 0
 
 
