@@ -29,6 +29,7 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `GPLR_LABEL_SOURCES` | "" | comma-separated `labelled_by` names whose records on `labels` are applied besides the worker's own labeler (operator tools; docs/operations.md) |
 | `GPLR_METRICS_BIND` | `127.0.0.1` | address the `/metrics` server listens on (`0.0.0.0` to expose it) |
 | `GPLR_METRICS_MAX_CONNECTIONS` | 8 | `/metrics` connections served at once; more are closed at once |
+| `GPLR_INSTANCE_ID` | "" | static consumer-group member id; empty → derived from the data dir (`streams.app.group_instance_id`) |
 
 Why ε = 0.01 and hysteresis 0.005: at a 5% label budget the de-biased scores Ψ[u] are mostly
 0.01–0.05, so ε = 0.05 (θ = 0.025) leaves most items unpushed and an absolute hysteresis of 0.05
@@ -87,6 +88,7 @@ class StreamConfig:
     label_sources: tuple[str, ...] = ()
     metrics_bind: str = "127.0.0.1"
     metrics_max_connections: int = 8
+    instance_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -131,6 +133,7 @@ class StreamConfig:
             label_sources=_names(env.get("GPLR_LABEL_SOURCES", "")),
             metrics_bind=get("GPLR_METRICS_BIND", d.metrics_bind, str),
             metrics_max_connections=get("GPLR_METRICS_MAX_CONNECTIONS", d.metrics_max_connections, int),
+            instance_id=env.get("GPLR_INSTANCE_ID", "").strip(),
         )
 
     def validate(self) -> None:
@@ -162,6 +165,8 @@ class StreamConfig:
             (bool(self.metrics_bind.strip()), "GPLR_METRICS_BIND", self.metrics_bind, "must not be empty"),
             (1 <= self.metrics_max_connections <= 1024, "GPLR_METRICS_MAX_CONNECTIONS",
              self.metrics_max_connections, "must be in [1, 1024]"),
+            (_valid_prefix(self.instance_id) and len(self.instance_id) <= 200, "GPLR_INSTANCE_ID",
+             self.instance_id, "may only hold letters, digits, '.', '_' and '-' (at most 200)"),
         ]
         check_all(checks)
 
@@ -201,6 +206,7 @@ class StreamConfig:
             "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
             "metrics_bind": "GPLR_METRICS_BIND", "metrics_max_connections": "GPLR_METRICS_MAX_CONNECTIONS",
+            "instance_id": "GPLR_INSTANCE_ID",
         }
         out = {"GPLR_LABEL_SOURCES": ",".join(self.label_sources)}
         for f in fields(self):

@@ -89,3 +89,28 @@ def test_empty_state_dir_rebuilds_from_changelogs(
     log = fresh.log()
     assert log.count("Ready") == 1 and fresh.is_running()
     assert_same_state(config, reference, shop.frame, labels)
+
+
+def test_replacement_at_another_path_takes_over_with_the_instance_id(
+        broker, tmp_path, make_config, produce, worker_factory) -> None:
+    """A new disk at a new path: with the dead worker's GPLR_INSTANCE_ID the replacement takes
+    its slot and rebuilds from the changelogs (without it, noida-db never expels the dead member)."""
+    import dataclasses
+
+    from streams.app import group_instance_id
+
+    shop = _shop(n_users=40, seed=12)
+    events = list(iter_events(shop.frame))
+    config = make_config(broker.bootstrap, tmp_path / "old-disk", labeler="none", partitions=2, label_budget=0.0)
+    topics = Topics(config.topic_prefix)
+    create_topics(config.kafka_bootstrap, topics.all(), config.partitions)
+    worker = worker_factory(config).wait_ready()
+    produce(config.kafka_bootstrap, topics.purchases, events[:150])
+    _drain(config)
+    worker.kill()
+    replacement = dataclasses.replace(config, data_dir=tmp_path / "new-disk", instance_id=group_instance_id(config))
+    produce(config.kafka_bootstrap, topics.purchases, events[150:])
+    worker_factory(replacement).wait_ready(120)
+    _drain(config)
+    users = read_table(config.kafka_bootstrap, config.app_id, "users")
+    assert {u: s.events for u, s in users.items()} == shop.frame.groupby("user_id").size().to_dict()
