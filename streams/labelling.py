@@ -359,11 +359,14 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     runtime = _LabellerRuntime(config, personas, concurrency, timeout)
     pacer = RateLimiter(config.label_rate_per_min)
 
-    async def label_and_publish(requests: list[dict[str, Any]]) -> None:
+    async def label_and_publish(stream: faust.StreamT, events: list[Any], requests: list[dict[str, Any]]) -> None:
+        """Label, publish, then release the requests: a crash before that leaves them
+        uncommitted, so the restarted worker asks again (the row still says requested)."""
         try:
             await pacer.wait(len(requests))  # a rate limit delays calls; it never picks who
             for record in await runtime.run(requests):
                 await topics.labels.send(key=record["user"].encode("utf-8"), value=_dumps(record))
+            await release(stream, events)
         finally:
             runtime.slots.release()
 
@@ -398,8 +401,9 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
             await send_or_die(topics, outs)
             if valid:
                 await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
-                asyncio.ensure_future(label_and_publish(valid))
-            await release(stream, events)
+                asyncio.ensure_future(label_and_publish(stream, list(events), valid))
+            else:
+                await release(stream, events)
 
 
 def _dumps(value: Any) -> bytes:
