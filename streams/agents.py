@@ -41,7 +41,14 @@ state change idempotent:
   repeats before sending), and `applied_offset` is the last source offset the row reflects;
   a message at or below the row's offset *from before the batch* is a replay: its state change
   is skipped but its outputs are sent again (an item re-tells all its buyers, a user re-sends
-  its upserts), because they may have been lost with the crash.
+  its upserts and its last update), because they may have been lost with the crash, and its row
+  is written again, because its changelog record may have been lost while RocksDB kept it.
+
+Nothing is acked early (issue 9): each batch holds a reference on its messages (`hold`) that is
+dropped only once its results were sent (`release`), so neither an exception nor a rebalance
+cancelling the agent lets `take_events` commit unsent work; a record whose handling raises is
+dead-lettered as `internal_error` (`guarded`) while the rest of its batch is applied; a batch
+whose results cannot be sent ends the process (`send_or_die`) before anything is committed.
 """
 from __future__ import annotations
 
