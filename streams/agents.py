@@ -44,11 +44,12 @@ state change idempotent:
   its upserts and its last update), because they may have been lost with the crash, and its row
   is written again, because its changelog record may have been lost while RocksDB kept it.
 
-Nothing is acked early (issue 9): each batch holds a reference on its messages (`hold`) that is
-dropped only once its results were sent (`release`), so neither an exception nor a rebalance
-cancelling the agent lets `take_events` commit unsent work; a record whose handling raises is
-dead-lettered as `internal_error` (`guarded`) while the rest of its batch is applied; a batch
-whose results cannot be sent ends the process (`send_or_die`) before anything is committed.
+Nothing is acked early on an error (issue 9): `take_events` acks a batch in a `finally`, so no
+exception may leave an agent body — a record whose handling raises is dead-lettered as
+`internal_error` (`guarded`) while the rest of its batch is applied, and a batch whose results
+cannot be sent ends the process (`send_or_die`) before its offsets are committed. (Holding an
+extra reference on each message until its results are sent would also cover an agent cancelled
+mid-batch, but with it the worker stalled after a broker restart; see docs/operations.md.)
 """
 from __future__ import annotations
 
@@ -648,24 +649,6 @@ async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
         os._exit(EXIT_SEND_FAILED)
 
 
-def hold(events: Sequence[faust.EventT]) -> None:
-    """Take a reference on each event's message, so that `take_events`' own ack cannot commit it.
-
-    Why: `take_events` acks a batch in a `finally`, also when the agent is cancelled (Faust
-    restarts agents on a rebalance) half-way through a batch, which committed offsets of records
-    whose results were never sent. With this extra reference a message is committed only after
-    `release`, i.e. after the batch's results were handed to the producer (which Faust flushes
-    before committing); a cancelled batch is read again from the committed offset."""
-    for event in events:
-        event.message.incref()
-
-
-async def release(stream: faust.StreamT, events: Sequence[faust.EventT]) -> None:
-    """Drop the reference `hold` took: the batch is done (applied or dead-lettered, and sent)."""
-    for event in events:
-        await stream.ack(event)
-
-
 def _by_partition(events: Sequence[faust.EventT]) -> dict[int, list[faust.EventT]]:
     groups: dict[int, list[faust.EventT]] = {}
     for event in events:
@@ -684,9 +667,7 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.agent(topics.purchases, name="purchases")
     async def purchases(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["purchases"]):
-            hold(events)
             await send_or_die(topics, logic.on_purchases_raw([(e.message.key, e.message.value) for e in events]))
-            await release(stream, events)
 
     def per_partition(events: Sequence[faust.EventT], handle, source: str) -> list[Out]:
         outs: list[Out] = []
@@ -697,16 +678,12 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.agent(topics.user_ops, name="user-ops")
     async def user_ops(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["user-ops"]):
-            hold(events)
             await send_or_die(topics, per_partition(events, logic.on_user_ops, USER_OPS))
-            await release(stream, events)
 
     @app.agent(topics.item_ops, name="item-ops")
     async def item_ops(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["item-ops"]):
-            hold(events)
             await send_or_die(topics, per_partition(events, lambda batch, _p: logic.on_item_ops(batch), ITEM_OPS))
-            await release(stream, events)
 
     @app.timer(interval=1.0)
     async def refresh_label_distribution() -> None:

@@ -321,7 +321,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     was made by this worker; without it every well-formed request is labelled.
     Malformed or refused records on either topic are dead-lettered on the DLQ topic with
     `source` "labels" / "label-requests" and the reason; nothing there raises."""
-    from streams.agents import Out, dead_letter, hold, release, send_or_die  # (agents imports this module)
+    from streams.agents import Out, dead_letter, send_or_die  # (agents imports this module)
 
     m = len(personas)
 
@@ -343,7 +343,6 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     @app.agent(topics.labels, name="labels")
     async def labels(stream: faust.StreamT) -> None:
         async for events in stream.take_events(64, within=0.05):
-            hold(events)
             outs: list[Out] = []
             for event in events:
                 try:
@@ -352,21 +351,17 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
                     logger.exception("labels record dead-lettered as internal_error")
                     outs.append(dead(event, "internal_error", error_summary(exc), "labels"))
             await send_or_die(topics, outs)
-            await release(stream, events)
 
     if config.labeler == "none":
         return
     runtime = _LabellerRuntime(config, personas, concurrency, timeout)
     pacer = RateLimiter(config.label_rate_per_min)
 
-    async def label_and_publish(stream: faust.StreamT, events: list[Any], requests: list[dict[str, Any]]) -> None:
-        """Label, publish, then release the requests: a crash before that leaves them
-        uncommitted, so the restarted worker asks again (the row still says requested)."""
+    async def label_and_publish(requests: list[dict[str, Any]]) -> None:
         try:
             await pacer.wait(len(requests))  # a rate limit delays calls; it never picks who
             for record in await runtime.run(requests):
                 await topics.labels.send(key=record["user"].encode("utf-8"), value=_dumps(record))
-            await release(stream, events)
         finally:
             runtime.slots.release()
 
@@ -388,7 +383,6 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
     @app.agent(topics.label_requests, name="labeller")
     async def labeller(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=1.0):
-            hold(events)
             valid: list[dict[str, Any]] = []
             outs: list[Out] = []
             for event in events:
@@ -401,9 +395,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
             await send_or_die(topics, outs)
             if valid:
                 await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
-                asyncio.ensure_future(label_and_publish(stream, list(events), valid))
-            else:
-                await release(stream, events)
+                asyncio.ensure_future(label_and_publish(valid))
 
 
 def _dumps(value: Any) -> bytes:
