@@ -41,12 +41,22 @@ state change idempotent:
   repeats before sending), and `applied_offset` is the last source offset the row reflects;
   a message at or below the row's offset *from before the batch* is a replay: its state change
   is skipped but its outputs are sent again (an item re-tells all its buyers, a user re-sends
-  its upserts), because they may have been lost with the crash.
+  its upserts and its last update), because they may have been lost with the crash, and its row
+  is written again, because its changelog record may have been lost while RocksDB kept it.
+
+Nothing is acked early on an error (issue 9): `take_events` acks a batch in a `finally`, so no
+exception may leave an agent body — a record whose handling raises is dead-lettered as
+`internal_error` (`guarded`) while the rest of its batch is applied, and a batch whose results
+cannot be sent ends the process (`send_or_die`) before its offsets are committed. (Holding an
+extra reference on each message until its results are sent would also cover an agent cancelled
+mid-batch, but with it the worker stalled after a broker restart; see docs/operations.md.)
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -81,6 +91,7 @@ from streams.records import (
     ItemOp,
     UserOp,
     dlq_record,
+    error_summary,
     items_op,
     op_events,
     op_members,
@@ -123,17 +134,20 @@ class StreamTopics:
             return app.topic(name, key_type=str, key_serializer="raw", value_serializer="json",
                              partitions=n)
 
+        def raw_topic(name: str) -> faust.TopicT:
+            return app.topic(name, key_type=bytes, key_serializer="raw", value_type=bytes,
+                             value_serializer="raw", partitions=n)
+
         return cls(
-            purchases=app.topic(names.purchases, key_type=bytes, key_serializer="raw",
-                                value_type=bytes, value_serializer="raw", partitions=n),
+            purchases=raw_topic(names.purchases),
             dlq=json_topic(names.purchases_dlq),
             user_ops=app.topic(names.name(USER_OPS), key_type=str, key_serializer="raw",
                                value_type=UserOp, partitions=n, internal=True),
             item_ops=app.topic(names.name(ITEM_OPS), key_type=str, key_serializer="raw",
                                value_type=ItemOp, partitions=n, internal=True),
             persona_updates=json_topic(names.persona_updates),
-            label_requests=json_topic(names.label_requests),
-            labels=json_topic(names.labels),
+            label_requests=raw_topic(names.label_requests),  # anyone may write these two:
+            labels=raw_topic(names.labels),  # streams.labelling validates the bytes itself
         )
 
 
@@ -145,6 +159,33 @@ class Out:
     key: str | None
     value: Any
     partition: int | None = None
+
+
+def label_rejection(config: StreamConfig, state: UserState | None, labelled_by: str) -> str | None:
+    """Why a label from `labelled_by` must not be applied to this user row, or None.
+
+    Operator sources (GPLR_LABEL_SOURCES) are trusted; the worker's own labeler may only label a
+    user the worker asked about (its row says `requested`, which the label policy sets within
+    budget) and not yet labelled. Anything else on `labels` is forged or stale."""
+    if labelled_by in config.label_sources:
+        return None
+    if not config.accepts_labels_from(labelled_by):
+        return "unknown_labeler"
+    if state is None or not state.requested:
+        return "unrequested_label"
+    if state.label is not None:
+        return "already_labelled"
+    return None
+
+
+def dead_letter(payload: bytes | None, key: bytes | str | None, reason: str, detail: str,
+                source: str = "purchases") -> Out:
+    """A dead letter for the DLQ topic, counted once in `gplr_dlq_total{reason}`."""
+    metrics.DLQ.labels(reason=reason).inc()
+    logger.info("dead letter from %s (%s)", source, reason)
+    raw_key = key.encode("utf-8", "replace") if isinstance(key, str) else key
+    body = dlq_record(payload, raw_key, reason, detail, source)
+    return Out("dlq", body["key"], body)
 
 
 @dataclass
@@ -215,13 +256,14 @@ class StreamLogic:
             metrics.EVENTS_IN.inc()
             try:
                 event = parse_purchase(payload if payload is not None else b"")
+                group = groups.setdefault(self._user_part(event.user_id), {})
             except InvalidEvent as exc:
-                metrics.DLQ.labels(reason=exc.reason).inc()
-                logger.info("dead letter (%s)", exc.reason)
-                out.append(Out("dlq", None if key is None else key.decode("utf-8", "replace"),
-                               dlq_record(payload, key, exc.reason, exc.detail)))
+                out.append(dead_letter(payload, key, exc.reason, exc.detail))
                 continue
-            group = groups.setdefault(self._user_part(event.user_id), {})
+            except Exception as exc:  # last resort: a bug must cost this record, not the batch
+                logger.exception("purchase dead-lettered as internal_error")
+                out.append(dead_letter(payload, key, "internal_error", error_summary(exc)))
+                continue
             if event.event_id in group:
                 metrics.DUPLICATES.inc()
                 continue
@@ -290,15 +332,25 @@ class StreamLogic:
 
     def _user_label(self, work: "_UserBatch", op: UserOp, partition: int, offset: int) -> None:
         user = op.users[0]
-        state = work.state(user)
-        if work.replay(user, offset):
-            for item in state.items:
-                work.membership(user, item, op.source_ts)
-            return
         personas = tuple(p for p in dict.fromkeys(op.personas or ()) if 0 <= p < self.m)
-        if not personas:
-            logger.warning("label for %s names no known persona; ignored", user)
+        existing = work.state(user, create=False)
+        if existing is not None and work.replay(user, offset):
+            for item in existing.items:
+                work.membership(user, item, op.source_ts)
+            if existing.published:  # the "labelled" update may have been lost with the crash
+                work.replayed.add(user)
             return
+        if existing is not None and personas and personas == existing.label_personas:
+            return  # the same label again (a replayed labels record): nothing changes
+        # Side doors (issue 9): checked here, where a label takes effect, not only where it is asked for.
+        rejection = label_rejection(self.config, existing, op.labelled_by)
+        if rejection is None and not personas:
+            rejection = "no_known_persona"
+        if rejection is not None:
+            work.out.append(dead_letter(op.dumps(), user, rejection, f"labelled_by={op.labelled_by[:64]!r}",
+                                        source=USER_OPS))
+            return
+        state = work.state(user)
         work.labels.append((state.label_personas, personas))
         memberships = user_set_label(state, user, label_vector(personas, self.m))
         state.label_personas = personas
@@ -396,7 +448,8 @@ class StreamLogic:
                 before = state.seq
                 values = item_upsert(state, item, member, self.theta)
                 ts[item] = min(ts.get(item, source_ts), source_ts)
-                if offset <= base[item]:  # replay: tell everyone again
+                if offset <= base[item]:  # replay: tell everyone again, write the row again
+                    dirty.setdefault(item, base[item])  # (its changelog record may be lost, see _UserBatch.replay)
                     if state.seq > 0:
                         tell_all.add(item)
                     tell[item].update(u for v in values for u in v.users)
@@ -432,6 +485,15 @@ class StreamLogic:
                     values_op(msgs), p) for p, msgs in groups.items()]
 
 
+def replay_reason(state: UserState) -> str:
+    """Reason of a re-sent update: "replay", or "prior" when what is re-sent is the prior (no
+    prototype reaches the user yet), so readers treat it as they treated the original: a
+    re-sent prior labelled "replay" read as affinity scores off by up to Q̂'s largest share."""
+    if state.label is None and not np.any(psi_raw(state) > 0):
+        return "prior"
+    return "replay"
+
+
 class _UserBatch:
     """The rows one user-side batch touches, and what it will send once they are written."""
 
@@ -443,6 +505,7 @@ class _UserBatch:
         self.ts: dict[str, float] = {}  # rows whose Ψ̂ moved → earliest source ts
         self.members: dict[tuple[str, str], float] = {}  # (user, item) to tell → source ts
         self.replayed: set[str] = set()
+        self.replays = 0
         self.labels: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
         self.new_users = 0
         self.out: list[Out] = []
@@ -460,7 +523,15 @@ class _UserBatch:
         return state
 
     def replay(self, user: str, offset: int) -> bool:
-        return offset <= self.base[user]
+        """`offset` was applied to this row before (a crash replay). The row is then written
+        again: Faust writes RocksDB at once but the changelog through the producer, so after a
+        kill -9 the local row can be ahead of its changelog record, and without a rewrite the
+        changelog (what a worker with a new disk rebuilds from) would stay behind for good."""
+        if offset <= self.base[user]:
+            self.dirty.setdefault(user, self.base[user])
+            self.replays += 1
+            return True
+        return False
 
     def applied(self, user: str, offset: int) -> None:
         self.dirty[user] = offset
@@ -483,7 +554,10 @@ class _UserBatch:
             out.extend(logic._after_change(user, self.rows[user], partition, "propagated", source_ts))
         for user in self.replayed - set(self.ts):
             state = self.rows[user]
-            out.append(logic._update(user, state, logic._published(state), None, "replay", 0.0))
+            out.append(logic._update(user, state, logic._published(state), None, replay_reason(state), 0.0))
+        if self.replays and not self.new_users:  # rewrite the budget row too (see `replay`)
+            key = f"p{partition}"
+            logic.tables.stats.put(key, logic._stats(partition))
         for user, offset in self.dirty.items():
             state = self.rows[user]
             state.applied_offset = offset
@@ -522,6 +596,59 @@ async def _send(topics: StreamTopics, outs: list[Out]) -> None:
             await topic.send(key=out.key, value=out.value, partition=out.partition)
 
 
+def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, handle, source: str) -> list[Out]:
+    """`handle` one partition's events as a batch; if it raises, again one event at a time, and
+    an event that still raises becomes an `internal_error` dead letter (its raw bytes and the
+    traceback summary) while the others are applied.
+
+    Why this is safe: a handler writes rows only at its end, and a failed attempt's cached rows
+    are dropped, so the retry starts from the table; rows a failed attempt did write are
+    complete and newer than its offsets, which the handlers treat as a replay (idempotent)."""
+    try:
+        with in_partition(group[-1]):
+            return handle([(e.value, e.message.offset) for e in group], partition)
+    except Exception:
+        logic.tables.clear_caches()  # rows may be mutated but unwritten
+        if len(group) == 1:
+            return _dead_event(group[0], source)
+        logger.exception("%s batch of %d failed; retrying one message at a time", source, len(group))
+    outs: list[Out] = []
+    for event in group:
+        try:
+            with in_partition(event):
+                outs.extend(handle([(event.value, event.message.offset)], partition))
+        except Exception:
+            logic.tables.clear_caches()
+            outs.extend(_dead_event(event, source))
+    return outs
+
+
+def _dead_event(event: faust.EventT, source: str) -> list[Out]:
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    logger.exception("%s message at offset %d dead-lettered as internal_error", source, event.message.offset)
+    return [dead_letter(event.message.value, event.message.key, "internal_error", error_summary(exc), source)]
+
+
+#: Exit status of a worker that could not send a batch's results (see `send_or_die`).
+EXIT_SEND_FAILED = 70
+
+
+async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
+    """Send a batch's records; if that fails, end the process at once.
+
+    Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
+    commit offsets of records whose results (or dead letters) never left — the loss the
+    reliability tests look for. Exiting before the ack leaves the offsets uncommitted, and the
+    restarted worker replays the batch (idempotently, see the module docstring)."""
+    try:
+        await _send(topics, outs)
+    except Exception:
+        logger.critical("could not send a batch's results; exiting so that it is replayed", exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_SEND_FAILED)
+
+
 def _by_partition(events: Sequence[faust.EventT]) -> dict[int, list[faust.EventT]]:
     groups: dict[int, list[faust.EventT]] = {}
     for event in events:
@@ -540,28 +667,23 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.agent(topics.purchases, name="purchases")
     async def purchases(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["purchases"]):
-            await _send(topics, logic.on_purchases_raw([(e.message.key, e.message.value) for e in events]))
+            await send_or_die(topics, logic.on_purchases_raw([(e.message.key, e.message.value) for e in events]))
 
-    def per_partition(events: Sequence[faust.EventT], handle) -> list[Out]:
+    def per_partition(events: Sequence[faust.EventT], handle, source: str) -> list[Out]:
         outs: list[Out] = []
-        try:
-            for partition, group in _by_partition(events).items():
-                with in_partition(group[-1]):
-                    outs.extend(handle([(e.value, e.message.offset) for e in group], partition))
-        except BaseException:
-            logic.tables.clear_caches()  # rows may be mutated but unwritten
-            raise
+        for partition, group in _by_partition(events).items():
+            outs.extend(guarded(logic, group, partition, handle, source))
         return outs
 
     @app.agent(topics.user_ops, name="user-ops")
     async def user_ops(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["user-ops"]):
-            await _send(topics, per_partition(events, logic.on_user_ops))
+            await send_or_die(topics, per_partition(events, logic.on_user_ops, USER_OPS))
 
     @app.agent(topics.item_ops, name="item-ops")
     async def item_ops(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["item-ops"]):
-            await _send(topics, per_partition(events, lambda batch, _p: logic.on_item_ops(batch)))
+            await send_or_die(topics, per_partition(events, lambda batch, _p: logic.on_item_ops(batch), ITEM_OPS))
 
     @app.timer(interval=1.0)
     async def refresh_label_distribution() -> None:

@@ -31,7 +31,9 @@ def group_instance_id(config: StreamConfig) -> str:
     and the embedded broker (noida-db 0.2.3) never completes the rebalance that should expel it,
     so a restarted worker would wait forever. With static membership (KIP-345) the restarted
     worker takes over its own slot at once. Each worker has its own RocksDB directory, so the
-    directory identifies it.
+    directory identifies it. A replacement worker at another path (a new disk or host) must
+    take the dead worker's id explicitly (GPLR_INSTANCE_ID), else it re-joins forever on
+    noida-db (a real Kafka expels the dead member after the session timeout).
     """
     digest = hashlib.sha1(str(config.data_dir.resolve()).encode()).hexdigest()[:12]
     return f"{config.app_id}-{digest}"
@@ -44,7 +46,7 @@ def create_app(config: StreamConfig) -> faust.App:
     config.faust_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     install_fetch_pacing()  # an embedded broker answers empty fetches at once (see the module)
     settings = faust_settings(config)
-    settings.setdefault("consumer_group_instance_id", group_instance_id(config))
+    settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))
     settings.update(PRODUCER_SETTINGS)
     app = faust.App(config.app_id, **settings)
     personas = config.personas()
@@ -68,7 +70,7 @@ def create_app(config: StreamConfig) -> faust.App:
     async def _forget_assigned(sender: faust.App, assigned: object, **kwargs: object) -> None:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
-    register_labelling(app, config, personas, topics)
+    register_labelling(app, config, personas, topics, users=tables.users)
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,
     # scipy and Faust loaded that is ~0.2 s each, seconds per assignment. Moving what exists now

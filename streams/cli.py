@@ -189,7 +189,7 @@ def run_worker(config: StreamConfig, loglevel: str = "info") -> int:
 
     app = create_app(config)  # importing the app registers its internal topics
     create_topics(config.kafka_bootstrap, topics_for(config).all(), config.partitions)
-    start_metrics_server(config.metrics_port)
+    start_metrics_server(config.metrics_port, config.metrics_bind, config.metrics_max_connections)
     install_lag_monitor(app, config.kafka_bootstrap)
     worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
     worker.execute_from_commandline()  # raises SystemExit when the worker stops

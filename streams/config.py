@@ -26,6 +26,10 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `GPLR_HYSTERESIS` | 0.005 | a user's top-k is re-published only when a score moves by more than this |
 | `GPLR_TOP_K` | 5 | personas per user |
 | `GPLR_LOG_LEVEL` | `info` | worker log level |
+| `GPLR_LABEL_SOURCES` | "" | comma-separated `labelled_by` names whose records on `labels` are applied besides the worker's own labeler (operator tools; docs/operations.md) |
+| `GPLR_METRICS_BIND` | `127.0.0.1` | address the `/metrics` server listens on (`0.0.0.0` to expose it) |
+| `GPLR_METRICS_MAX_CONNECTIONS` | 8 | `/metrics` connections served at once; more are closed at once |
+| `GPLR_INSTANCE_ID` | "" | static consumer-group member id; empty → derived from the data dir (`streams.app.group_instance_id`) |
 
 Why ε = 0.01 and hysteresis 0.005: at a 5% label budget the de-biased scores Ψ[u] are mostly
 0.01–0.05, so ε = 0.05 (θ = 0.025) leaves most items unpushed and an absolute hysteresis of 0.05
@@ -80,9 +84,15 @@ class StreamConfig:
     top_k: int = 5
     log_level: str = "info"
     llm: Any = field(default=None, repr=False, compare=False)
+    # reliability (issue 9): who may label, and how /metrics is exposed
+    label_sources: tuple[str, ...] = ()
+    metrics_bind: str = "127.0.0.1"
+    metrics_max_connections: int = 8
+    instance_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "label_sources", _names(self.label_sources))
         for name in ("personas_path", "replay_labels"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -120,6 +130,10 @@ class StreamConfig:
             top_k=get("GPLR_TOP_K", d.top_k, int),
             log_level=get("GPLR_LOG_LEVEL", d.log_level, str).lower(),
             llm=_llm_from_env(env) if get("GPLR_LABELER", d.labeler, str).lower() == "openai" else None,
+            label_sources=_names(env.get("GPLR_LABEL_SOURCES", "")),
+            metrics_bind=get("GPLR_METRICS_BIND", d.metrics_bind, str),
+            metrics_max_connections=get("GPLR_METRICS_MAX_CONNECTIONS", d.metrics_max_connections, int),
+            instance_id=env.get("GPLR_INSTANCE_ID", "").strip(),
         )
 
     def validate(self) -> None:
@@ -146,6 +160,13 @@ class StreamConfig:
              "may only hold letters, digits, '.', '_' and '-'"),
             (_valid_bootstrap(self.kafka_bootstrap), "KAFKA_BOOTSTRAP", self.kafka_bootstrap,
              "must be host:port[,host:port...]"),
+            (all(0 < len(n) <= 64 for n in self.label_sources), "GPLR_LABEL_SOURCES", self.label_sources,
+             "names must be 1-64 characters"),
+            (bool(self.metrics_bind.strip()), "GPLR_METRICS_BIND", self.metrics_bind, "must not be empty"),
+            (1 <= self.metrics_max_connections <= 1024, "GPLR_METRICS_MAX_CONNECTIONS",
+             self.metrics_max_connections, "must be in [1, 1024]"),
+            (_valid_prefix(self.instance_id) and len(self.instance_id) <= 200, "GPLR_INSTANCE_ID",
+             self.instance_id, "may only hold letters, digits, '.', '_' and '-' (at most 200)"),
         ]
         check_all(checks)
 
@@ -184,13 +205,26 @@ class StreamConfig:
             "label_budget": "GPLR_LABEL_BUDGET", "label_rate_per_min": "GPLR_LABEL_RATE_PER_MIN",
             "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
+            "metrics_bind": "GPLR_METRICS_BIND", "metrics_max_connections": "GPLR_METRICS_MAX_CONNECTIONS",
+            "instance_id": "GPLR_INSTANCE_ID",
         }
-        out = {}
+        out = {"GPLR_LABEL_SOURCES": ",".join(self.label_sources)}
         for f in fields(self):
             if f.name in names:
                 value = getattr(self, f.name)
                 out[names[f.name]] = "" if value is None else str(value)
         return out
+
+    def accepts_labels_from(self, labelled_by: str) -> bool:
+        """Whether a `labels` record from `labelled_by` may be applied: the worker's own labeler
+        (and then only for users it asked about) or a configured operator source."""
+        return labelled_by in self.label_sources or (self.labeler != "none" and labelled_by == self.labeler)
+
+
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A comma-separated list (or a sequence) of names, stripped, blanks and repeats dropped."""
+    parts = value.split(",") if isinstance(value, str) else value
+    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
 def _valid_prefix(prefix: str) -> bool:

@@ -18,6 +18,7 @@ unlabelled), so an outage degrades labelling without stalling propagation.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -31,12 +32,13 @@ import faust
 import numpy as np
 
 from core.du import du_scores
+from core.events import InvalidEvent, check_text, decode_json
 from core.incremental import UserState, user_history
 from core.labelers import Labeler, LabelResult, UserHistory, make_labeler
 from core.personas import PersonaSet
 from streams import metrics
 from streams.config import StreamConfig
-from streams.records import label_op, label_record, label_request, partition_for
+from streams.records import error_summary, label_op, label_record, label_request, partition_for
 
 __all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "build_labeler", "label_batch",
            "register_labelling"]
@@ -80,18 +82,28 @@ class RateLimiter:
             return True
         return False
 
+    async def wait(self, n: int = 1) -> None:
+        """Take `n` tokens, sleeping until they have accrued (calls are delayed, never dropped)."""
+        for _ in range(n):
+            while not self.try_acquire():
+                await asyncio.sleep(max(0.01, (1.0 - self.tokens) / self.rate))
+
 
 @dataclass
 class LabelPolicy:
     """Decides, per Ψ̂ change, whether a user gets a label request (see the module docstring)."""
 
     config: StreamConfig
-    quantile: OnlineQuantile = field(init=False)
-    limiter: RateLimiter = field(init=False)
+    quantiles: dict[int, OnlineQuantile] = field(init=False, default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.quantile = OnlineQuantile(self.config.du_quantile)
-        self.limiter = RateLimiter(self.config.label_rate_per_min)
+    def quantile(self, user: str) -> OnlineQuantile:
+        """The DU-score window of the user's partition: each partition's decisions depend only on
+        that partition's own order of changes, not on how partitions interleave in a worker."""
+        part = partition_for(user, self.config.partitions)
+        window = self.quantiles.get(part)
+        if window is None:
+            window = self.quantiles[part] = OnlineQuantile(self.config.du_quantile)
+        return window
 
     @property
     def enabled(self) -> bool:
@@ -109,11 +121,11 @@ class LabelPolicy:
         if len(state.items) < self.config.label_min_purchases:
             return None
         score = float(du_scores(psi[None, :], q_hat)[0])
-        if not self.quantile.observe(score):
+        if not self.quantile(user).observe(score):
             return None
         remaining = self.allowed(stats) - stats["requested"]
         metrics.LABEL_BUDGET_REMAINING.set(max(remaining, 0))
-        if remaining <= 0 or not self.limiter.try_acquire():
+        if remaining <= 0:  # (the call rate is enforced by the labeller, which delays calls)
             return None
         metrics.LABEL_REQUESTS.inc()
         return label_request(user, user_history(state), score)
@@ -153,6 +165,7 @@ class _LabellerRuntime:
         self._labeler: Labeler | None = None
         self._built = False
         self._lock = threading.Lock()
+        self._reported = 0  # labeler calls already added to the metric
 
     def labeler(self) -> Labeler | None:
         """Build once (in the pool: loading a model must not block the event loop)."""
@@ -167,13 +180,23 @@ class _LabellerRuntime:
             raise RuntimeError("no labeler")
         return label_batch(labeler, requests)
 
+    def _count_calls(self, fallback: int) -> None:
+        """Add the labeler's own call count (HTTP requests for the LLM, retries included) to
+        `gplr_label_calls_total` — calls, not batches; `fallback` for a labeler without stats."""
+        calls = getattr(getattr(self._labeler, "stats", None), "calls", None)
+        if not isinstance(calls, int):
+            metrics.LABEL_CALLS.inc(fallback)
+            return
+        with self._lock:
+            delta, self._reported = calls - self._reported, calls
+        metrics.LABEL_CALLS.inc(max(0, delta))
+
     async def run(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Label a batch; every failure becomes error records, never an exception."""
         loop = asyncio.get_running_loop()
         if not self._built:  # loading a model is not a labeler call: no timeout for it
             await loop.run_in_executor(self.pool, self.labeler)
         start = time.monotonic()
-        metrics.LABEL_CALLS.inc()
         try:
             results = await asyncio.wait_for(loop.run_in_executor(self.pool, self._call, requests),
                                              self.timeout)
@@ -184,6 +207,7 @@ class _LabellerRuntime:
                     for r in requests]
         finally:
             metrics.LABEL_LATENCY.observe(time.monotonic() - start)
+            self._count_calls(len(requests))
         out = []
         for req, res in zip(requests, results):
             if not res.ok:
@@ -193,34 +217,163 @@ class _LabellerRuntime:
         return out
 
 
+#: Bounds of a labels / label-requests record (a user history of a few hundred items fits).
+MAX_LABEL_BYTES = 64 * 1024
+_MAX_LIST = 1000
+_MAX_SCORE = 1e6
+
+
+@dataclass(frozen=True)
+class LabelMessage:
+    """A validated `labels` record."""
+
+    user: str
+    personas: tuple[int, ...]
+    scores: tuple[float, ...]
+    labelled_by: str
+    error: str | None
+
+
+def _object(value: bytes | None, max_depth: int) -> dict[str, Any]:
+    body = decode_json(value if value is not None else b"", MAX_LABEL_BYTES, max_depth)
+    if not isinstance(body, dict):
+        raise InvalidEvent("not_an_object", type(body).__name__)
+    return body
+
+
+def _int_in(value: Any, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or isinstance(value, str):
+        raise InvalidEvent("wrong_type", f"{what} must be an integer")
+    if not low <= value < high:
+        raise InvalidEvent("out_of_range", f"{what} outside [{low}, {high})")
+    return value
+
+
+def _list(body: dict[str, Any], key: str) -> list[Any]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidEvent("wrong_type", f"{key} must be a list")
+    if len(value) > _MAX_LIST:
+        raise InvalidEvent("field_too_long", key)
+    return value
+
+
+def parse_label(value: bytes | None, n_personas: int) -> LabelMessage:
+    """Validate a `labels` record like a purchase: raises only `InvalidEvent`.
+
+    user: a non-empty string (no lone surrogates, ≤ 512 characters); personas: distinct ints in
+    [0, |R|); scores: empty (→ 1.0 each) or one finite number per persona; labelled_by: a name."""
+    body = _object(value, max_depth=3)
+    user = check_text(body.get("user"), "user")
+    personas = tuple(dict.fromkeys(_int_in(p, 0, n_personas, "persona index") for p in _list(body, "personas")))
+    scores_in = _list(body, "scores")
+    scores: list[float] = []
+    for s in scores_in:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or isinstance(s, str):
+            raise InvalidEvent("wrong_type", "scores must be numbers")
+        if not (math.isfinite(s) and abs(s) <= _MAX_SCORE):
+            raise InvalidEvent("out_of_range", "scores must be finite and at most 1e6")
+        scores.append(float(s))
+    if scores and len(scores) != len(_list(body, "personas")):
+        raise InvalidEvent("wrong_type", "one score per persona")
+    if len(scores) != len(personas):  # duplicates dropped above, or no scores given
+        scores = [1.0] * len(personas)
+    by = body.get("labelled_by") or ""
+    labelled_by = check_text(by, "labelled_by", max_len=64) if by else ""
+    error = body.get("error")
+    return LabelMessage(user, personas, tuple(scores), labelled_by,
+                        None if error is None else str(error)[:200])
+
+
+def parse_label_request(value: bytes | None) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """(user, history) of a `label-requests` record; raises only `InvalidEvent`."""
+    body = _object(value, max_depth=3)
+    user = check_text(body.get("user"), "user")
+    history = []
+    for entry in _list(body, "history"):
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise InvalidEvent("wrong_type", "history entries must be [name, quantity]")
+        history.append((check_text(entry[0], "item name"), _int_in(entry[1], 0, 2**31, "quantity")))
+    return user, tuple(history)
+
+
+def request_rejection(state: UserState | None, history: Sequence[tuple[str, int]]) -> str | None:
+    """Why a label request must not reach the labeler, or None: the worker asked for it (the
+    user's row on this worker says `requested` and has no label yet) and every item it names
+    is one the user bought (a forged history cannot steer the labeler)."""
+    if state is None or not state.requested:
+        return "unrequested"
+    if state.label is not None:
+        return "already_labelled"
+    bought = {it.name for it in state.items.values()}
+    if any(name not in bought for name, _ in history):
+        return "history_mismatch"
+    return None
+
+
 def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSet, topics: Any,
-                       concurrency: int = 2, timeout: float = 60.0, batch: int = 8) -> None:
-    """Attach the labeller (label-requests → labels) and the labels → user-ops agents."""
+                       users: Any = None, concurrency: int = 2, timeout: float = 60.0, batch: int = 8) -> None:
+    """Attach the labeller (label-requests → labels) and the labels → user-ops agents.
+
+    `users` (user id → UserState, e.g. `Tables.users`) lets the labeller check that a request
+    was made by this worker; without it every well-formed request is labelled.
+    Malformed or refused records on either topic are dead-lettered on the DLQ topic with
+    `source` "labels" / "label-requests" and the reason; nothing there raises."""
+    from streams.agents import Out, dead_letter, send_or_die  # (agents imports this module)
+
+    m = len(personas)
+
+    def dead(event: Any, reason: str, detail: str, source: str) -> Out:
+        return dead_letter(event.message.value, event.message.key, reason, detail, source)
+
+    def label_outs(event: Any) -> list[Out]:
+        try:
+            msg = parse_label(event.message.value, m)
+        except InvalidEvent as exc:
+            return [dead(event, exc.reason, exc.detail, "labels")]
+        if not msg.personas:  # a failed labelling: counted where it failed, nothing to apply
+            return []
+        if not config.accepts_labels_from(msg.labelled_by):
+            return [dead(event, "unknown_labeler", f"labelled_by={msg.labelled_by!r}", "labels")]
+        op = label_op(msg.user, msg.personas, msg.scores, msg.labelled_by)
+        return [Out("user_ops", msg.user, op, partition_for(msg.user, config.partitions))]
 
     @app.agent(topics.labels, name="labels")
     async def labels(stream: faust.StreamT) -> None:
-        async for body in stream:
-            try:
-                user, chosen = str(body["user"]), [int(p) for p in body.get("personas") or []]
-            except (KeyError, TypeError, ValueError):
-                logger.warning("malformed labels record skipped: %r", body)
-                continue
-            if not chosen:
-                continue
-            op = label_op(user, chosen, body.get("scores") or [], str(body.get("labelled_by", "")))
-            await topics.user_ops.send(key=user, value=op,
-                                       partition=partition_for(user, config.partitions))
+        async for events in stream.take_events(64, within=0.05):
+            outs: list[Out] = []
+            for event in events:
+                try:
+                    outs.extend(label_outs(event))
+                except Exception as exc:  # last resort: this record, not the stream
+                    logger.exception("labels record dead-lettered as internal_error")
+                    outs.append(dead(event, "internal_error", error_summary(exc), "labels"))
+            await send_or_die(topics, outs)
 
     if config.labeler == "none":
         return
     runtime = _LabellerRuntime(config, personas, concurrency, timeout)
+    pacer = RateLimiter(config.label_rate_per_min)
 
     async def label_and_publish(requests: list[dict[str, Any]]) -> None:
         try:
+            await pacer.wait(len(requests))  # a rate limit delays calls; it never picks who
             for record in await runtime.run(requests):
-                await topics.labels.send(key=record["user"], value=record)
+                await topics.labels.send(key=record["user"].encode("utf-8"), value=_dumps(record))
         finally:
             runtime.slots.release()
+
+    def request_or_dead(event: Any) -> dict[str, Any] | Out:
+        try:
+            user, history = parse_label_request(event.message.value)
+        except InvalidEvent as exc:
+            return dead(event, exc.reason, exc.detail, "label-requests")
+        reason = None if users is None else request_rejection(users.get(user), history)
+        if reason is not None:
+            return dead(event, reason, f"user={user[:64]!r}", "label-requests")
+        return {"user": user, "history": [list(h) for h in history]}
 
     @app.task
     async def warm_labeler() -> None:
@@ -229,9 +382,21 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
 
     @app.agent(topics.label_requests, name="labeller")
     async def labeller(stream: faust.StreamT) -> None:
-        async for requests in stream.take(batch, within=1.0):
-            valid = [r for r in requests if isinstance(r, dict) and "user" in r]
-            if not valid:
-                continue
-            await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
-            asyncio.ensure_future(label_and_publish(valid))
+        async for events in stream.take_events(batch, within=1.0):
+            valid: list[dict[str, Any]] = []
+            outs: list[Out] = []
+            for event in events:
+                try:
+                    got = request_or_dead(event)
+                except Exception as exc:
+                    logger.exception("label request dead-lettered as internal_error")
+                    got = dead(event, "internal_error", error_summary(exc), "label-requests")
+                (outs if isinstance(got, Out) else valid).append(got)
+            await send_or_die(topics, outs)
+            if valid:
+                await runtime.slots.acquire()  # bounded concurrency; the user side never waits here
+                asyncio.ensure_future(label_and_publish(valid))
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from http.server import ThreadingHTTPServer
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -21,7 +24,7 @@ __all__ = [
     "PERSONA_CHANGES", "EVENT_TO_UPDATE", "CONSUMER_LAG",
     "TRAINER_LAST_TRAIN", "TRAINER_EPOCHS", "TRAINER_VALIDATION_NDCG",
     "TRAINER_RECOMMENDATIONS", "TRAINER_LAST_SUCCESS",
-    "metric_names", "start_metrics_server", "measure_lag", "LagMonitor", "install_lag_monitor",
+    "metric_names", "start_metrics_server", "BoundedMetricsServer", "measure_lag", "LagMonitor", "install_lag_monitor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ PUSHES = Counter("gplr_pushes", "Reverse-push operations applied", registry=REGI
 PUSH_MESSAGES = Counter("gplr_push_messages", "Push messages sent between partitions", registry=REGISTRY)
 RESIDUAL_MASS = Gauge("gplr_residual_mass", "Residual mass not yet pushed (bounds the error)", registry=REGISTRY)
 LABEL_REQUESTS = Counter("gplr_label_requests", "Users selected for labelling (DU sampling)", registry=REGISTRY)
-LABEL_CALLS = Counter("gplr_label_calls", "Labeler calls made", registry=REGISTRY)
+LABEL_CALLS = Counter("gplr_label_calls", "Labeler calls made (LLM HTTP requests, retries included)",
+                      registry=REGISTRY)
 LABEL_ERRORS = Counter("gplr_label_errors", "Labeler calls that failed or returned no persona", registry=REGISTRY)
 LABEL_LATENCY = Histogram("gplr_label_latency_seconds", "Labeler call latency", buckets=_LLM_BUCKETS,
                           registry=REGISTRY)
@@ -74,13 +78,49 @@ def metric_names() -> list[str]:
     return sorted(_exported_name(c) for c in collectors)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve `REGISTRY` on http://addr:port/metrics in a daemon thread; port 0 → nothing served."""
+class BoundedMetricsServer(ThreadingHTTPServer):
+    """prometheus-client's handler behind at most `max_connections` handler threads.
+
+    Why not `prometheus_client.start_http_server`: it starts a thread per connection and keeps
+    it while the client idles, so 400 idle connections were 400 threads. Here a connection over
+    the bound is closed at once, and a slow or idle client is cut after `timeout` seconds."""
+
+    daemon_threads = True
+
+    def __init__(self, addr: str, port: int, max_connections: int, timeout: float = 5.0) -> None:
+        handler = type("Handler", (MetricsHandler.factory(REGISTRY),), {"timeout": timeout,
+                                                                          "log_message": _quiet})
+        super().__init__((addr, port), handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the bound: refuse rather than queue a thread
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def _quiet(*_args: Any) -> None:
+    """No access log line per scrape."""
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1", max_connections: int = 8) -> Any:
+    """Serve `REGISTRY` on http://addr:port/metrics in a daemon thread; port 0 → nothing served.
+
+    Loopback by default, like the Faust web port (GPLR_METRICS_BIND=0.0.0.0 exposes it, as the
+    compose stack does for Prometheus); at most `max_connections` served at once."""
     if port <= 0:
         logger.info("metrics server disabled (port 0)")
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
-    logger.info("metrics on http://%s:%d/metrics", addr, port)
+    server = BoundedMetricsServer(addr, port, max_connections)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    logger.info("metrics on http://%s:%d/metrics (at most %d connections)", addr, port, max_connections)
     return server
 
 

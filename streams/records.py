@@ -9,8 +9,11 @@ messages at the edge, so agents only ever call core with core types.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
+import traceback
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 import faust
@@ -36,6 +39,8 @@ __all__ = [
     "item_op",
     "membership_of",
     "dlq_record",
+    "error_summary",
+    "DLQ_PAYLOAD_BYTES",
     "persona_update",
     "label_request",
     "label_record",
@@ -165,21 +170,41 @@ def membership_of(op: ItemOp) -> Membership:
     return Membership(op.user, op.item, int(op.version), label)
 
 
-def dlq_record(payload: bytes | None, key: bytes | None, reason: str, detail: str) -> dict[str, Any]:
-    """Dead letter: the original bytes (text when it decodes, else base64) and why."""
-    raw = payload or b""
+#: Payload bytes a dead letter keeps verbatim; beyond it only a prefix, with the full size and
+#: SHA-256 (a 1 MB record would make a dead letter the broker refuses, and the batch with it).
+DLQ_PAYLOAD_BYTES = 128 * 1024
+
+
+def dlq_record(payload: bytes | None, key: bytes | None, reason: str, detail: str,
+               source: str = "purchases") -> dict[str, Any]:
+    """Dead letter: the original bytes (text when it decodes, else base64), why, and from which
+    topic. `size` and `sha256` describe the whole original; `truncated` says the payload is a prefix."""
+    raw = bytes(payload or b"")
+    kept = raw[:DLQ_PAYLOAD_BYTES]
     try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
+        text, encoding = kept.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        text, encoding = base64.b64encode(raw).decode(), "base64"
+        text, encoding = base64.b64encode(kept).decode(), "base64"
     return {
         "reason": reason,
-        "detail": detail[:500],
+        "detail": detail[:2000],
+        "source": source,
         "payload": text,
         "encoding": encoding,
-        "key": None if key is None else key.decode("utf-8", "replace"),
+        "size": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "truncated": len(kept) < len(raw),
+        "key": None if key is None else bytes(key)[:1024].decode("utf-8", "replace"),
         "ts": time.time(),
     }
+
+
+def error_summary(exc: BaseException, frames: int = 4) -> str:
+    """`Type: message` and the innermost frames (file:line in function), for an internal_error
+    dead letter: enough to find the bug, bounded in size."""
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(tb))
+    return f"{type(exc).__name__}: {str(exc)[:300]} at {where}"
 
 
 def _named(snapshot: PersonaSnapshot | None, personas: PersonaSet) -> list[dict[str, Any]]:

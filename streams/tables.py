@@ -28,6 +28,17 @@ __all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_stat
 logger = logging.getLogger(__name__)
 S = TypeVar("S")
 
+#: RocksDB options of every table (one database per table partition). Faust's defaults are
+#: sized for one big table per process: a 2 GiB block cache and 3 × 64 MiB memtables *per
+#: database*, so with 4 tables × P partitions the worker's RSS grew with the data and never came
+#: back (334 MB → 1,058 MB over 100k events). Rows are read through the decoded-row cache, so a
+#: small block cache costs little; small memtables flush to disk sooner.
+ROCKSDB_OPTIONS = {"write_buffer_size": 4 * 1024**2, "max_write_buffer_number": 2,
+                   "block_cache_size": 8 * 1024**2, "block_cache_compressed_size": 8 * 1024**2,
+                   "target_file_size_base": 16 * 1024**2}
+#: Decoded rows kept per table (see `StateTable`): what a batch touches again soon, bounded.
+ROW_CACHE_ROWS = 50_000
+
 
 def _raw(arr: np.ndarray | None) -> bytes | None:
     """Arrays travel as raw float64/int64 bytes: pickling bytes is far cheaper than an ndarray."""
@@ -134,7 +145,7 @@ class StateTable(Generic[S]):
     batch fails half-way (its rows may be mutated but unwritten).
     """
 
-    def __init__(self, table: Any, cache_size: int = 200_000) -> None:
+    def __init__(self, table: Any, cache_size: int = ROW_CACHE_ROWS) -> None:
         self.table = table
         self.cache_size = cache_size
         self._cache: dict[str, S] = {}
@@ -175,7 +186,7 @@ class Tables:
 
 def _bytes_table(app: faust.App, name: str, partitions: int, help: str) -> faust.Table:
     return app.Table(name, key_type=str, value_type=bytes,
-                     partitions=partitions, help=help)
+                     partitions=partitions, help=help, options=dict(ROCKSDB_OPTIONS))
 
 
 def define_tables(app: faust.App, partitions: int) -> Tables:
@@ -185,7 +196,7 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
         items=StateTable(_bytes_table(app, "items", partitions, "item-side push state")),
         seen=None,
         stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labelling budget")),
-        labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes,
+        labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes, options=dict(ROCKSDB_OPTIONS),
                                partitions=partitions, help="persona label counts per partition"),
     )
 

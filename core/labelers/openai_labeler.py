@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import openai
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
-from core.labelers.prompts import ReplyParseError, label_messages, parse_personas
+from core.labelers.prompts import ReplyParseError, label_messages, parse_json_reply, parse_personas
 from core.personas import PersonaSet
 from core.settings import EnvReader
 
@@ -226,6 +226,16 @@ class ChatClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _at_most(text: str, max_personas: int) -> str:
+    """`text` unchanged, unless it lists more than `max_personas` names: a malformed reply
+    (rejected, not truncated: a 50-name list is not an answer to "at most 5")."""
+    value = parse_json_reply(text)
+    names = value.get("personas") if isinstance(value, dict) else None
+    if isinstance(names, list) and len(names) > max_personas:
+        raise ReplyParseError(f"reply lists {len(names)} personas, more than {max_personas}")
+    return text
+
+
 class OpenAILabeler:
     """Labels users by asking the LLM to pick personas from the set (paper's prototype oracle).
 
@@ -252,7 +262,8 @@ class OpenAILabeler:
         messages = label_messages(history, self.personas, cfg.max_personas, cfg.history_tokens)
         try:
             indices, dropped = self.chat.chat_json(
-                messages, lambda text: parse_personas(text, self.personas, cfg.max_personas)
+                messages, lambda text: parse_personas(_at_most(text, cfg.max_personas), self.personas,
+                                                      cfg.max_personas)
             )
         except ReplyParseError as exc:
             log.warning("unparseable LLM reply for user %s: %s", history.user_id, exc)

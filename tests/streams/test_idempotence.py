@@ -30,7 +30,7 @@ M = 5
 
 
 def _logic(eps: float = 0.05, partitions: int = 3) -> StreamLogic:
-    config = StreamConfig(eps=eps, partitions=partitions, labeler="none", label_budget=0.0)
+    config = StreamConfig(eps=eps, partitions=partitions, labeler="none", label_budget=0.0, label_sources=("t",))
     personas = PersonaSet(Persona(f"p{i}", "") for i in range(M))
     tables = Tables(users=StateTable({}), items=StateTable({}), seen={}, stats=StateTable({}), labels={})
     return StreamLogic(config, personas, tables, LabelPolicy(config))
@@ -218,7 +218,7 @@ def test_duplicates_and_repeats_through_the_broker(stream_config, worker_factory
 
     path = tmp_path / "personas.json"
     path.write_text(shop.personas.to_json())
-    config = replace(stream_config, personas_path=path, eps=0.1, worker_port=0)
+    config = replace(stream_config, personas_path=path, eps=0.1, worker_port=0, label_sources=("t",))
     names = Topics(config.topic_prefix)
     create_topics(config.kafka_bootstrap, names.all(), config.partitions)
     worker_factory(config).wait_ready(90)

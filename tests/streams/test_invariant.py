@@ -138,7 +138,7 @@ def _shop_config(stream_config, shop, tmp_path: Path, **overrides):
 
     path = tmp_path / "personas.json"
     path.write_text(shop.personas.to_json())
-    return replace(stream_config, personas_path=path, worker_port=0, **overrides)
+    return replace(stream_config, personas_path=path, worker_port=0, label_sources=("test",), **overrides)
 
 
 def test_invariant_synthetic_one_worker(stream_config, worker_factory, produce, shop, tmp_path):

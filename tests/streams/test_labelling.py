@@ -79,12 +79,12 @@ def test_budget_rounds_half_up_per_partition():
 def test_policy_skips_users_below_the_quantile():
     """Eq. 1 with Q̂ uniform: a row equal to Q̂ scores log|R| (KL 0); a one-hot row scores far
     higher (Q̂ has mass where it has none). After mixed rows, only the latter is requested."""
-    policy = LabelPolicy(_config(du_quantile=0.5))
+    policy = LabelPolicy(_config(du_quantile=0.5, partitions=1))  # one window for every user
     q = np.full(M, 0.25)
     stats = {"seen": 1000, "requested": 0}
     rng = np.random.default_rng(1)
     for _ in range(50):  # warm the quantile with random rows
-        policy.quantile.observe(float(du_scores(rng.random((1, M)) + np.eye(M)[rng.integers(M)] * 3, q)[0]))
+        policy.quantile("any").observe(float(du_scores(rng.random((1, M)) + np.eye(M)[rng.integers(M)] * 3, q)[0]))
     assert policy.consider("like-q", _user(3), np.full(M, 0.2), q, stats) is None
     assert policy.consider("one-sided", _user(3), np.array([1.0, 0, 0, 0]), q, stats) is not None
 
