@@ -170,6 +170,7 @@ class StreamLogic:
         self._debias = np.ones(self.m)
         self._q_key: bytes | None = None
         self._q_hat = np.zeros(self.m)
+        self.frozen = metrics.FrozenWatch()
 
     # -- helpers -------------------------------------------------------------------------------
     def _user_part(self, user: str) -> int:
@@ -352,7 +353,9 @@ class StreamLogic:
         prior = None if reached or not self.q_counts.any() else self.q_hat()
         snap = rank_personas(psi, self.debias(), self.config.top_k, prior)
         out: list[Out] = []
-        if persona_change(state.published, snap, self.config.hysteresis):
+        publish = persona_change(state.published, snap, self.config.hysteresis)
+        self._watch(state, publish)
+        if publish:
             previous = self._published(state)
             state.published = dict(zip(snap.personas, snap.scores))
             out.append(self._update(user, state, snap, previous, reason if reached else "prior", source_ts))
@@ -365,6 +368,18 @@ class StreamLogic:
                 self.tables.stats.put(f"p{partition}", stats)
                 out.append(Out("label_requests", user, request))
         return out
+
+    def _watch(self, state: UserState, published: bool) -> None:
+        """Count publications and silent Ψ̂ changes per user (`gplr_decisions_frozen_share`)."""
+        frozen_before = state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
+        first = published and state.publishes == 0
+        if published:
+            state.publishes += 1
+            state.quiet = 0
+        elif state.publishes:
+            state.quiet += 1
+        frozen_now = state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
+        self.frozen.observe(first, frozen_now and not frozen_before, frozen_before and not frozen_now)
 
     # -- item side -------------------------------------------------------------------------------
     def on_item_op(self, op: ItemOp, offset: int) -> list[Out]:

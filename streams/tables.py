@@ -52,7 +52,8 @@ def _pack_user(st: UserState) -> tuple:
             values[r] = it.value
     return ("user", st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
             st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
-            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()))
+            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()),
+            st.publishes, st.quiet)
 
 
 def _unpack_user(t: tuple) -> UserState:
@@ -63,8 +64,9 @@ def _unpack_user(t: tuple) -> UserState:
         k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
         for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
     }
+    publishes, quiet = t[16:18] if len(t) > 17 else (0, 0)  # rows written before these counters
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
-                     requested, seen)
+                     requested, seen, publishes, quiet)
 
 
 def _pack_item(st: ItemState) -> tuple:
