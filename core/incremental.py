@@ -66,6 +66,7 @@ __all__ = [
     "psi_raw",
     "rank_personas",
     "persona_change",
+    "decide",
     "LocalNetwork",
 ]
 
@@ -146,15 +147,18 @@ class UserState:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
     publishes: int = 0  # propagated persona updates published for this user
     quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
+    confirmed: int = field(default=0, init=False)  # edges whose item has answered (derived)
 
     def __post_init__(self) -> None:
         if self.total is None:
             self.total = np.zeros(self.n_personas, dtype=np.float64)
+        self.confirmed = sum(1 for it in self.items.values() if it.seq >= 0)
 
     @property
     def degree(self) -> int:
-        """d_u counted on confirmed edges (those whose item has answered)."""
-        return sum(1 for it in self.items.values() if it.seq >= 0)
+        """d_u counted on confirmed edges (those whose item has answered); O(1), kept by
+        `user_apply_value` (a heavy buyer's Ψ̂ is read on every push)."""
+        return self.confirmed
 
 
 @dataclass(slots=True)
@@ -240,6 +244,8 @@ def user_apply_value(state: UserState, item: str, seq: int, value: np.ndarray) -
         state.total += value - entry.value
     else:
         state.total += value
+    if entry.seq < 0:
+        state.confirmed += 1
     entry.seq, entry.value = seq, value
     return True
 
@@ -332,6 +338,20 @@ def persona_change(
     return any(abs(new[m] - published[m]) > margin for m in new)
 
 
+def decide(state: UserState, snapshot: PersonaSnapshot, hysteresis: float) -> bool:
+    """Publish `snapshot` for this (unlabelled) user? Applies `persona_change`, records what was
+    published, and counts publications and silent Ψ̂ changes (`publishes`, `quiet`: how long the
+    thresholds kept the user unpublished). The worker and `LocalNetwork` both decide here."""
+    publish = persona_change(state.published, snapshot, hysteresis)
+    if publish:
+        state.published = dict(zip(snapshot.personas, snapshot.scores))
+        state.publishes += 1
+        state.quiet = 0
+    elif state.publishes:
+        state.quiet += 1
+    return publish
+
+
 # -- reference: all partitions in one process ---------------------------------------------
 class LocalNetwork:
     """Users, items and the messages between them in memory: the stream without Kafka.
@@ -347,9 +367,15 @@ class LocalNetwork:
     [[0.5, 0.0]]
     """
 
-    def __init__(self, n_personas: int, eps: float) -> None:
+    def __init__(self, n_personas: int, eps: float, hysteresis: float | None = None, k: int = 5,
+                 beta: float = 0.5) -> None:
         self.n_personas = n_personas
         self.theta = threshold(eps)
+        self.hysteresis, self.k, self.beta = hysteresis, k, beta  # hysteresis None: no decisions
+        self.label_counts = np.zeros(n_personas)
+        self.published_updates = 0
+        self._weights_key: bytes | None = None
+        self._weights: tuple[np.ndarray, np.ndarray] = (np.zeros(n_personas), np.ones(n_personas))
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
         self.queue: list[Membership | ItemValue] = []
@@ -368,6 +394,9 @@ class LocalNetwork:
 
     def label(self, user: str, personas: Sequence[int]) -> None:
         state = self.user(user)
+        self.label_counts[list(state.label_personas)] -= 1
+        state.label_personas = tuple(int(p) for p in personas)
+        self.label_counts[list(state.label_personas)] += 1
         self.queue.extend(user_set_label(state, user, label_vector(personas, self.n_personas)))
 
     def _handle(self, msg: Membership | ItemValue) -> None:
@@ -376,11 +405,49 @@ class LocalNetwork:
             self.queue.extend(item_upsert(self.item(msg.item), msg.item, msg, self.theta))
         else:
             for user in msg.users:
-                user_apply_value(self.user(user), msg.item, msg.seq, msg.value)
+                state = self.user(user)
+                if user_apply_value(state, msg.item, msg.seq, msg.value) and self.hysteresis is not None:
+                    self._decide(state)
+
+    def _decide(self, state: UserState) -> None:
+        """The worker's decision for an unlabelled user whose Ψ̂ moved (`streams.agents`)."""
+        if state.label is not None:
+            return
+        key = self.label_counts.tobytes()
+        if self._weights_key != key:
+            from core.affinity import debias_weights, label_distribution  # (core.affinity imports numba)
+
+            q_hat = label_distribution(self.label_counts[None, :])
+            self._weights, self._weights_key = (q_hat, debias_weights(q_hat, self.beta)), key
+        q_hat, debias = self._weights
+        psi = psi_raw(state)
+        prior = None if np.any(psi > 0) or not self.label_counts.any() else q_hat
+        snap = rank_personas(psi, debias, self.k, prior)
+        self.published_updates += decide(state, snap, self.hysteresis)
+
+    def personas(self, user_ids: Sequence[str]) -> list[tuple[int, ...]]:
+        """The persona set each user last had published (prototypes: their label)."""
+        out = []
+        for user in user_ids:
+            state = self.users.get(user)
+            if state is None:
+                out.append(())
+            elif state.label is not None:
+                out.append(state.label_personas)
+            else:
+                out.append(tuple(state.published))
+        return out
 
     def deliver(self, rng: np.random.Generator | None = None, dup: float = 0.0, limit: int | None = None) -> int:
         """Deliver up to `limit` queued messages (all when None); returns how many were handled."""
         handled = 0
+        if rng is None and limit is None:  # FIFO, everything: swap queues instead of pop(0)
+            while self.queue:
+                batch, self.queue = self.queue, []
+                for msg in batch:
+                    self._handle(msg)
+                handled += len(batch)
+            return handled
         while self.queue and (limit is None or handled < limit):
             if rng is None:
                 msg = self.queue.pop(0)

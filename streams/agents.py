@@ -62,9 +62,9 @@ from core.incremental import (
     PersonaSnapshot,
     UserState,
     item_upsert,
+    decide,
     item_value,
     label_vector,
-    persona_change,
     psi_raw,
     rank_personas,
     threshold,
@@ -353,12 +353,14 @@ class StreamLogic:
         prior = None if reached or not self.q_counts.any() else self.q_hat()
         snap = rank_personas(psi, self.debias(), self.config.top_k, prior)
         out: list[Out] = []
-        publish = persona_change(state.published, snap, self.config.hysteresis)
-        self._watch(state, publish)
-        if publish:
-            previous = self._published(state)
-            state.published = dict(zip(snap.personas, snap.scores))
+        previous = self._published(state)
+        frozen_before = _frozen(state)
+        first = not state.publishes
+        if decide(state, snap, self.config.hysteresis):
             out.append(self._update(user, state, snap, previous, reason if reached else "prior", source_ts))
+        frozen_now = _frozen(state)
+        self.frozen.observe(first and state.publishes == 1, frozen_now and not frozen_before,
+                            frozen_before and not frozen_now)
         if not state.requested:
             stats = self._stats(partition)
             request = self.policy.consider(user, state, psi, self.q_hat(), stats)
@@ -368,18 +370,6 @@ class StreamLogic:
                 self.tables.stats.put(f"p{partition}", stats)
                 out.append(Out("label_requests", user, request))
         return out
-
-    def _watch(self, state: UserState, published: bool) -> None:
-        """Count publications and silent Ψ̂ changes per user (`gplr_decisions_frozen_share`)."""
-        frozen_before = state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
-        first = published and state.publishes == 0
-        if published:
-            state.publishes += 1
-            state.quiet = 0
-        elif state.publishes:
-            state.quiet += 1
-        frozen_now = state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
-        self.frozen.observe(first, frozen_now and not frozen_before, frozen_before and not frozen_now)
 
     # -- item side -------------------------------------------------------------------------------
     def on_item_op(self, op: ItemOp, offset: int) -> list[Out]:
@@ -445,6 +435,11 @@ class StreamLogic:
         metrics.PUSH_MESSAGES.inc(len(groups))
         return [Out("user_ops", msgs[0][1][0] if len(msgs) == 1 and len(msgs[0][1]) == 1 else None,
                     values_op(msgs), p) for p, msgs in groups.items()]
+
+
+def _frozen(state: UserState) -> bool:
+    """Published once, then FROZEN_AFTER+ Ψ̂ changes without a re-publication."""
+    return state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
 
 
 class _UserBatch:

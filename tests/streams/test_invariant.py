@@ -194,3 +194,20 @@ def test_invariant_online_retail_slice(stream_config, worker_factory, produce, t
     assert labels, "no labelled customer in the slice"
     config = replace(stream_config, eps=0.1, personas_path=personas, worker_port=0)
     run_and_check(config, worker_factory, produce, part, labels, len(pset))
+
+
+def test_sparse_shop_slice_keeps_bound_and_persona_diversity(stream_config, worker_factory, produce, tmp_path):
+    """A slice of the sparse 30-persona shop through the real broker at the default ε and
+    hysteresis: the relative bound holds, and the last published persona sets (the users table's
+    `published`) are not much more alike than the planted truth (top-set share ≤ 2× truth's)."""
+    from core.synthetic import make_sparse_shop, top_set_share
+
+    shop = make_sparse_shop(n_users=200, n_items=4000, seed=5)
+    config = _shop_config(stream_config, shop, tmp_path)
+    labels = _labels_for(shop.user_truth, 0.1, 2)
+    users = run_and_check(config, worker_factory, produce, shop.frame, labels, len(shop.personas))
+    scored = [u for u in sorted(shop.user_truth) if u not in labels]
+    sets = [tuple(users[u].published) for u in scored]
+    assert all(sets), "every unlabelled user got a persona set"
+    stream, truth = top_set_share(sets), top_set_share(shop.user_truth[u] for u in scored)
+    assert stream <= 2 * truth, f"stream top-set share {stream:.3f} vs truth {truth:.3f}"
