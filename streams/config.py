@@ -22,6 +22,7 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `GPLR_LABEL_BUDGET` | 0.05 | share of users (seen so far) the labeler may label (per partition, rounded half up) |
 | `GPLR_LABEL_RATE_PER_MIN` | 60 | most label calls per minute (0 = unlimited) |
 | `GPLR_LABEL_MIN_PURCHASES` | 3 | a user needs this many distinct items before being a prototype candidate |
+| `GPLR_LABEL_EXCLUDE` | (none) | file of user ids (one per line) never chosen as prototypes (e.g. a held-out set) |
 | `GPLR_DU_QUANTILE` | 0.8 | a candidate is labelled when its DU score is above this quantile of recent scores |
 | `GPLR_HYSTERESIS` | 0.02 | re-publish a user when its persona set changes or a share moves by more than this |
 | `GPLR_TOP_K` | 5 | personas per user |
@@ -79,6 +80,7 @@ class StreamConfig:
     label_budget: float = 0.05
     label_rate_per_min: float = 60.0
     label_min_purchases: int = 3
+    label_exclude: Path | None = None
     du_quantile: float = 0.8
     hysteresis: float = 0.02
     top_k: int = 5
@@ -87,7 +89,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("personas_path", "replay_labels"):
+        for name in ("personas_path", "replay_labels", "label_exclude"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         self.validate()
@@ -102,6 +104,7 @@ class StreamConfig:
         get = EnvReader(env).read
         personas = env.get("GPLR_PERSONAS", "").strip()
         replay = env.get("GPLR_REPLAY_LABELS", "").strip()
+        exclude = env.get("GPLR_LABEL_EXCLUDE", "").strip()
         return cls(
             kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", "").strip(),
             topic_prefix=env.get("GPLR_TOPIC_PREFIX", d.topic_prefix),
@@ -119,6 +122,7 @@ class StreamConfig:
             label_budget=get("GPLR_LABEL_BUDGET", d.label_budget, float),
             label_rate_per_min=get("GPLR_LABEL_RATE_PER_MIN", d.label_rate_per_min, float),
             label_min_purchases=get("GPLR_LABEL_MIN_PURCHASES", d.label_min_purchases, int),
+            label_exclude=Path(exclude) if exclude else None,
             du_quantile=get("GPLR_DU_QUANTILE", d.du_quantile, float),
             hysteresis=get("GPLR_HYSTERESIS", d.hysteresis, float),
             top_k=get("GPLR_TOP_K", d.top_k, int),
@@ -141,6 +145,8 @@ class StreamConfig:
             (0.0 <= self.label_budget <= 1.0, "GPLR_LABEL_BUDGET", self.label_budget, "must be in [0, 1]"),
             (self.label_rate_per_min >= 0, "GPLR_LABEL_RATE_PER_MIN", self.label_rate_per_min, "must be >= 0"),
             (self.label_min_purchases >= 1, "GPLR_LABEL_MIN_PURCHASES", self.label_min_purchases, "must be >= 1"),
+            (self.label_exclude is None or self.label_exclude.is_file(), "GPLR_LABEL_EXCLUDE",
+             self.label_exclude, "must name a file of user ids"),
             (0.0 <= self.du_quantile <= 1.0, "GPLR_DU_QUANTILE", self.du_quantile, "must be in [0, 1]"),
             (self.hysteresis >= 0.0, "GPLR_HYSTERESIS", self.hysteresis, "must be >= 0"),
             (self.top_k >= 1, "GPLR_TOP_K", self.top_k, "must be >= 1"),
@@ -187,6 +193,7 @@ class StreamConfig:
             "replay_labels": "GPLR_REPLAY_LABELS",
             "label_budget": "GPLR_LABEL_BUDGET", "label_rate_per_min": "GPLR_LABEL_RATE_PER_MIN",
             "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
+            "label_exclude": "GPLR_LABEL_EXCLUDE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
         }
         out = {}
