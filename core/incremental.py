@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -64,6 +64,7 @@ __all__ = [
     "item_upsert",
     "item_value",
     "psi_raw",
+    "user_text_sum",
     "rank_personas",
     "persona_change",
     "decide",
@@ -147,6 +148,9 @@ class UserState:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
     publishes: int = 0  # propagated persona updates published for this user
     quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
+    text: np.ndarray | None = None  # Σ item vectors s(v) of the first `text_items` items (item channel)
+    text_items: int = 0
+    text_version: int = -1  # persona-model version the sum was computed with
     confirmed: int = field(default=0, init=False)  # edges whose item has answered (derived)
 
     def __post_init__(self) -> None:
@@ -248,6 +252,23 @@ def user_apply_value(state: UserState, item: str, seq: int, value: np.ndarray) -
         state.confirmed += 1
     entry.seq, entry.value = seq, value
     return True
+
+
+def user_text_sum(state: UserState, item_vectors: Callable[[list[str]], np.ndarray], version: int
+                  ) -> np.ndarray:
+    """Σ_v item_vectors(v) over the user's distinct items, for persona-model `version`.
+
+    The text channel's running sum (`core.item_channel`: text logit = mean_v s(v)): items are
+    never removed and `items` keeps insertion order, so a new edge adds only its own vector; a
+    new model version recomputes the user's sum once, from its item names (exact, O(d_u))."""
+    if state.text is None or state.text_version != version:
+        state.text, state.text_items, state.text_version = None, 0, version
+    names = [it.name for it in list(state.items.values())[state.text_items:]]
+    if names or state.text is None:
+        add = np.asarray(item_vectors(names), dtype=np.float64).sum(axis=0)
+        state.text = add if state.text is None else state.text + add
+        state.text_items = len(state.items)
+    return state.text
 
 
 def psi_raw(state: UserState) -> np.ndarray:

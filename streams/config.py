@@ -25,7 +25,8 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `GPLR_LABEL_EXCLUDE` | (none) | file of user ids (one per line) never chosen as prototypes (e.g. a held-out set) |
 | `GPLR_DU_QUANTILE` | 0.8 | a candidate is labelled when its DU score is above this quantile of recent scores |
 | `GPLR_HYSTERESIS` | 0.02 | re-publish a user when its persona set changes or a share moves by more than this |
-| `GPLR_TOP_K` | 5 | personas per user |
+| `GPLR_TOP_K` | 5 | most personas per user |
+| `GPLR_DECODER` | `model` | `model`: the calibrated persona model refitted on the stream's prototypes (as `gplr label`); `graph`: top-k of Ψ (the paper) |
 | `GPLR_LOG_LEVEL` | `info` | worker log level |
 
 Both are scale-free, so one default serves shops whose scores differ by orders of magnitude (on
@@ -52,11 +53,12 @@ from typing import Any, Mapping
 
 from core.settings import ConfigError, EnvReader, check_all
 
-__all__ = ["StreamConfig", "ConfigError", "LABELERS", "faust_settings", "replace"]
+__all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace"]
 
 logger = logging.getLogger(__name__)
 
 LABELERS = ("embedding", "openai", "replay", "none")
+DECODERS = ("model", "graph")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -84,6 +86,7 @@ class StreamConfig:
     du_quantile: float = 0.8
     hysteresis: float = 0.02
     top_k: int = 5
+    decoder: str = "model"
     log_level: str = "info"
     llm: Any = field(default=None, repr=False, compare=False)
 
@@ -126,6 +129,7 @@ class StreamConfig:
             du_quantile=get("GPLR_DU_QUANTILE", d.du_quantile, float),
             hysteresis=get("GPLR_HYSTERESIS", d.hysteresis, float),
             top_k=get("GPLR_TOP_K", d.top_k, int),
+            decoder=get("GPLR_DECODER", d.decoder, str).lower(),
             log_level=get("GPLR_LOG_LEVEL", d.log_level, str).lower(),
             llm=_llm_from_env(env) if get("GPLR_LABELER", d.labeler, str).lower() == "openai" else None,
         )
@@ -150,6 +154,7 @@ class StreamConfig:
             (0.0 <= self.du_quantile <= 1.0, "GPLR_DU_QUANTILE", self.du_quantile, "must be in [0, 1]"),
             (self.hysteresis >= 0.0, "GPLR_HYSTERESIS", self.hysteresis, "must be >= 0"),
             (self.top_k >= 1, "GPLR_TOP_K", self.top_k, "must be >= 1"),
+            (self.decoder in DECODERS, "GPLR_DECODER", self.decoder, f"must be one of {DECODERS}"),
             (bool(self.app_id.strip()), "GPLR_APP_ID", self.app_id, "must not be empty"),
             (self.log_level in _LOG_LEVELS, "GPLR_LOG_LEVEL", self.log_level, f"must be one of {_LOG_LEVELS}"),
             (_valid_prefix(self.topic_prefix), "GPLR_TOPIC_PREFIX", self.topic_prefix,
@@ -195,6 +200,7 @@ class StreamConfig:
             "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
             "label_exclude": "GPLR_LABEL_EXCLUDE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
+            "decoder": "GPLR_DECODER",
         }
         out = {}
         for f in fields(self):
