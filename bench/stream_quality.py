@@ -105,32 +105,11 @@ def score(pred_sets: Mapping[str, Sequence[int]], truth: Mapping[str, Sequence[i
 
 
 # -- the stream ------------------------------------------------------------------------------------
-def _read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every JSON record of `topic` from the beginning to its current end."""
-    from confluent_kafka import Consumer, TopicPartition
+    from streams.refit import read_topic
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3})
-    out: list[dict[str, Any]] = []
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        todo = {p for p, end in ends.items() if end > 0}
-        consumer.assign(parts)
-        deadline = time.monotonic() + timeout
-        while todo and time.monotonic() < deadline:
-            for msg in consumer.consume(2000, 0.5):
-                if msg.error():
-                    continue
-                out.append(json.loads(msg.value()))
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    todo.discard(msg.partition())
-        if todo:
-            raise RuntimeError(f"{topic}: partitions {sorted(todo)} not read within {timeout}s")
-    finally:
-        consumer.close()
-    return out
+    return [json.loads(raw) for raw in read_topic(bootstrap, topic)]
 
 
 def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,
