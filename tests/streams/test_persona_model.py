@@ -8,36 +8,17 @@ the model's decision on those two rows.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
-from core.decoder import PersonaModel
 from core.graph import BipartiteGraph
 from core.incremental import psi_raw
 from core.item_channel import user_text_logits
 from core.synthetic import make_shop
 from streams.refit import milestone
-from streams.tables import read_table
-from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check
+from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check, wait_model
 
 pytestmark = pytest.mark.broker
-
-
-def _wait_model(config, version: int, n_users: int, timeout: float = 120.0):
-    """The shipped model once every user row was decided with `version`; (model, users)."""
-    deadline = time.monotonic() + timeout
-    body, users = None, {}
-    while time.monotonic() < deadline:
-        body = read_table(config.kafka_bootstrap, config.app_id, "persona-model").get("current")
-        if body and body["version"] == version:
-            users = read_table(config.kafka_bootstrap, config.app_id, "users")
-            if len(users) >= n_users and all(s.text_version == version for s in users.values()
-                                             if s.label is None):
-                return PersonaModel.from_dict(body["model"]), users
-        time.sleep(1.0)
-    raise AssertionError(f"model v{version} not applied in {timeout}s (table: {body and body['version']})")
 
 
 def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_factory, produce, tmp_path):
@@ -47,7 +28,7 @@ def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_fa
     run_and_check(config, worker_factory, produce, shop.frame, labels, len(shop.personas))
     version = milestone(sum(len(p) for p in labels.values()))
     assert version >= 16
-    model, users = _wait_model(config, version, len(shop.user_truth))
+    model, users = wait_model(config, version, len(shop.user_truth))
 
     graph = BipartiteGraph.from_frame(shop.frame)
     batch_text = user_text_logits(graph, model.channel)  # text logits = mean of s(v), batch
