@@ -21,7 +21,7 @@ Setup (all seeded, fixed):
   users; `labelled_share` = prototypes / users seen by the stream; per-persona recall.
 
     python bench/stream_quality.py --data-dir /work/shared/data/online_retail
-    python bench/stream_quality.py --quick    # the first 40,000 purchases, < 3 min
+    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min
 
 Prints progress lines, then one JSON object as the last line.
 """
@@ -53,7 +53,7 @@ from core.synthetic import top_set_share  # noqa: E402
 logger = logging.getLogger("bench.stream_quality")
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "online_retail"
 SPLIT_SEED = 2025  # bench/labels.py's split
-QUICK_EVENTS = 40_000
+QUICK_EVENTS = 30_000
 K = 5
 
 

@@ -316,3 +316,29 @@ def test_persona_change_is_scale_free_and_publishes_set_changes():
         assert persona_change(published, big, 0.02)
         flip = rank_personas(np.array([0.5, 0.249, 0.251, 0.0]) * scale, None, 2)  # set {0, 2}
         assert persona_change(published, flip, 0.5)
+
+
+def test_user_text_sum_is_incremental_and_recomputed_per_model_version():
+    """Σ s(v) over distinct items: new edges add only their own vector; a new version recomputes."""
+    from core.incremental import user_text_sum
+
+    calls: list[list[str]] = []
+
+    def vectors(scale):
+        def f(names):
+            calls.append(list(names))
+            return np.array([[len(n) * scale, 1.0] for n in names]).reshape(-1, 2)
+        return f
+
+    state = UserState(M)
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [0.0, 0.0])
+    for item in ("ab", "cde", "ab"):
+        user_purchase(state, item, name=item)
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [5.0, 2.0])
+    user_purchase(state, "f", name="f")
+    calls.clear()
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [6.0, 3.0])
+    assert calls == [["f"]]  # only the new item was scored
+    calls.clear()
+    np.testing.assert_array_equal(user_text_sum(state, vectors(10.0), 2), [60.0, 3.0])
+    assert calls == [["ab", "cde", "f"]]  # a new model version: one full recomputation
