@@ -113,7 +113,7 @@ def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 
 def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,
-               timeout: float) -> dict[str, Any]:
+               timeout: float, rate: float | None = None) -> dict[str, Any]:
     """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
     from streams.broker import bootstrap_or_embedded, free_port
     from streams.cli import publish_events
@@ -139,7 +139,7 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         try:
             worker.wait_ready(120)
             t0 = time.monotonic()
-            publish_events(cfg.kafka_bootstrap, topics.purchases, events)
+            publish_events(cfg.kafka_bootstrap, topics.purchases, events, rate=rate or None)
             logger.info("published %d purchases in %.1fs", len(events), time.monotonic() - t0)
             if not watcher.wait_drained(timeout=timeout, settle=4.0):
                 raise RuntimeError(f"stream not drained in {timeout}s (lag {watcher.lag()})")
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds the stream may take to drain")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="publish at most this many purchases/s (default: all at once, a backlog; with a "
+                             "large backlog the worker labels only once it has caught up)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("streams.broker", "streams.topics", "core.gplr", "core.labelers"):
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="gplr-sq-"))
     try:
-        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout)
+        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     logger.info("stream: %d events in %.1fs, %d prototypes, %d updates", stream["events"], stream["seconds"],
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "prototypes": len(stream["prototypes"]), "persona_updates": stream["updates"],
         "unscored_no_update": sum(1 for u in scored if u not in stream["sets"]),
         "prior_updates_scored": sum(1 for u in scored if stream["reasons"].get(u) == "prior"),
-        "stream_seconds": round(stream["seconds"], 1),
+        "stream_seconds": round(stream["seconds"], 1), "rate": args.rate,
         "pushes_per_purchase": round(stream["costs"].get("gplr_pushes_total", 0.0) / max(stream["events"], 1), 3),
         "push_messages_per_purchase": round(
             stream["costs"].get("gplr_push_messages_total", 0.0) / max(stream["events"], 1), 3),

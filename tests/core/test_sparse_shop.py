@@ -110,3 +110,23 @@ def test_old_absolute_thresholds_were_degenerate_on_the_sparse_shop(sparse, monk
     net = _run(sparse, protos, 0.01, 0.005, 5, 0.5)
     scored = [u for u in sorted(sparse.user_truth) if u not in protos]
     assert top_set_share(net.personas(scored)) > 2 * top_set_share(sparse.user_truth[u] for u in scored)
+
+
+def test_persona_model_is_not_degenerate_on_the_sparse_shop(sparse):
+    """The persona model the worker decides with (`core.decoder`, fitted on 5% prototypes as
+    `gplr label` fits it) keeps the sparse shop's persona sets about as diverse as the truth."""
+    from core.decoder import fit_persona_model
+    from streams.agents import REFIT_RULE
+
+    graph = sparse.graph()
+    users = [str(u) for u in graph.user_ids]
+    protos = _prototypes(sparse, 0.05, 1)
+    labels = {users.index(u): p for u, p in sorted(protos.items())}
+    psi = exact_affinity(graph, prototype_matrix(graph.n_users, labels, N_PERSONAS))
+    model = fit_persona_model(graph, labels, N_PERSONAS, psi, rule=REFIT_RULE)
+    idx, _ = model.decide(graph, psi)
+    scored = [i for i in range(graph.n_users) if i not in labels]
+    sets = [tuple(int(p) for p in idx[i] if p >= 0) for i in scored]
+    assert all(sets)
+    truth = top_set_share(sparse.user_truth[users[i]] for i in scored)
+    assert top_set_share(sets) <= 2 * truth, f"{top_set_share(sets):.3f} vs truth {truth:.3f}"
