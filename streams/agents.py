@@ -646,8 +646,16 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     logger.info("persona model v%d fitted in %.1fs", due, time.monotonic() - started)
 
 
-#: The decision rule of the stream's persona model: `gplr label`'s default.
-REFIT_RULE = "expected_f1"
+def _batch_default_rule() -> str:
+    import inspect
+
+    from core.gplr import run_gplr
+
+    return str(inspect.signature(run_gplr).parameters["rule"].default)
+
+
+#: The decision rule of the stream's persona model: batch GPLR's (`gplr label`'s) default.
+REFIT_RULE = _batch_default_rule()
 
 
 def _by_partition(events: Sequence[faust.EventT]) -> dict[int, list[faust.EventT]]:
