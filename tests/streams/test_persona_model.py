@@ -31,7 +31,7 @@ def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_fa
     model, users = wait_model(config, version, len(shop.user_truth))
 
     graph = BipartiteGraph.from_frame(shop.frame)
-    batch_text = user_text_logits(graph, model.channel)  # text logits = mean of s(v), batch
+    batch_text = user_text_logits(graph, model.channel)  # text logits from the batch graph
     checked = 0
     for row, uid in enumerate(graph.user_ids):
         state = users[str(uid)]
@@ -39,7 +39,8 @@ def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_fa
             continue
         names = [it.name for it in state.items.values()]
         np.testing.assert_allclose(state.text, model.item_vectors(names).sum(axis=0), atol=1e-9)
-        np.testing.assert_allclose(state.text / len(names), batch_text[row], atol=1e-9)
+        np.testing.assert_allclose(model.channel.text_logits(state.text / len(names))[0], batch_text[row],
+                                   atol=1e-9)
         decided = model.decide_user(psi_raw(state), state.text, len(state.items))
         assert set(state.published) == set(decided.personas), uid
         checked += 1
