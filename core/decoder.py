@@ -13,7 +13,11 @@ prototypes with leave-one-out graph scores (a prototype's own label is removed f
 exactly, by linearity: `core.affinity.self_return`) and out-of-fold text logits, because an
 unlabelled user never sees its own label. A persona is decided when p ≥ its own threshold
 (fitted per persona on the same held-out scores), best first, at most `max_personas`, at least
-one; so a niche persona needs only to beat its own cut-off, not a global one.
+one; so a niche persona needs only to beat its own cut-off, not a global one. The default rule
+("expected_f1") instead keeps, per user, the top-k that maximises the expected F1 of the set
+given the calibrated p — a variable number of personas with no global cut-off at all. Because
+a per-user optimum over-assigns the common personas, the fitted intercepts are finally shifted
+part of the way towards the prototypes' persona prevalence (`match_prevalence`).
 
 A user with neither channel (no purchase and no prototype in reach) gets the prior — the
 prototypes' base rates — through `with_prior`, the same fallback `core.gplr.assign_personas`
@@ -35,7 +39,9 @@ from core.graph import BipartiteGraph, EdgeWeight
 from core.incremental import PersonaSnapshot
 from core.item_channel import (
     DEFAULT_C,
+    SKETCH_WIDTH,
     ItemChannel,
+    user_features_matrix,
     fit_item_channel,
     name_features,
     out_of_fold_text_logits,
@@ -54,6 +60,9 @@ __all__ = [
     "select_personas",
     "fit_thresholds",
     "fit_decoder",
+    "match_prevalence",
+    "DEFAULT_RULE",
+    "PREVALENCE_MATCH",
     "loo_psi_raw",
     "fit_persona_model",
 ]
@@ -64,6 +73,10 @@ FEATURES = ("text_logit", "graph_share", "sqrt_graph_share")
 Rule = Literal["f1", "prevalence", "expected_f1"]
 RULES: tuple[str, ...] = ("f1", "prevalence", "expected_f1")
 NEVER = 2.0  # threshold of a persona no prototype has: no probability reaches it
+#: Decision rule and prevalence-matching strength of `gplr label` and the stream, chosen on
+#: Online Retail's validation split (bench/persona_quality.py).
+DEFAULT_RULE = "expected_f1"
+PREVALENCE_MATCH = 0.5
 DECODER_C = 100.0  # features are O(0.1) shares: weak regularisation (C=1 flattened the graph channel)
 MAX_PERSONAS = 5
 
@@ -76,12 +89,18 @@ def graph_share(psi_raw: np.ndarray) -> np.ndarray:
     return np.divide(psi, sums, out=np.zeros_like(psi), where=sums > 0)
 
 
-def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
-    """users × personas × FEATURES."""
+def _channels(psi_raw: np.ndarray, text_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clipped text logits, graph shares), both users × personas."""
     g = graph_share(psi_raw)
     t = np.clip(np.atleast_2d(np.asarray(text_logit, dtype=np.float64)), -20.0, 20.0)
     if t.shape != g.shape:
         raise ValueError(f"text logits {t.shape} and Ψ_raw {g.shape} differ in shape")
+    return t, g
+
+
+def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+    """users × personas × FEATURES."""
+    t, g = _channels(psi_raw, text_logit)
     return np.stack([t, g, np.sqrt(g)], axis=2)
 
 
@@ -113,7 +132,7 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
     k = min(max_personas, m)
     if k < 1:
         raise ValueError(f"max_personas must be at least 1, got {max_personas}")
-    order = np.lexsort((np.broadcast_to(np.arange(m), p.shape), -p), axis=1)[:, :k]
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]  # stable: ties keep the lower index first
     top = np.take_along_axis(p, order, axis=1)
     if rule == "expected_f1":
         gain = 2 * np.cumsum(top, axis=1) / (np.arange(1, k + 1) + p.sum(axis=1, keepdims=True))
@@ -126,10 +145,11 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
     else:
         raise ValueError(f"unknown decision rule {rule!r}; choose from {RULES}")
     keep &= top > 0
-    first = np.argsort(~keep, axis=1, kind="stable")  # kept personas first, still best first
-    keep = np.take_along_axis(keep, first, axis=1)
-    idx = np.where(keep, np.take_along_axis(order, first, axis=1), -1)
-    return idx, np.where(keep, np.take_along_axis(top, first, axis=1), 0.0)
+    if k > 1 and np.any(keep[:, 1:] > keep[:, :-1]):  # a gap: kept personas first, still best first
+        first = np.argsort(~keep, axis=1, kind="stable")
+        keep = np.take_along_axis(keep, first, axis=1)
+        order, top = np.take_along_axis(order, first, axis=1), np.take_along_axis(top, first, axis=1)
+    return np.where(keep, order, -1), np.where(keep, top, 0.0)
 
 
 def fit_thresholds(probs: np.ndarray, y: np.ndarray, rule: str = "f1") -> np.ndarray:
@@ -191,11 +211,15 @@ class PersonaDecoder:
     def n_personas(self) -> int:
         return int(self.intercept.size)
 
+    def logits(self, psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+        """z[u, m] = coef[m]·features[u, m] + intercept[m] (one formula for batch and stream)."""
+        t, g = _channels(psi_raw, text_logit)
+        c = self.coef
+        return t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
+
     def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray) -> np.ndarray:
         """Calibrated p[u, m] in [0, 1]; users with no purchase and no affinity get the prior."""
-        x = decoder_features(psi_raw, text_logit)
-        z = np.einsum("umf,mf->um", x, self.coef) + self.intercept
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = 1.0 / (1.0 + np.exp(-self.logits(psi_raw, text_logit)))
         degree = np.atleast_1d(np.asarray(degree))
         empty = (degree <= 0) & ~(np.atleast_2d(psi_raw) > 0).any(axis=1)
         return with_prior(p, self.prior, empty)
@@ -277,6 +301,34 @@ def fit_decoder(
     return PersonaDecoder(coef, intercept, thresholds, prior, max_personas, rule)
 
 
+def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
+                     strength: float = 0.5, iters: int = 30) -> PersonaDecoder:
+    """The decoder with its intercepts shifted so that its decisions over these (unlabelled)
+    users move towards the prototypes' persona prevalence; `strength` in [0, 1] is the share of
+    the full matching shift applied (0: unchanged, 1: prevalence matched).
+
+    Why: a per-user F1-optimal rule over-assigns the common personas (every user "probably" has
+    them), which makes many users' sets identical and under-serves the mid-frequency ones. The
+    full shift δ solves decided-share(m) = π_m · (mean set size / Σπ) by a damped fixed point
+    (δ += ½·log(target / share)); only the labels' shape is matched, not the set size.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength == 0.0 or np.asarray(psi_raw).shape[0] == 0:
+        return decoder
+    z = decoder.logits(psi_raw, text_logit)
+    pi = decoder.prior
+    delta = np.zeros_like(pi)
+    for _ in range(iters):
+        idx, _ = select_personas(1.0 / (1.0 + np.exp(-(z + delta))), decoder.thresholds,
+                                 decoder.max_personas, decoder.rule)
+        share = np.bincount(idx[idx >= 0], minlength=pi.size) / idx.shape[0]
+        target = pi * share.sum() / pi.sum()
+        delta += 0.5 * (np.log(target + 1e-3) - np.log(share + 1e-3))
+    return PersonaDecoder(decoder.coef, decoder.intercept + strength * delta, decoder.thresholds, decoder.prior,
+                          decoder.max_personas, decoder.rule)
+
+
 # -- fitting from a graph ------------------------------------------------------------------------
 def loo_psi_raw(graph: BipartiteGraph, prototypes: Mapping[int, Sequence[int]], n_personas: int,
                 psi_raw: np.ndarray | None = None, hops: int = 1, weight: EdgeWeight = "binary") -> np.ndarray:
@@ -340,12 +392,16 @@ def fit_persona_model(
     folds: int = 5,
     seed: int = 0,
     text_C: float = DEFAULT_C,
+    sketch: int = SKETCH_WIDTH,
     decoder_C: float = DECODER_C,
-    rule: str = "f1",
+    rule: str = DEFAULT_RULE,
     max_personas: int = MAX_PERSONAS,
     per_persona: bool = False,
+    prevalence: float = PREVALENCE_MATCH,
 ) -> PersonaModel:
-    """Fit the item channel on all prototypes and the decoder on their held-out scores.
+    """Fit the item channel on all prototypes and the decoder on their held-out scores, then
+    shift it `prevalence` of the way towards the prototypes' persona prevalence over the
+    graph's other users (`match_prevalence`).
 
     `psi_raw` is the exact, not de-biased Ψ_raw of all users for these prototypes (computed
     when omitted). Deterministic given the prototypes and `seed` (the fold split).
@@ -353,11 +409,19 @@ def fit_persona_model(
     if not prototypes:
         raise ValueError("the persona model needs at least one labelled prototype")
     features, vocab = name_features(graph.item_names)
-    channel = fit_item_channel(graph, prototypes, n_personas, C=text_C, features=features, vocabulary=vocab)
-    text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, C=text_C,
-                                       features=features, vocabulary=vocab)
+    x = user_features_matrix(graph, features, sketch)
+    shared = dict(C=text_C, sketch=sketch, features=features, vocabulary=vocab, user_features=x)
+    channel = fit_item_channel(graph, prototypes, n_personas, **shared)
+    text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, **shared)
     psi_loo = loo_psi_raw(graph, prototypes, n_personas, psi_raw, hops, weight)
     y = prototype_matrix(len(prototypes), dict(enumerate(prototypes.values())), n_personas) > 0
     decoder = fit_decoder(psi_loo, text_oof, y, rule=rule, max_personas=max_personas, C=decoder_C,
                           per_persona=per_persona)
+    if prevalence > 0:
+        if psi_raw is None:
+            psi_raw = exact_affinity(graph, prototype_matrix(graph.n_users, prototypes, n_personas), hops, weight)
+        rest = np.setdiff1d(np.arange(graph.n_users), np.fromiter(prototypes, dtype=np.int64))
+        text = user_text_logits(graph, channel)
+        decoder = match_prevalence(decoder, np.asarray(psi_raw)[rest], text[rest], graph.user_degree[rest],
+                                   prevalence)
     return PersonaModel(channel, decoder)

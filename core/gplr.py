@@ -27,7 +27,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from core.affinity import compute_affinity, debias_weights, label_distribution, prototype_matrix, top_personas
-from core.decoder import RULES, PersonaModel, fit_persona_model, with_prior
+from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES, PersonaModel, fit_persona_model, with_prior
 from core.du import du_scores, select_du
 from core.graph import BipartiteGraph, EdgeWeight
 from core.labelers import histories_for
@@ -287,7 +287,8 @@ def run_gplr(
     adaptive: float | None = None,
     min_score: float | None = None,
     decoder: Decoder = "graph",
-    rule: str = "expected_f1",
+    rule: str = DEFAULT_RULE,
+    prevalence: float = PREVALENCE_MATCH,
     sampling: Sampling = "du",
     seed: int = 0,
     exclude: np.ndarray | None = None,
@@ -296,7 +297,8 @@ def run_gplr(
     """Algorithm 1. `exclude` (user indices) are never chosen as prototypes (held-out users).
 
     Sampling always uses Ψ. The final personas come from the fitted persona model
-    (`decoder="model"`: `rule` picks the decision rule, `k` caps the personas; `adaptive` and
+    (`decoder="model"`: `rule` picks the decision rule, `prevalence` how far decisions are
+    moved towards the prototypes' persona prevalence, `k` caps the personas; `adaptive` and
     `min_score` do not apply), from Ψ (`decoder="graph"`, the paper) or from per-persona word
     classifiers (`decoder="words"`; pair it with `min_score`, e.g. 0.35).
     """
@@ -360,7 +362,7 @@ def run_gplr(
             progress("persona model", 0, 1)
         psi_raw = psi / debias_weights(q_hat, beta)  # c > 0: Ψ_raw back, scale-free for the decoder
         model = fit_persona_model(graph, labels, n_personas, psi_raw, hops=hops, weight=weight, seed=seed,
-                                  rule=rule, max_personas=k)
+                                  rule=rule, max_personas=k, prevalence=prevalence)
         scores = model.probabilities(graph, psi_raw)
         idx, decided = model.decoder.decide(psi_raw, model.text_logits(graph), graph.user_degree)
         assignment = with_prototypes(idx, decided, scores, labels)

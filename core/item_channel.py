@@ -12,6 +12,16 @@ exactly: the stream keeps Σ_v s(v) per user, a new purchase adds s(v), and a re
 to push the items whose s(v) moved. Personas with fewer than two positive (or negative)
 prototypes cannot be fitted; their s(v) is the constant logit of the prototype base rate.
 
+One refinement, still a function of the mean: a user's features are the mean f(v) divided by
+its L2 norm (so a user with many different items is not pulled towards the base rate; +0.016
+F1 on Online Retail's validation split). The norm comes from a 32-column count sketch k(v) of
+f(v) (each word hashed, by CRC-32, to a column and a sign), so the vector the stream sums per
+item is [s(v), k(v)] and
+
+    text_logit[u] = b + (mean_v s(v) − b) / ‖mean_v k(v)‖.
+
+The sketch depends on the name only, never on the fit: a refit moves s(v), not k(v).
+
 The fitted `ItemChannel` is small (only words with a non-zero weight are kept) and JSON-able
 (`to_dict`/`from_dict`), so a worker can receive it through a Kafka table and score items it has
 never seen (`item_scores(names)`).
@@ -26,9 +36,11 @@ never seen (`item_scores(names)`).
 """
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -43,6 +55,9 @@ __all__ = [
     "ItemChannel",
     "tokens",
     "name_features",
+    "name_sketch",
+    "user_features_matrix",
+    "SKETCH_WIDTH",
     "fit_item_channel",
     "user_text_logits",
     "out_of_fold_text_logits",
@@ -54,9 +69,12 @@ logger = logging.getLogger(__name__)
 TOKEN_PATTERN = r"(?u)\b[^\W\d_]{3,}\b"  # words of 3+ letters; sizes and codes are noise
 _TOKEN = re.compile(TOKEN_PATTERN)
 _LOGIT_CLIP = 20.0  # |logit| cap: a probability of 1 - 2e-9 is certain enough
-#: Inverse-regularisation of the per-persona logistic regressions. User features are means of
-#: unit vectors (norm well below 1), so C is larger than for per-user L2-normalised features.
-DEFAULT_C = 30.0
+#: Inverse-regularisation of the per-persona logistic regressions (chosen on Online Retail's
+#: validation split among 1, 3, 10 for L2-normalised user features).
+DEFAULT_C = 3.0
+#: Columns of the count sketch that estimates a user's feature norm (32 kept the whole gain of
+#: exact normalisation on Online Retail; median relative norm error 7%).
+SKETCH_WIDTH = 32
 
 
 def tokens(name: str) -> list[str]:
@@ -105,13 +123,30 @@ def name_features(names: Iterable[str], vocabulary: Mapping[str, int] | None = N
     return f, vocab
 
 
+def name_sketch(names: Iterable[str], width: int = SKETCH_WIDTH) -> np.ndarray:
+    """k(v) for each name (names × width): f(v) with every word hashed to a column and a sign
+    (CRC-32, the same in every process), so ‖Σ_v k(v)‖ estimates ‖Σ_v f(v)‖ without a vocabulary."""
+    names = list(names)
+    out = np.zeros((len(names), max(width, 0)))
+    if width < 1:
+        return out
+    for row, name in enumerate(names):
+        words = tokens(name)
+        for w in words:
+            h = zlib.crc32(w.encode("utf-8"))
+            out[row, h % width] += (1.0 if (h // width) % 2 == 0 else -1.0) / math.sqrt(len(words))
+    return out
+
+
 @dataclass(frozen=True)
 class ItemChannel:
-    """s(v) = W·f(v) + b for any item name; `coef` is words × personas, `intercept` per persona."""
+    """s(v) = W·f(v) + b for any item name; `coef` is words × personas, `intercept` per persona;
+    `sketch` columns of k(v) normalise the user's features (0: the plain mean, no normalising)."""
 
     words: tuple[str, ...]
     coef: np.ndarray
     intercept: np.ndarray
+    sketch: int = SKETCH_WIDTH
 
     def __post_init__(self) -> None:
         coef = np.asarray(self.coef, dtype=np.float64).reshape(len(self.words), -1)
@@ -120,6 +155,8 @@ class ItemChannel:
             raise ValueError(f"coef has {coef.shape[1]} personas, intercept {intercept.size}")
         if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
             raise ValueError("item channel weights must be finite")
+        # float32 weights: the JSON form (base64 float32) then round-trips exactly and stays small
+        coef = coef.astype("<f4").astype(np.float64)
         object.__setattr__(self, "coef", coef)
         object.__setattr__(self, "intercept", intercept)
 
@@ -135,35 +172,50 @@ class ItemChannel:
     @property
     def width(self) -> int:
         """Columns of `item_vectors`: what the stream sums per user."""
-        return self.n_personas
+        return self.n_personas + self.sketch
 
     def item_vectors(self, names: Sequence[str]) -> np.ndarray:
-        """The per-item vectors a user's running sum adds up (items × `width`).
+        """The per-item vectors a user's running sum adds up (items × `width`): [s(v), k(v)].
 
         The stream keeps Σ_v item_vectors(v) per user and calls `text_logits(sum / degree)`;
-        batch does the same with a sparse product. Today the vector is s(v) itself; callers
-        must not rely on that (use `text_logits`)."""
-        return self.item_scores(names)
+        batch does the same with a sparse product. Only the first `n_personas` columns depend
+        on the fit; callers should not rely on the layout (use `text_logits`)."""
+        names = list(names)
+        return np.hstack([self.item_scores(names), name_sketch(names, self.sketch)])
 
     def text_logits(self, vector_mean: np.ndarray) -> np.ndarray:
-        """Users' text logits (users × personas) from the means of their item vectors."""
+        """Users' text logits (users × personas) from the means of their item vectors:
+        b + (mean s − b) / ‖mean k‖, or the mean of s(v) itself without a sketch. A user whose
+        sketch is zero (no purchase) gets b, the base rates' logits."""
         v = np.atleast_2d(np.asarray(vector_mean, dtype=np.float64))
         if v.shape[1] != self.width:
             raise ValueError(f"item-vector means have {v.shape[1]} columns, the channel {self.width}")
-        return v[:, : self.n_personas]
+        m = self.n_personas
+        if not self.sketch:
+            return v[:, :m].copy()
+        norm = np.linalg.norm(v[:, m:], axis=1, keepdims=True)
+        scale = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+        return self.intercept + (v[:, :m] - self.intercept) * scale
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (lists of floats), for a Kafka table or a file."""
+        """Plain JSON-able form for a Kafka table or a file: the weights as base64 of
+        little-endian float32 (exact, about 4 bytes × words × personas × 4/3)."""
         return {"kind": "item_channel", "words": list(self.words),
-                "coef": self.coef.tolist(), "intercept": self.intercept.tolist()}
+                "coef_f32": base64.b64encode(self.coef.astype("<f4").tobytes()).decode("ascii"),
+                "intercept": self.intercept.tolist(), "sketch": int(self.sketch)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ItemChannel":
         if d.get("kind") != "item_channel":
             raise ValueError("not an item channel dict (kind != 'item_channel')")
         m = len(d["intercept"])
-        coef = np.asarray(d["coef"], dtype=np.float64).reshape(len(d["words"]), m)
-        return cls(tuple(str(w) for w in d["words"]), coef, np.asarray(d["intercept"], dtype=np.float64))
+        try:
+            raw = np.frombuffer(base64.b64decode(d["coef_f32"], validate=True), dtype="<f4")
+            coef = raw.astype(np.float64).reshape(len(d["words"]), m)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"item channel weights unreadable: {exc}") from None
+        return cls(tuple(str(w) for w in d["words"]), coef, np.asarray(d["intercept"], dtype=np.float64),
+                   int(d.get("sketch", 0)))
 
 
 def _label_matrix(prototypes: Mapping[int, Sequence[int]], n_personas: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,9 +294,15 @@ def _newton_logistic(a: np.ndarray, y: np.ndarray, ridge: np.ndarray, theta: np.
     return theta
 
 
-def _user_features(graph: BipartiteGraph, f: sp.csr_matrix) -> sp.csr_matrix:
-    """x_u = mean over u's distinct items of f(v) (binary edges)."""
-    return (row_normalise(graph.weighted("binary")) @ f).tocsr()
+def user_features_matrix(graph: BipartiteGraph, f: sp.csr_matrix, sketch: int) -> sp.csr_matrix:
+    """x_u = mean over u's distinct items of f(v), divided by ‖mean k(v)‖ when `sketch` (the
+    features `ItemChannel.text_logits` implies, so fitting and serving agree exactly)."""
+    mean = row_normalise(graph.weighted("binary"))
+    x = (mean @ f).tocsr()
+    if not sketch:
+        return x
+    norm = np.linalg.norm(np.asarray(mean @ name_sketch(graph.item_names, sketch)), axis=1)
+    return (sp.diags(np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)) @ x).tocsr()
 
 
 def fit_item_channel(
@@ -253,13 +311,15 @@ def fit_item_channel(
     n_personas: int,
     *,
     C: float = DEFAULT_C,
+    sketch: int = SKETCH_WIDTH,
     features: sp.csr_matrix | None = None,
     vocabulary: Mapping[str, int] | None = None,
+    user_features: sp.csr_matrix | None = None,
 ) -> ItemChannel:
     """Fit s(v) on the prototypes' labels and the names of the items they bought.
 
-    `features`/`vocabulary` (from `name_features(graph.item_names)`) may be passed to reuse
-    them across refits. Deterministic: lbfgs has no random state.
+    `features`/`vocabulary` (from `name_features(graph.item_names)`) and `user_features`
+    (`user_features_matrix`) may be passed to reuse them across refits. Deterministic.
     """
     if not prototypes:
         raise ValueError("the item channel needs at least one labelled prototype")
@@ -268,12 +328,12 @@ def fit_item_channel(
     if features is None or vocabulary is None:
         features, vocabulary = name_features(graph.item_names)
     users, y = _label_matrix(prototypes, n_personas)
-    x = _user_features(graph, features)
+    x = user_features_matrix(graph, features, sketch) if user_features is None else user_features
     coef, intercept = _fit(x[users], y, C)
     kept = np.flatnonzero(np.any(coef != 0, axis=1))
     words = sorted(vocabulary, key=vocabulary.__getitem__)
     logger.debug("item channel: %d prototypes, %d of %d words kept", users.size, kept.size, len(words))
-    return ItemChannel(tuple(words[j] for j in kept), coef[kept], intercept)
+    return ItemChannel(tuple(words[j] for j in kept), coef[kept], intercept, sketch)
 
 
 def user_text_logits(graph: BipartiteGraph, channel: ItemChannel) -> np.ndarray:
@@ -292,8 +352,10 @@ def out_of_fold_text_logits(
     folds: int = 5,
     seed: int = 0,
     C: float = DEFAULT_C,
+    sketch: int = SKETCH_WIDTH,
     features: sp.csr_matrix | None = None,
     vocabulary: Mapping[str, int] | None = None,
+    user_features: sp.csr_matrix | None = None,
 ) -> np.ndarray:
     """Text logits of the prototypes (rows in `prototypes` order) from channels fitted without
     them: K seeded folds, each scored by a channel fitted on the other K−1. This is what the
@@ -301,7 +363,7 @@ def out_of_fold_text_logits(
     if features is None or vocabulary is None:
         features, vocabulary = name_features(graph.item_names)
     users, y = _label_matrix(prototypes, n_personas)
-    x = _user_features(graph, features)
+    x = user_features_matrix(graph, features, sketch) if user_features is None else user_features
     out = np.empty((users.size, n_personas))
     k = max(2, min(folds, users.size))
     fold = np.random.default_rng(seed).permutation(users.size) % k

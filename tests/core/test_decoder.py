@@ -17,6 +17,7 @@ from core.decoder import (
     fit_thresholds,
     graph_share,
     loo_psi_raw,
+    match_prevalence,
     select_personas,
     with_prior,
 )
@@ -229,3 +230,29 @@ def test_decoder_validation() -> None:
         PersonaDecoder(np.zeros((2, 3)), np.zeros(2), np.zeros(2), np.zeros(2), 0, "f1")
     with pytest.raises(ValueError):
         fit_decoder(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((3, 3), dtype=bool))
+
+
+def test_prevalence_matching_moves_decisions_to_the_labelled_shape() -> None:
+    rng = np.random.default_rng(7)
+    n, m = 400, 4
+    prior = np.array([0.6, 0.3, 0.2, 0.1])
+    # text logits that favour persona 0 for everyone: an expected-F1 rule over-assigns it
+    text = rng.normal(0, 1, (n, m)) + np.array([2.0, 0.0, -0.5, -1.0])
+    dec = PersonaDecoder(np.tile([1.0, 0.0, 0.0], (m, 1)), np.zeros(m), np.zeros(m), prior, 3, "expected_f1")
+    psi, deg = np.zeros((n, m)), np.ones(n)
+
+    def shares(d: PersonaDecoder) -> np.ndarray:
+        idx, _ = d.decide(psi, text, deg)
+        return np.bincount(idx[idx >= 0], minlength=m) / n
+
+    before = shares(dec)
+    assert match_prevalence(dec, psi, text, deg, 0.0) is dec
+    full = shares(match_prevalence(dec, psi, text, deg, 1.0))
+    half = shares(match_prevalence(dec, psi, text, deg, 0.5))
+    target = prior * full.sum() / prior.sum()
+    tv = lambda s: 0.5 * np.abs(s / s.sum() - prior / prior.sum()).sum()  # noqa: E731
+    assert tv(full) < 0.03 < tv(before)
+    assert tv(full) < tv(half) < tv(before)
+    np.testing.assert_allclose(full, target, atol=0.03)
+    with pytest.raises(ValueError):
+        match_prevalence(dec, psi, text, deg, 1.5)

@@ -10,13 +10,16 @@ from sklearn.linear_model import LogisticRegression
 
 from core.graph import BipartiteGraph
 from core.item_channel import (
+    SKETCH_WIDTH,
     ItemChannel,
     _fit,
     base_rate_logit,
     fit_item_channel,
     name_features,
+    name_sketch,
     out_of_fold_text_logits,
     tokens,
+    user_features_matrix,
     user_text_logits,
 )
 
@@ -49,9 +52,9 @@ def test_name_features_are_unit_rows_over_all_words() -> None:
     assert g.shape == (1, 1) and g[0, 0] == pytest.approx(1 / math.sqrt(2))
 
 
-def test_text_logit_is_the_mean_of_item_scores_by_hand() -> None:
+def test_plain_mean_channel_text_logit_is_the_mean_of_item_scores_by_hand() -> None:
     g = shop()
-    ch = fit_item_channel(g, PROTOS, 3, C=5.0)
+    ch = fit_item_channel(g, PROTOS, 3, C=5.0, sketch=0)
     s = ch.item_scores(g.item_names)
     # s(v) by hand: Σ_w coef[w] / √(#words) + b
     col = {w: j for j, w in enumerate(ch.words)}
@@ -66,6 +69,40 @@ def test_text_logit_is_the_mean_of_item_scores_by_hand() -> None:
     # the stream's form: a running sum of item vectors, divided by the degree
     total = ch.item_vectors(NAMES[dense[6]]).sum(axis=0)
     np.testing.assert_allclose(ch.text_logits(total / dense[6].sum())[0], text[6], atol=1e-12)
+
+
+def test_sketched_text_logit_by_hand_and_fit_on_the_same_features() -> None:
+    g = shop()
+    ch = fit_item_channel(g, PROTOS, 3, C=5.0)
+    assert ch.width == 3 + SKETCH_WIDTH
+    s, k = ch.item_scores(NAMES), name_sketch(NAMES)
+    dense = g.user_item.toarray() > 0
+    text = user_text_logits(g, ch)
+    for u in range(g.n_users):
+        norm = np.linalg.norm(k[dense[u]].mean(axis=0))
+        np.testing.assert_allclose(text[u], ch.intercept + (s[dense[u]].mean(axis=0) - ch.intercept) / norm,
+                                   atol=1e-12)
+    # what the model was fitted on: W·x_u + b with x_u = mean f / ‖mean k‖
+    f, vocab = name_features(NAMES)
+    x = user_features_matrix(g, f, SKETCH_WIDTH)
+    full = np.zeros((len(vocab), 3))
+    full[[vocab[w] for w in ch.words]] = ch.coef
+    np.testing.assert_allclose(np.asarray(x @ full) + ch.intercept, text, atol=1e-12)
+    # the stream's running sum of item vectors gives the same logits
+    total = ch.item_vectors(NAMES[dense[6]]).sum(axis=0)
+    np.testing.assert_allclose(ch.text_logits(total / dense[6].sum())[0], text[6], atol=1e-12)
+    np.testing.assert_allclose(ch.text_logits(np.zeros((1, ch.width)))[0], ch.intercept)  # no purchase
+
+
+def test_sketch_is_hashed_per_word_and_estimates_the_norm() -> None:
+    a, b = name_sketch(["christmas star"]), name_sketch(["star christmas"])
+    np.testing.assert_array_equal(a, b)  # word order does not matter
+    assert np.linalg.norm(a) == pytest.approx(1.0)  # two words in different columns, 1/√2 each
+    many = name_sketch([f"word{chr(97 + i)}{chr(97 + j)} thing" for i in range(26) for j in range(26)], 64)
+    f, _ = name_features([f"word{chr(97 + i)}{chr(97 + j)} thing" for i in range(26) for j in range(26)])
+    exact = np.linalg.norm(np.asarray(f.sum(axis=0)))
+    assert abs(np.linalg.norm(many.sum(axis=0)) / exact - 1) < 0.3
+    assert name_sketch(["x"], 0).shape == (1, 0)
 
 
 def test_fit_equals_sklearn_logistic_regression() -> None:
@@ -106,6 +143,9 @@ def test_round_trip_through_json_and_determinism() -> None:
     assert len(ch.words) <= len(name_features(NAMES)[1])  # only words with a weight are kept
     with pytest.raises(ValueError):
         ItemChannel.from_dict({"kind": "something else"})
+    for bad in ("not base64!", "AAAA"):  # garbage, and a wrong number of weights
+        with pytest.raises(ValueError):
+            ItemChannel.from_dict({**ch.to_dict(), "coef_f32": bad})
     with pytest.raises(ValueError):
         ItemChannel(("a",), np.array([[np.nan]]), np.array([0.0]))
     with pytest.raises(ValueError):
