@@ -55,6 +55,7 @@ import faust
 import numpy as np
 
 from core.affinity import debias_weights, label_distribution
+from core.decoder import DEFAULT_RULE
 from core.events import InvalidEvent, PurchaseEvent, parse_purchase
 from core.incremental import (
     ItemState,
@@ -646,16 +647,8 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     logger.info("persona model v%d fitted in %.1fs", due, time.monotonic() - started)
 
 
-def _batch_default_rule() -> str:
-    import inspect
-
-    from core.gplr import run_gplr
-
-    return str(inspect.signature(run_gplr).parameters["rule"].default)
-
-
 #: The decision rule of the stream's persona model: batch GPLR's (`gplr label`'s) default.
-REFIT_RULE = _batch_default_rule()
+REFIT_RULE = DEFAULT_RULE
 
 
 def _by_partition(events: Sequence[faust.EventT]) -> dict[int, list[faust.EventT]]:

@@ -4,7 +4,7 @@ Why here: the worker decides personas with the same fitted `PersonaModel` that `
 so the model must be fitted on the stream's own prototypes and reach every worker.
 
 * Milestones: a refit is due whenever the number of persona labels (the label-count table, Q̂'s
-  numerator) reaches FIRST_MILESTONE × 2^k; any worker that sees one sends a request to the
+  numerator) reaches ⌊FIRST_MILESTONE × GROWTH^k⌋ (16, 24, 36, 54, 81, ...); any worker that sees one sends a request to the
   `refit` topic (always partition 0, so one worker serves them all, in order).
 * Refit: that worker reads the purchases and labels topics to their current end, rebuilds the
   purchase graph and the prototypes, and calls `core.decoder.fit_persona_model` — the batch
@@ -34,19 +34,24 @@ __all__ = ["FIRST_MILESTONE", "milestone", "read_topic", "build_graph", "fit_str
 
 logger = logging.getLogger(__name__)
 
-#: Persona labels (mentions) before the first fit; then a refit at every doubling.
-FIRST_MILESTONE = 16
+#: Persona labels (mentions) before the first fit; then a refit whenever they grew by GROWTH×
+#: (so the model in use always has at least 1/GROWTH of the labels; a refit reads the purchases
+#: topic once, so their number grows only logarithmically with the labels).
+FIRST_MILESTONE, GROWTH = 16, 1.5
 
 
 def milestone(labels: float) -> int:
-    """The largest FIRST_MILESTONE × 2^k ≤ `labels` (0 below the first).
+    """The largest ⌊FIRST_MILESTONE × GROWTH^k⌋ ≤ `labels` (0 below the first).
 
-    >>> [milestone(x) for x in (0, 15, 16, 31, 32, 100)]
-    [0, 0, 16, 16, 32, 64]
+    >>> [milestone(x) for x in (0, 15, 16, 23, 24, 36, 100)]
+    [0, 0, 16, 16, 24, 36, 81]
     """
     if labels < FIRST_MILESTONE:
         return 0
-    return FIRST_MILESTONE * 2 ** int(np.floor(np.log2(labels / FIRST_MILESTONE) + 1e-12))
+    k = int(np.floor(np.log(labels / FIRST_MILESTONE) / np.log(GROWTH) + 1e-9))
+    while int(FIRST_MILESTONE * GROWTH ** k) > labels:  # floating point at a boundary
+        k -= 1
+    return int(FIRST_MILESTONE * GROWTH ** k)
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list[bytes]:
