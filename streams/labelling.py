@@ -105,6 +105,10 @@ class LabelPolicy:
             window = self.quantiles[part] = OnlineQuantile(self.config.du_quantile)
         return window
 
+    def __post_init__(self) -> None:
+        path = self.config.label_exclude  # GPLR_LABEL_EXCLUDE: never prototypes (held-out users)
+        self.excluded = frozenset(path.read_text().split()) if path is not None else frozenset()
+
     @property
     def enabled(self) -> bool:
         return self.config.labeler != "none" and self.config.label_budget > 0
@@ -116,7 +120,7 @@ class LabelPolicy:
     def consider(self, user: str, state: UserState, psi: np.ndarray, q_hat: np.ndarray,
                  stats: dict[str, int]) -> dict[str, Any] | None:
         """A label-requests body when u should be labelled now, else None."""
-        if not self.enabled or state.requested or state.label is not None:
+        if not self.enabled or state.requested or state.label is not None or user in self.excluded:
             return None
         if len(state.items) < self.config.label_min_purchases:
             return None
