@@ -210,7 +210,7 @@ def test_invariant_online_retail_slice(stream_config, worker_factory, produce, t
         if key in set(part["user_id"].astype(str)) and len(labels) < 8 and any(i is not None for i in idx):
             labels[key] = [i for i in idx if i is not None]
     assert labels, "no labelled customer in the slice"
-    config = replace(stream_config, eps=0.1, personas_path=personas, worker_port=0)
+    config = replace(stream_config, eps=0.1, personas_path=personas, worker_port=0, label_sources=("test",))
     run_and_check(config, worker_factory, produce, part, labels, len(pset))
 
 
