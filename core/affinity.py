@@ -42,6 +42,7 @@ __all__ = [
     "exact_affinity",
     "revaff_affinity",
     "compute_affinity",
+    "self_return",
     "top_personas",
 ]
 
@@ -195,6 +196,41 @@ def compute_affinity(
     psi *= c
     logger.debug("affinity %s: %d users x %d personas, hops=%d", method, *psi.shape, hops)
     return psi
+
+
+def self_return(graph: BipartiteGraph, users: np.ndarray, hops: int = 1,
+                weight: EdgeWeight = "binary", chunk: int = 256) -> np.ndarray:
+    """D[u] = (1/ℓ̂) Σ_ℓ ((P P')^ℓ)[u, u] for each of `users`: how much of u's own label comes
+    back to u in Ψ_raw.
+
+    Ψ_raw is linear in L, so a prototype's leave-one-out affinity (its label removed, everyone
+    else's kept) is exactly Ψ_raw[u] − D[u]·L[u] — what a decoder must be calibrated on, since
+    unlabelled users never see their own label. ℓ̂ = 1 has the closed form
+    Σ_v w_uv² / (d_u d_v); longer walks propagate the users' unit vectors, `chunk` at a time.
+    """
+    hops = _check_hops(hops)
+    users = np.asarray(users, dtype=np.int64).ravel()
+    if users.size and (users.min() < 0 or users.max() >= graph.n_users):
+        raise ValueError(f"user index out of range [0, {graph.n_users})")
+    if hops == 1:
+        w = graph.weighted(weight)
+        d_user = np.asarray(w.sum(axis=1)).ravel()
+        d_item = np.bincount(w.indices, weights=w.data, minlength=graph.n_items)
+        rows = np.repeat(np.arange(graph.n_users), np.diff(w.indptr))
+        vals = w.data**2 / (d_user[rows] * d_item[w.indices])
+        return np.bincount(rows, weights=vals, minlength=graph.n_users)[users]
+    P, Pt = graph.transitions(weight)
+    out = np.empty(users.size)
+    for lo in range(0, users.size, chunk):
+        part = users[lo: lo + chunk]
+        unit = sp.csr_matrix((np.ones(part.size), (part, np.arange(part.size))), shape=(graph.n_users, part.size))
+        x = _spmm(P, (Pt @ unit).toarray())
+        acc = x.copy()
+        for _ in range(hops - 1):
+            x = _spmm(P, _spmm(Pt, x))
+            acc += x
+        out[lo: lo + chunk] = acc[part, np.arange(part.size)] / hops
+    return out
 
 
 def top_personas(psi: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.gplr import GPLRResult, Progress as ProgressCallback, run_gplr, score_sets
+from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES
+from core.gplr import DECODERS, GPLRResult, Progress as ProgressCallback, run_gplr, score_sets
 from core.graph import BipartiteGraph
 from core.personas import PersonaSet
 
@@ -42,15 +43,25 @@ def _add_gplr_options(p: argparse.ArgumentParser, k: int, budget: float) -> None
     p.add_argument("--beta", type=float, default=0.5, help="de-bias strength β (default 0.5)")
     p.add_argument("--weight", choices=("binary", "count", "log"), default="binary",
                    help="edge weight for the transition matrices")
-    p.add_argument("--k", type=int, default=k, help="personas per unlabelled user (cap in adaptive mode)")
+    p.add_argument("--k", type=int, default=k,
+                   help="personas per unlabelled user (the cap with --decoder model or --adaptive)")
     p.add_argument("--adaptive", nargs="?", type=float, const=0.5, default=None, metavar="RATIO",
                    help="keep personas scoring >= RATIO x the user's best (default ratio 0.5), up to --k")
-    p.add_argument("--decoder", choices=("graph", "words"), default="graph",
-                   help="read personas off Ψ (graph, the paper) or off word classifiers trained on the prototypes")
+    p.add_argument("--decoder", choices=DECODERS, default="model",
+                   help="model: calibrated per-persona decoder over graph share + item-name channel (default, "
+                        "core.decoder); graph: top personas of Ψ (the paper); words: word classifiers")
+    p.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                   help="--decoder model: keep the top personas maximising expected F1 (default), or per-"
+                        "persona thresholds fitted for F1 or for the prototypes' prevalence")
+    p.add_argument("--prevalence-match", type=float, default=PREVALENCE_MATCH, metavar="S",
+                   help="--decoder model: move decisions this share (0..1) of the way towards the "
+                        "prototypes' persona prevalence (default %(default)s; 0 = pure expected F1)")
     p.add_argument("--min-score", type=float, default=None,
                    help="drop personas scoring below this (use ~0.35 with --decoder words)")
     p.add_argument("--rounds", type=int, default=5, help="labelling rounds T (default 5)")
-    p.add_argument("--sampling", choices=("du", "random"), default="du")
+    p.add_argument("--sampling", choices=("du", "random"), default="random",
+                   help="how rounds after the first pick prototypes (default random: measured best with "
+                        "--decoder model on Online Retail; du = the paper's distribution uncertainty)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -78,7 +89,8 @@ def _progress_bars(console: Console) -> Iterator[ProgressCallback]:
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(budget=args.budget, rounds=args.rounds, hops=args.hops, eps=args.eps, beta=args.beta,
                 method=args.method, weight=args.weight, k=args.k, adaptive=args.adaptive,
-                min_score=args.min_score, decoder=args.decoder, sampling=args.sampling, seed=args.seed)
+                min_score=args.min_score, decoder=args.decoder, rule=args.rule,
+                prevalence=args.prevalence_match, sampling=args.sampling, seed=args.seed)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -86,6 +98,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("gplr: --k, --rounds and --hops must be at least 1")
     if args.adaptive is not None and not 0 < args.adaptive <= 1:
         raise SystemExit("gplr: --adaptive RATIO must be in (0, 1]")
+    if not 0 <= args.prevalence_match <= 1:
+        raise SystemExit("gplr: --prevalence-match must be in [0, 1]")
 
 
 def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, result: GPLRResult) -> int:

@@ -3,10 +3,14 @@
 Rounds: the first round picks prototypes at random (seeded); each later round recomputes the
 affinity Ψ from the labels so far and picks the users with the highest DU score (Eq. 1), or
 random ones again for the ablation (`sampling="random"`). The final assignment keeps the
-prototypes' own labels and gives everyone else the top personas of Ψ (`assign_personas`, shared
-by the CLI, the benchmark and the stream), or, with `decoder="words"`, the personas of word
-classifiers trained on the same prototypes (`core.word_personas`; on Online Retail it beats Ψ
-by about 0.07 F1 at a 5% budget, see bench/labels.py).
+prototypes' own labels and gives everyone else
+
+* `decoder="model"` (what `gplr label` and the stream use): the calibrated decoder of
+  `core.decoder` over the graph share of Ψ_raw and the item–persona channel
+  (`core.item_channel`), 1..k personas per user;
+* `decoder="graph"` (the paper, this function's default): the top personas of Ψ
+  (`assign_personas`);
+* `decoder="words"`: word classifiers trained on the same prototypes (`core.word_personas`).
 
 Budget accounting: the budget counts label *requests*. A user whose request failed (error or
 no persona left after dropping names outside the set) spent its request, is never asked
@@ -22,7 +26,8 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from core.affinity import compute_affinity, label_distribution, prototype_matrix, top_personas
+from core.affinity import compute_affinity, debias_weights, label_distribution, prototype_matrix, top_personas
+from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES, PersonaModel, fit_persona_model, with_prior
 from core.du import du_scores, select_du
 from core.graph import BipartiteGraph, EdgeWeight
 from core.labelers import histories_for
@@ -35,6 +40,7 @@ __all__ = [
     "RoundInfo",
     "Progress",
     "assign_personas",
+    "with_prototypes",
     "resolve_budget",
     "score_sets",
     "round_sizes",
@@ -45,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 Sampling = Literal["du", "random"]
 Method = Literal["exact", "revaff"]
-Decoder = Literal["graph", "words"]
+Decoder = Literal["model", "graph", "words"]
+DECODERS: tuple[str, ...] = ("model", "graph", "words")
 #: progress(stage, done, total): stage is e.g. "round 2/5: labelling" or "affinity".
 Progress = Callable[[str, int, int], None]
 
@@ -93,8 +100,9 @@ class RoundInfo:
 
 @dataclass
 class GPLRResult:
-    """`psi` is the graph affinity Ψ; `scores` what the assignment was read from (Ψ itself, or
-    the word decoder's probabilities when `decoder="words"`)."""
+    """`psi` is the graph affinity Ψ; `scores` what the assignment was read from (the persona
+    model's calibrated probabilities, Ψ itself, or the word decoder's probabilities); `model`
+    the fitted `core.decoder.PersonaModel` when `decoder="model"` (the stream can load it)."""
 
     psi: np.ndarray
     q_hat: np.ndarray
@@ -105,6 +113,7 @@ class GPLRResult:
     rounds: list[RoundInfo] = field(default_factory=list)
     dropped_names: dict[str, int] = field(default_factory=dict)
     scores: np.ndarray | None = None
+    model: PersonaModel | None = None
 
 
 def score_sets(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -187,14 +196,7 @@ def assign_personas(
     k = min(k, n_personas)  # a persona set smaller than k: everyone may get all of them
     if adaptive is not None and not 0.0 < adaptive <= 1.0:
         raise ValueError(f"adaptive ratio must be in (0, 1], got {adaptive}")
-    prototypes = dict(prototypes or {})
-    scores_src = psi
-    if prior is not None:
-        empty = ~(psi > 0).any(axis=1)
-        if empty.any():
-            prior = np.asarray(prior, dtype=np.float64).ravel()
-            scores_src = psi.copy()
-            scores_src[empty] = prior
+    scores_src = psi if prior is None else with_prior(psi, prior, ~(psi > 0).any(axis=1))
     idx, scores = top_personas(scores_src, k)
     idx = np.asarray(idx, dtype=np.int64).copy()
     scores = np.asarray(scores, dtype=np.float64).copy()
@@ -207,17 +209,30 @@ def assign_personas(
         keep[:, : max(1, min_k)] |= scores[:, : max(1, min_k)] > 0
     idx[~keep] = -1
     scores[~keep] = 0.0
+    return with_prototypes(idx, scores, psi, prototypes)
+
+
+def with_prototypes(idx: np.ndarray, scores: np.ndarray, source: np.ndarray,
+                    prototypes: Mapping[int, Sequence[int]] | None) -> Assignment:
+    """An `Assignment` of decided personas (`idx`/`scores`, -1 padded) in which prototypes keep
+    their own labels (scored by `source`, the matrix the decision was read from)."""
+    prototypes = dict(prototypes or {})
+    n_users, k = idx.shape
     width = max([k] + [len(v) for v in prototypes.values()])
+    idx = np.asarray(idx, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
     if width > k:
         idx = np.pad(idx, ((0, 0), (0, width - k)), constant_values=-1)
         scores = np.pad(scores, ((0, 0), (0, width - k)))
+    else:
+        idx, scores = idx.copy(), scores.copy()
     labelled = np.zeros(n_users, dtype=bool)
     for u, labels in prototypes.items():
         labels = np.asarray(labels, dtype=np.int64)
         idx[u] = -1
         scores[u] = 0.0
         idx[u, : labels.size] = labels
-        scores[u, : labels.size] = psi[u, labels]
+        scores[u, : labels.size] = source[u, labels]
         labelled[u] = True
     return Assignment(idx, scores, labelled)
 
@@ -272,6 +287,8 @@ def run_gplr(
     adaptive: float | None = None,
     min_score: float | None = None,
     decoder: Decoder = "graph",
+    rule: str = DEFAULT_RULE,
+    prevalence: float = PREVALENCE_MATCH,
     sampling: Sampling = "du",
     seed: int = 0,
     exclude: np.ndarray | None = None,
@@ -279,14 +296,18 @@ def run_gplr(
 ) -> GPLRResult:
     """Algorithm 1. `exclude` (user indices) are never chosen as prototypes (held-out users).
 
-    Sampling always uses Ψ. The final personas are read from Ψ (`decoder="graph"`, the paper)
-    or from per-persona word classifiers trained on the same prototypes (`decoder="words"`,
-    see `core.word_personas`; pair it with `min_score`, e.g. 0.35).
+    Sampling always uses Ψ. The final personas come from the fitted persona model
+    (`decoder="model"`: `rule` picks the decision rule, `prevalence` how far decisions are
+    moved towards the prototypes' persona prevalence, `k` caps the personas; `adaptive` and
+    `min_score` do not apply), from Ψ (`decoder="graph"`, the paper) or from per-persona word
+    classifiers (`decoder="words"`; pair it with `min_score`, e.g. 0.35).
     """
     if sampling not in ("du", "random"):
         raise ValueError(f"sampling must be 'du' or 'random', got {sampling!r}")
-    if decoder not in ("graph", "words"):
-        raise ValueError(f"decoder must be 'graph' or 'words', got {decoder!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     n_users, n_personas = graph.n_users, len(personas)
     if n_users == 0:
         raise ValueError("the purchase graph has no users")
@@ -335,15 +356,28 @@ def run_gplr(
         logger.info("round %d (%s): %d requested, %d labelled, %d failed", r + 1, how, chosen.size, len(got), len(bad))
     if not labels:
         logger.warning("no prototype was labelled; every user gets an empty assignment")
-    scores = psi
-    if decoder == "words" and labels:
-        from core.word_personas import word_persona_scores  # sklearn only when asked for
+    scores, model = psi, None
+    if decoder == "model" and labels:
+        if progress:
+            progress("persona model", 0, 1)
+        psi_raw = psi / debias_weights(q_hat, beta)  # c > 0: Ψ_raw back, scale-free for the decoder
+        model = fit_persona_model(graph, labels, n_personas, psi_raw, hops=hops, weight=weight, seed=seed,
+                                  rule=rule, max_personas=k, prevalence=prevalence)
+        scores = model.probabilities(graph, psi_raw)
+        idx, decided = model.decoder.decide(psi_raw, model.text_logits(graph), graph.user_degree)
+        assignment = with_prototypes(idx, decided, scores, labels)
+        if progress:
+            progress("persona model", 1, 1)
+    else:
+        if decoder == "words" and labels:
+            from core.word_personas import word_persona_scores  # sklearn only when asked for
 
-        if progress:
-            progress("word decoder", 0, 1)
-        scores = word_persona_scores(graph, labels, n_personas)
-        if progress:
-            progress("word decoder", 1, 1)
-    assignment = assign_personas(scores, k, adaptive=adaptive, min_score=min_score, prototypes=labels,
-                                 prior=q_hat if labels else None)
-    return GPLRResult(psi, q_hat, labels, failed, assignment, labeler.stats.as_dict(), infos, dropped, scores)
+            if progress:
+                progress("word decoder", 0, 1)
+            scores = word_persona_scores(graph, labels, n_personas)
+            if progress:
+                progress("word decoder", 1, 1)
+        assignment = assign_personas(scores, k, adaptive=adaptive, min_score=min_score, prototypes=labels,
+                                     prior=q_hat if labels else None)
+    return GPLRResult(psi, q_hat, labels, failed, assignment, labeler.stats.as_dict(), infos, dropped, scores,
+                      model)

@@ -259,13 +259,16 @@ def test_exclude_seed_sampling_and_progress() -> None:
         run(sampling="greedy")
 
 
-def test_recovers_planted_personas_better_than_popularity() -> None:
+@pytest.mark.parametrize("decoder", ["graph", "model"])
+def test_recovers_planted_personas_better_than_popularity(decoder: str) -> None:
     from core.synthetic import make_shop
 
     shop = make_shop(n_users=400, n_items=300, n_personas=6, seed=1)
     g = shop.graph()
     truth = {str(u): tuple(int(p) for p in shop.user_truth[u]) for u in g.user_ids}
-    res = run_gplr(g, shop.personas, TruthLabeler(shop.personas, truth), budget=0.3, rounds=3, k=2, beta=0.0, seed=0)
+    res = run_gplr(g, shop.personas, TruthLabeler(shop.personas, truth), budget=0.3, rounds=3, k=2, beta=0.0, seed=0,
+                   decoder=decoder)
+    assert (res.model is not None) == (decoder == "model")
 
     def f1(pred: tuple[int, ...], true: tuple[int, ...]) -> float:
         tp = len(set(pred) & set(true))
@@ -276,3 +279,7 @@ def test_recovers_planted_personas_better_than_popularity() -> None:
     pop = tuple(np.argsort(-res.q_hat, kind="stable")[:2].tolist())
     base = np.mean([f1(pop, truth[str(g.user_ids[u])]) for u in others])
     assert ours > base + 0.08
+    if decoder == "model":  # prototypes keep their labels; the model's own decisions use 1..k personas
+        counts = res.assignment.counts()[others]
+        assert counts.min() >= 1 and counts.max() <= 2
+        assert all(res.assignment.personas_of(u) == tuple(res.prototypes[u]) for u in res.prototypes)

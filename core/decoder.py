@@ -1,0 +1,417 @@
+"""One calibrated persona decoder for batch and stream.
+
+Why: reading the top-5 of Ψ gives every user five personas whatever the evidence and favours
+the common personas; Ψ's scale also depends on degrees and density, so no absolute cut-off
+transfers between shops. Instead, per persona m, a small logistic model turns two scale-free
+channels into a calibrated probability
+
+    p[u, m] = σ(a_m · [t[u, m], g[u, m], √g[u, m]] + b_m),
+
+with t the item channel's text logit (mean of the items' s(v), `core.item_channel`) and
+g = Ψ_raw[u, m] / Σ_m' Ψ_raw[u, m'] the user's share of graph affinity. It is fitted on the
+prototypes with leave-one-out graph scores (a prototype's own label is removed from its Ψ_raw,
+exactly, by linearity: `core.affinity.self_return`) and out-of-fold text logits, because an
+unlabelled user never sees its own label. A persona is decided when p ≥ its own threshold
+(fitted per persona on the same held-out scores), best first, at most `max_personas`, at least
+one; so a niche persona needs only to beat its own cut-off, not a global one. The default rule
+("expected_f1") instead keeps, per user, the top-k that maximises the expected F1 of the set
+given the calibrated p — a variable number of personas with no global cut-off at all. Because
+a per-user optimum over-assigns the common personas, the fitted intercepts are finally shifted
+part of the way towards the prototypes' persona prevalence (`match_prevalence`).
+
+A user with neither channel (no purchase and no prototype in reach) gets the prior — the
+prototypes' base rates — through `with_prior`, the same fallback `core.gplr.assign_personas`
+uses.
+
+Batch calls `PersonaDecoder.decide` on matrices, the stream `decide_one` on one user's
+(Ψ_raw row, text-logit mean row, degree); the fitted decoder is JSON-able (`to_dict`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from core.affinity import exact_affinity, prototype_matrix, self_return
+from core.graph import BipartiteGraph, EdgeWeight
+from core.incremental import PersonaSnapshot
+from core.item_channel import (
+    DEFAULT_C,
+    SKETCH_WIDTH,
+    ItemChannel,
+    user_features_matrix,
+    fit_item_channel,
+    name_features,
+    out_of_fold_text_logits,
+    user_text_logits,
+)
+
+__all__ = [
+    "FEATURES",
+    "RULES",
+    "Rule",
+    "PersonaDecoder",
+    "PersonaModel",
+    "graph_share",
+    "decoder_features",
+    "with_prior",
+    "select_personas",
+    "fit_thresholds",
+    "fit_decoder",
+    "match_prevalence",
+    "DEFAULT_RULE",
+    "PREVALENCE_MATCH",
+    "loo_psi_raw",
+    "fit_persona_model",
+]
+
+logger = logging.getLogger(__name__)
+
+FEATURES = ("text_logit", "graph_share", "sqrt_graph_share")
+Rule = Literal["f1", "prevalence", "expected_f1"]
+RULES: tuple[str, ...] = ("f1", "prevalence", "expected_f1")
+NEVER = 2.0  # threshold of a persona no prototype has: no probability reaches it
+#: Decision rule and prevalence-matching strength of `gplr label` and the stream, chosen on
+#: Online Retail's validation split (bench/persona_quality.py).
+DEFAULT_RULE = "expected_f1"
+PREVALENCE_MATCH = 0.5
+DECODER_C = 100.0  # features are O(0.1) shares: weak regularisation (C=1 flattened the graph channel)
+MAX_PERSONAS = 5
+
+
+# -- features ------------------------------------------------------------------------------------
+def graph_share(psi_raw: np.ndarray) -> np.ndarray:
+    """Ψ_raw rows divided by their sums (scale-free); rows no prototype reaches stay 0."""
+    psi = np.atleast_2d(np.asarray(psi_raw, dtype=np.float64))
+    sums = psi.sum(axis=1, keepdims=True)
+    return np.divide(psi, sums, out=np.zeros_like(psi), where=sums > 0)
+
+
+def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+    """users × personas × FEATURES."""
+    g = graph_share(psi_raw)
+    t = np.clip(np.atleast_2d(np.asarray(text_logit, dtype=np.float64)), -20.0, 20.0)
+    if t.shape != g.shape:
+        raise ValueError(f"text logits {t.shape} and Ψ_raw {g.shape} differ in shape")
+    return np.stack([t, g, np.sqrt(g)], axis=2)
+
+
+def with_prior(scores: np.ndarray, prior: np.ndarray | None, empty: np.ndarray) -> np.ndarray:
+    """`scores` with the rows marked `empty` (no evidence at all) replaced by `prior`.
+
+    The one no-evidence fallback of batch (`core.gplr.assign_personas`) and the decoder.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    empty = np.asarray(empty, dtype=bool)
+    if prior is None or not empty.any():
+        return scores
+    out = scores.copy()
+    out[empty] = np.asarray(prior, dtype=np.float64).ravel()
+    return out
+
+
+# -- the decision rule ---------------------------------------------------------------------------
+def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_personas: int = MAX_PERSONAS,
+                    rule: str = "f1") -> tuple[np.ndarray, np.ndarray]:
+    """(idx, scores), users × max_personas, padded with -1 / 0: the decided personas, best first.
+
+    Threshold rules keep personas with p ≥ their threshold; "expected_f1" keeps the top-k that
+    maximises the user's expected F1, 2·Σ_{j≤k} p_j / (k + Σ_j p_j). Either way at least one
+    persona (the most probable) and at most `max_personas`; ties go to the lower persona index.
+    """
+    p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+    n, m = p.shape
+    k = min(max_personas, m)
+    if k < 1:
+        raise ValueError(f"max_personas must be at least 1, got {max_personas}")
+    order = np.lexsort((np.broadcast_to(np.arange(m), p.shape), -p), axis=1)[:, :k]
+    top = np.take_along_axis(p, order, axis=1)
+    if rule == "expected_f1":
+        gain = 2 * np.cumsum(top, axis=1) / (np.arange(1, k + 1) + p.sum(axis=1, keepdims=True))
+        keep = np.arange(k) <= gain.argmax(axis=1)[:, None]
+    elif rule in ("f1", "prevalence"):
+        if thresholds is None:
+            raise ValueError(f"rule {rule!r} needs per-persona thresholds")
+        keep = top >= np.asarray(thresholds, dtype=np.float64)[order]
+        keep[:, 0] = True
+    else:
+        raise ValueError(f"unknown decision rule {rule!r}; choose from {RULES}")
+    keep &= top > 0
+    first = np.argsort(~keep, axis=1, kind="stable")  # kept personas first, still best first
+    keep = np.take_along_axis(keep, first, axis=1)
+    idx = np.where(keep, np.take_along_axis(order, first, axis=1), -1)
+    return idx, np.where(keep, np.take_along_axis(top, first, axis=1), 0.0)
+
+
+def fit_thresholds(probs: np.ndarray, y: np.ndarray, rule: str = "f1") -> np.ndarray:
+    """Per-persona thresholds on held-out probabilities of labelled users.
+
+    "f1": the cut maximising that persona's F1 over the prototypes (the lowest such cut);
+    "prevalence": the cut at which as many prototypes pass as carry the persona. A persona no
+    prototype carries gets `NEVER`.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=bool)
+    if p.shape != y.shape or p.ndim != 2:
+        raise ValueError(f"probabilities {p.shape} and labels {y.shape} must be equal 2-d shapes")
+    out = np.full(p.shape[1], NEVER)
+    for m in range(p.shape[1]):
+        pos = int(y[:, m].sum())
+        if pos == 0:
+            continue
+        order = np.argsort(-p[:, m], kind="stable")
+        ps, ys = p[order, m], y[order, m]
+        if rule == "prevalence":
+            out[m] = ps[pos - 1]
+            continue
+        if rule != "f1":
+            raise ValueError(f"thresholds are fitted for 'f1' or 'prevalence', not {rule!r}")
+        last = np.r_[ps[1:] != ps[:-1], True]  # a cut keeps all of a tied group or none of it
+        tp = np.cumsum(ys)[last]
+        kept = np.flatnonzero(last) + 1
+        f1 = 2 * tp / (kept + pos)
+        out[m] = ps[last][f1.size - 1 - int(np.argmax(f1[::-1]))]  # the lowest of equally good cuts
+    return out
+
+
+@dataclass(frozen=True)
+class PersonaDecoder:
+    """Fitted per-persona rule: p = σ(coef[m]·features + intercept[m]), decide p ≥ thresholds[m]."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    thresholds: np.ndarray
+    prior: np.ndarray
+    max_personas: int = MAX_PERSONAS
+    rule: str = "f1"
+
+    def __post_init__(self) -> None:
+        m = np.asarray(self.intercept).size
+        for name, shape in (("coef", (m, len(FEATURES))), ("intercept", (m,)), ("thresholds", (m,)),
+                            ("prior", (m,))):
+            value = np.asarray(getattr(self, name), dtype=np.float64).reshape(shape)
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"decoder {name} must be finite")
+            object.__setattr__(self, name, value)
+        if self.rule not in RULES:
+            raise ValueError(f"unknown decision rule {self.rule!r}; choose from {RULES}")
+        if self.max_personas < 1:
+            raise ValueError("max_personas must be at least 1")
+
+    @property
+    def n_personas(self) -> int:
+        return int(self.intercept.size)
+
+    def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray) -> np.ndarray:
+        """Calibrated p[u, m] in [0, 1]; users with no purchase and no affinity get the prior."""
+        x = decoder_features(psi_raw, text_logit)
+        z = np.einsum("umf,mf->um", x, self.coef) + self.intercept
+        p = 1.0 / (1.0 + np.exp(-z))
+        degree = np.atleast_1d(np.asarray(degree))
+        empty = (degree <= 0) & ~(np.atleast_2d(psi_raw) > 0).any(axis=1)
+        return with_prior(p, self.prior, empty)
+
+    def decide(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised: (idx, scores), users × max_personas, best first, -1 / 0 padded."""
+        return select_personas(self.probabilities(psi_raw, text_logit, degree), self.thresholds,
+                               self.max_personas, self.rule)
+
+    def decide_one(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: int) -> PersonaSnapshot:
+        """One user's persona snapshot (the stream worker's call)."""
+        idx, scores = self.decide(np.asarray(psi_raw, dtype=np.float64)[None, :],
+                                  np.asarray(text_logit, dtype=np.float64)[None, :], np.array([degree]))
+        keep = idx[0] >= 0
+        return PersonaSnapshot(tuple(int(i) for i in idx[0][keep]), tuple(float(s) for s in scores[0][keep]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "persona_decoder", "features": list(FEATURES), "coef": self.coef.tolist(),
+                "intercept": self.intercept.tolist(), "thresholds": self.thresholds.tolist(),
+                "prior": self.prior.tolist(), "max_personas": int(self.max_personas), "rule": self.rule}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PersonaDecoder":
+        if d.get("kind") != "persona_decoder":
+            raise ValueError("not a persona decoder dict (kind != 'persona_decoder')")
+        if list(d.get("features", [])) != list(FEATURES):
+            raise ValueError(f"decoder features {d.get('features')} differ from this version's {list(FEATURES)}")
+        return cls(np.asarray(d["coef"]), np.asarray(d["intercept"]), np.asarray(d["thresholds"]),
+                   np.asarray(d["prior"]), int(d["max_personas"]), str(d["rule"]))
+
+
+def fit_decoder(
+    psi_raw: np.ndarray,
+    text_logit: np.ndarray,
+    y: np.ndarray,
+    *,
+    rule: str = "f1",
+    max_personas: int = MAX_PERSONAS,
+    C: float = DECODER_C,
+    per_persona: bool = False,
+) -> PersonaDecoder:
+    """Fit the decoder on labelled users' held-out scores (rows: prototypes).
+
+    `psi_raw` must be leave-one-out (`loo_psi_raw`) and `text_logit` out-of-fold. The slopes
+    are shared by all personas (pooled over prototype × persona pairs, with a persona's own
+    intercept) unless `per_persona`, where a persona with at least 5 positives gets its own.
+    """
+    y = np.asarray(y, dtype=bool)
+    x = decoder_features(psi_raw, text_logit)
+    n, m, f = x.shape
+    if y.shape != (n, m):
+        raise ValueError(f"labels {y.shape} do not match scores {(n, m)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; choose from {RULES}")
+    prior = (y.sum(axis=0) + 0.5) / (n + 1.0)
+    onehot = np.tile(np.eye(m), (n, 1))
+    design = np.hstack([x.reshape(n * m, f), onehot])
+    target = y.reshape(n * m)
+    coef = np.zeros((m, f))
+    intercept = np.log(prior / (1 - prior))
+    if 0 < target.sum() < target.size:
+        from sklearn.linear_model import LogisticRegression  # sklearn only when fitting
+
+        model = LogisticRegression(C=C, fit_intercept=False, max_iter=5000).fit(design, target)
+        coef[:] = model.coef_[0, :f]
+        intercept = model.coef_[0, f:].copy()
+        # a persona with no positive (or no negative) prototype: its intercept alone is unbounded
+        pos = y.sum(axis=0)
+        flat = (pos == 0) | (pos == n)
+        intercept[flat] = np.log(prior[flat] / (1 - prior[flat])) - x[:, flat, :].mean(axis=0) @ coef[0]
+        if per_persona:
+            for j in np.flatnonzero((pos >= 5) & (pos <= n - 5)):
+                own = LogisticRegression(C=C, max_iter=5000).fit(x[:, j, :], y[:, j])
+                coef[j], intercept[j] = own.coef_[0], own.intercept_[0]
+    dec = PersonaDecoder(coef, intercept, np.zeros(m), prior, max_personas, rule)
+    probs = dec.probabilities(psi_raw, text_logit, np.ones(n))
+    thresholds = np.zeros(m) if rule == "expected_f1" else fit_thresholds(probs, y, rule)
+    return PersonaDecoder(coef, intercept, thresholds, prior, max_personas, rule)
+
+
+def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
+                     strength: float = 0.5, iters: int = 30) -> PersonaDecoder:
+    """The decoder with its intercepts shifted so that its decisions over these (unlabelled)
+    users move towards the prototypes' persona prevalence; `strength` in [0, 1] is the share of
+    the full matching shift applied (0: unchanged, 1: prevalence matched).
+
+    Why: a per-user F1-optimal rule over-assigns the common personas (every user "probably" has
+    them), which makes many users' sets identical and under-serves the mid-frequency ones. The
+    full shift δ solves decided-share(m) = π_m · (mean set size / Σπ) by a damped fixed point
+    (δ += ½·log(target / share)); only the labels' shape is matched, not the set size.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength == 0.0 or np.asarray(psi_raw).shape[0] == 0:
+        return decoder
+    x = decoder_features(psi_raw, text_logit)
+    z = np.einsum("umf,mf->um", x, decoder.coef) + decoder.intercept
+    pi = decoder.prior
+    delta = np.zeros_like(pi)
+    for _ in range(iters):
+        idx, _ = select_personas(1.0 / (1.0 + np.exp(-(z + delta))), decoder.thresholds,
+                                 decoder.max_personas, decoder.rule)
+        share = np.bincount(idx[idx >= 0], minlength=pi.size) / idx.shape[0]
+        target = pi * share.sum() / pi.sum()
+        delta += 0.5 * (np.log(target + 1e-3) - np.log(share + 1e-3))
+    return PersonaDecoder(decoder.coef, decoder.intercept + strength * delta, decoder.thresholds, decoder.prior,
+                          decoder.max_personas, decoder.rule)
+
+
+# -- fitting from a graph ------------------------------------------------------------------------
+def loo_psi_raw(graph: BipartiteGraph, prototypes: Mapping[int, Sequence[int]], n_personas: int,
+                psi_raw: np.ndarray | None = None, hops: int = 1, weight: EdgeWeight = "binary") -> np.ndarray:
+    """Ψ_raw of each prototype (rows in `prototypes` order) with its own label removed — equal to
+    recomputing Ψ_raw without that prototype, by linearity (`self_return`)."""
+    users = np.fromiter(prototypes.keys(), dtype=np.int64, count=len(prototypes))
+    phi = prototype_matrix(graph.n_users, prototypes, n_personas)
+    if psi_raw is None:
+        psi_raw = exact_affinity(graph, phi, hops, weight)
+    own = phi[users] / np.maximum(phi[users].sum(axis=1, keepdims=True), 1e-300)
+    loo = np.asarray(psi_raw)[users] - self_return(graph, users, hops, weight)[:, None] * own
+    return np.maximum(loo, 0.0)  # rounding may leave -1e-17
+
+
+@dataclass(frozen=True)
+class PersonaModel:
+    """Item channel + decoder: everything needed to decide a user's personas from Ψ_raw."""
+
+    channel: ItemChannel
+    decoder: PersonaDecoder
+
+    def text_logits(self, graph: BipartiteGraph) -> np.ndarray:
+        return user_text_logits(graph, self.channel)
+
+    def item_vectors(self, names: Sequence[str]) -> np.ndarray:
+        """What the stream adds to a user's running sum per new item (`ItemChannel.item_vectors`)."""
+        return self.channel.item_vectors(names)
+
+    def decide_user(self, psi_raw: np.ndarray, vector_sum: np.ndarray, degree: int) -> PersonaSnapshot:
+        """The stream worker's call: one user's snapshot from its Ψ_raw row, the running sum of
+        its items' `item_vectors` and its number of distinct items."""
+        vector_sum = np.asarray(vector_sum, dtype=np.float64)
+        text = self.channel.text_logits(vector_sum / max(int(degree), 1))[0]
+        return self.decoder.decide_one(psi_raw, text, degree)
+
+    def decide(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's (idx, scores) from the exact Ψ_raw of the graph."""
+        return self.decoder.decide(psi_raw, self.text_logits(graph), graph.user_degree)
+
+    def probabilities(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> np.ndarray:
+        return self.decoder.probabilities(psi_raw, self.text_logits(graph), graph.user_degree)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "persona_model", "channel": self.channel.to_dict(), "decoder": self.decoder.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PersonaModel":
+        if d.get("kind") != "persona_model":
+            raise ValueError("not a persona model dict (kind != 'persona_model')")
+        return cls(ItemChannel.from_dict(d["channel"]), PersonaDecoder.from_dict(d["decoder"]))
+
+
+def fit_persona_model(
+    graph: BipartiteGraph,
+    prototypes: Mapping[int, Sequence[int]],
+    n_personas: int,
+    psi_raw: np.ndarray | None = None,
+    *,
+    hops: int = 1,
+    weight: EdgeWeight = "binary",
+    folds: int = 5,
+    seed: int = 0,
+    text_C: float = DEFAULT_C,
+    sketch: int = SKETCH_WIDTH,
+    decoder_C: float = DECODER_C,
+    rule: str = DEFAULT_RULE,
+    max_personas: int = MAX_PERSONAS,
+    per_persona: bool = False,
+    prevalence: float = PREVALENCE_MATCH,
+) -> PersonaModel:
+    """Fit the item channel on all prototypes and the decoder on their held-out scores, then
+    shift it `prevalence` of the way towards the prototypes' persona prevalence over the
+    graph's other users (`match_prevalence`).
+
+    `psi_raw` is the exact, not de-biased Ψ_raw of all users for these prototypes (computed
+    when omitted). Deterministic given the prototypes and `seed` (the fold split).
+    """
+    if not prototypes:
+        raise ValueError("the persona model needs at least one labelled prototype")
+    features, vocab = name_features(graph.item_names)
+    x = user_features_matrix(graph, features, sketch)
+    shared = dict(C=text_C, sketch=sketch, features=features, vocabulary=vocab, user_features=x)
+    channel = fit_item_channel(graph, prototypes, n_personas, **shared)
+    text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, **shared)
+    psi_loo = loo_psi_raw(graph, prototypes, n_personas, psi_raw, hops, weight)
+    y = prototype_matrix(len(prototypes), dict(enumerate(prototypes.values())), n_personas) > 0
+    decoder = fit_decoder(psi_loo, text_oof, y, rule=rule, max_personas=max_personas, C=decoder_C,
+                          per_persona=per_persona)
+    if prevalence > 0:
+        if psi_raw is None:
+            psi_raw = exact_affinity(graph, prototype_matrix(graph.n_users, prototypes, n_personas), hops, weight)
+        rest = np.setdiff1d(np.arange(graph.n_users), np.fromiter(prototypes, dtype=np.int64))
+        text = user_text_logits(graph, channel)
+        decoder = match_prevalence(decoder, np.asarray(psi_raw)[rest], text[rest], graph.user_degree[rest],
+                                   prevalence)
+    return PersonaModel(channel, decoder)
