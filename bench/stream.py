@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     users = args.users or (250 if args.quick else 2000)
     n_personas = 12
-    base = dataclasses.replace(StreamConfig.from_env(), labeler="none", hysteresis=0.0, beta=0.0,
+    base = dataclasses.replace(StreamConfig.from_env(), labeler="none", hysteresis=0.0, beta=0.0, decoder="graph",
                                metrics_port=0, label_budget=0.0, log_level="info")
     shop = make_shop(n_users=users, n_items=max(60, users * 3 // 10), n_personas=n_personas, seed=0)
     events = list(iter_events(shop.frame))

@@ -1,12 +1,25 @@
 """The stream's push arithmetic (ℓ̂ = 1) as plain state and pure-ish functions, without Kafka.
 
 Design: /work/shared/design/incremental-affinity.md. With P[u,v] = 1/d_u, P'[v,u] = 1/d_v and
-L[w] the row-normalised prototype label,
+L[w] the row-normalised prototype label (‖L[w]‖₁ = 1),
 
     Ψ_raw[u] = (1/d_u) Σ_{v∈N(u)} M[v],   M[v] = S[v] / d_v,   S[v] = Σ_{w∈N(v)} L[w].
 
 Item v keeps S[v], its buyers and M̃[v] (the value its buyers were last told); user u keeps
-T[u] = Σ_v M̃[v] so Ψ̂_raw[u] = T[u] / d_u and |Ψ_raw − Ψ̂_raw| ≤ max_v ‖M[v] − M̃[v]‖∞ < θ = ε/2.
+T[u] = Σ_v M̃[v] so Ψ̂_raw[u] = T[u] / d_u.
+
+The guarantee is relative (scale-free): item v pushes when ‖M[v] − M̃[v]‖₁ > θ·‖M[v]‖₁ with
+θ = ε/2 (`threshold`). Since M ≥ 0, ‖Σ_v M[v]‖₁ = Σ_v ‖M[v]‖₁, so for every user
+
+    ‖Ψ̂_raw[u] − Ψ_raw[u]‖₁ ≤ (1/d_u) Σ_v ‖M[v] − M̃[v]‖₁ ≤ (θ/d_u) Σ_v ‖M[v]‖₁ = (ε/2)·‖Ψ_raw[u]‖₁,
+
+and the user's persona distribution Q_u = Ψ_raw[u] / ‖Ψ_raw[u]‖₁ is within ε in L1
+(‖a/|a| − b/|b|‖₁ ≤ 2‖a − b‖₁/|a|). After de-bias (Ψ = c ⊙ Ψ_raw, 0 < c_m ≤ 1) the absolute
+error is still ≤ (ε/2)‖Ψ_raw[u]‖₁ ≤ ε/2 (‖Ψ_raw[u]‖₁ ≤ 1), and the de-biased distribution is
+within ε / min_m c_m. None of this depends on degrees, density or the number of personas: a
+sparse catalogue whose scores are 100× smaller gets the same relative accuracy, at the same
+cost — a new buyer moves M[v] by ‖M[v]‖₁/(d_v+1) (unlabelled) so about θ·d_v buyers pass
+between two pushes of d_v messages: O(1/θ) amortised per purchase.
 
 Why absolute values instead of the note's deltas: the stream is at-least-once, so any message
 may arrive twice or be re-sent after a crash. Every message here is therefore *idempotent and
@@ -21,13 +34,15 @@ order-free*:
   converge to the same T.
 
 Only purchase counts are not idempotent; the stream guards them by event-id de-duplication.
-The de-bias c_m is applied at ranking time (`rank_personas`), never to pushed state.
+The de-bias c_m is applied at ranking time (`rank_personas`), never to pushed state; the
+hysteresis (`persona_change`) compares score moves relative to the user's total score, so it too
+is scale-free.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +54,7 @@ __all__ = [
     "ItemState",
     "PersonaSnapshot",
     "threshold",
+    "must_push",
     "label_vector",
     "user_purchase",
     "user_history",
@@ -48,8 +64,10 @@ __all__ = [
     "item_upsert",
     "item_value",
     "psi_raw",
+    "user_text_sum",
     "rank_personas",
     "persona_change",
+    "decide",
     "LocalNetwork",
 ]
 
@@ -57,10 +75,16 @@ logger = logging.getLogger(__name__)
 
 
 def threshold(eps: float, hops: int = 1) -> float:
-    """Per-hop residual threshold θ = ε / (2ℓ̂) (the paper's RevAff rule)."""
+    """Relative per-hop residual threshold θ = ε / (2ℓ̂): an item pushes when
+    ‖M − M̃‖₁ > θ‖M‖₁ (the paper's ε/(2ℓ̂) rule, stated relative to the item's own mass)."""
     if not 0 < eps:
         raise ValueError("eps must be positive")
     return eps / (2 * hops)
+
+
+def must_push(exact: np.ndarray, told: np.ndarray, theta: float) -> bool:
+    """The relative push rule ‖exact − told‖₁ > θ‖exact‖₁ (an item with M = M̃ = 0 never pushes)."""
+    return float(np.abs(exact - told).sum()) > theta * float(np.abs(exact).sum())
 
 
 def label_vector(personas: Sequence[int], n_personas: int) -> np.ndarray:
@@ -122,15 +146,23 @@ class UserState:
     published: dict[int, float] = field(default_factory=dict)  # persona -> score last published
     requested: bool = False  # a label request was sent
     seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
+    publishes: int = 0  # propagated persona updates published for this user
+    quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
+    text: np.ndarray | None = None  # Σ item vectors s(v) of the first `text_items` items (item channel)
+    text_items: int = 0
+    text_version: int = -1  # persona-model version the sum was computed with
+    confirmed: int = field(default=0, init=False)  # edges whose item has answered (derived)
 
     def __post_init__(self) -> None:
         if self.total is None:
             self.total = np.zeros(self.n_personas, dtype=np.float64)
+        self.confirmed = sum(1 for it in self.items.values() if it.seq >= 0)
 
     @property
     def degree(self) -> int:
-        """d_u counted on confirmed edges (those whose item has answered)."""
-        return sum(1 for it in self.items.values() if it.seq >= 0)
+        """d_u counted on confirmed edges (those whose item has answered); O(1), kept by
+        `user_apply_value` (a heavy buyer's Ψ̂ is read on every push)."""
+        return self.confirmed
 
 
 @dataclass(slots=True)
@@ -161,8 +193,15 @@ class ItemState:
 
     @property
     def residual(self) -> float:
-        """‖M[v] − M̃[v]‖∞, the error this item lends each of its buyers."""
-        return float(np.max(np.abs(self.exact - self.told))) if self.degree else 0.0
+        """‖M[v] − M̃[v]‖₁, the error mass this item lends each of its buyers."""
+        return float(np.abs(self.exact - self.told).sum()) if self.degree else 0.0
+
+    @property
+    def relative_residual(self) -> float:
+        """‖M[v] − M̃[v]‖₁ / ‖M[v]‖₁ (0 when both are 0, inf when only M̃ has mass)."""
+        mass = float(self.exact.sum()) if self.degree else 0.0
+        res = self.residual
+        return res / mass if mass > 0 else (0.0 if res == 0 else float("inf"))
 
 
 # -- user side --------------------------------------------------------------------------
@@ -209,8 +248,27 @@ def user_apply_value(state: UserState, item: str, seq: int, value: np.ndarray) -
         state.total += value - entry.value
     else:
         state.total += value
+    if entry.seq < 0:
+        state.confirmed += 1
     entry.seq, entry.value = seq, value
     return True
+
+
+def user_text_sum(state: UserState, item_vectors: Callable[[list[str]], np.ndarray], version: int
+                  ) -> np.ndarray:
+    """Σ_v item_vectors(v) over the user's distinct items, for persona-model `version`.
+
+    The text channel's running sum (`core.item_channel`: text logit = mean_v s(v)): items are
+    never removed and `items` keeps insertion order, so a new edge adds only its own vector; a
+    new model version recomputes the user's sum once, from its item names (exact, O(d_u))."""
+    if state.text is None or state.text_version != version:
+        state.text, state.text_items, state.text_version = None, 0, version
+    names = [it.name for it in list(state.items.values())[state.text_items:]]
+    if names or state.text is None:
+        add = np.asarray(item_vectors(names), dtype=np.float64).sum(axis=0)
+        state.text = add if state.text is None else state.text + add
+        state.text_items = len(state.items)
+    return state.text
 
 
 def psi_raw(state: UserState) -> np.ndarray:
@@ -228,7 +286,7 @@ def item_value(state: ItemState, item: str, users: Iterable[str]) -> ItemValue:
 def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> list[ItemValue]:
     """Apply a buyer upsert at the item; return the values to send (reply and/or push).
 
-    New buyer: d_v += 1, S += L. Newer label: S += L_new − L_old. If ‖M − M̃‖∞ ≥ θ afterwards,
+    New buyer: d_v += 1, S += L. Newer label: S += L_new − L_old. If ‖M − M̃‖₁ > θ‖M‖₁ afterwards,
     M̃ := M, seq += 1 and every buyer (the new one included) is told; else only a new buyer is
     told the shared M̃. A duplicate or stale upsert changes nothing and re-tells its sender, which
     the sender ignores unless its earlier reply was lost.
@@ -242,7 +300,7 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> l
     if msg.label is not None:
         state.s += msg.label
     state.buyers[msg.user] = (msg.version, None if msg.label is None else np.asarray(msg.label, dtype=np.float64))
-    if state.degree and np.max(np.abs(state.exact - state.told)) >= theta:
+    if state.degree and must_push(state.exact, state.told, theta):
         state.told = state.exact.copy()
         state.seq += 1
         return [item_value(state, item, state.buyers)]
@@ -252,10 +310,13 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> l
 # -- ranking ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PersonaSnapshot:
-    """Top personas (best first) with their de-biased scores."""
+    """Top personas (best first) with their scores; `scale` is what a score is measured against
+    (the user's total de-biased score, so score/scale is a share in [0, 1]; 1 for scores that
+    already are probabilities)."""
 
     personas: tuple[int, ...]
     scores: tuple[float, ...]
+    scale: float = 1.0
 
 
 def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
@@ -264,6 +325,7 @@ def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
 
     A user no prototype reaches yet (no positive score) gets the top of `prior` instead, e.g. Q̂,
     the label distribution: the same fallback as batch `core.gplr.assign_personas(prior=...)`.
+    The snapshot's scale is the sum of all positive scores (the user's distribution's normaliser).
     """
     scores = np.asarray(psi, dtype=np.float64)
     if debias is not None:
@@ -272,7 +334,8 @@ def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
         scores = np.asarray(prior, dtype=np.float64)
     order = np.lexsort((np.arange(len(scores)), -scores))[:k]
     order = [int(m) for m in order if scores[m] > 0]
-    return PersonaSnapshot(tuple(order), tuple(float(scores[m]) for m in order))
+    scale = float(scores[scores > 0].sum())
+    return PersonaSnapshot(tuple(order), tuple(float(scores[m]) for m in order), scale or 1.0)
 
 
 def persona_change(
@@ -280,8 +343,9 @@ def persona_change(
 ) -> bool:
     """Should the snapshot be published, given the scores last published?
 
-    Yes on the first non-empty snapshot, and afterwards when some persona in the old or new top-k
-    moved by more than `hysteresis` (a persona absent from a list counts as score 0). Small
+    Yes on the first non-empty snapshot, whenever the persona *set* changes, and when some
+    persona's score moved by more than `hysteresis` × `snapshot.scale` — a move of the user's
+    share, so one margin serves shops whose raw scores differ by orders of magnitude. Small
     wobbles of the propagated scores then do not flood persona-updates.
     """
     if not snapshot.personas:
@@ -289,14 +353,24 @@ def persona_change(
     if not published:
         return True
     new = dict(zip(snapshot.personas, snapshot.scores))
-    if set(new) == set(published) and all(
-        abs(new[m] - published[m]) <= hysteresis for m in new
-    ):
-        return False
-    for m in set(new) | set(published):
-        if abs(new.get(m, 0.0) - published.get(m, 0.0)) > hysteresis:
-            return True
-    return False
+    if set(new) != set(published):
+        return True
+    margin = hysteresis * snapshot.scale
+    return any(abs(new[m] - published[m]) > margin for m in new)
+
+
+def decide(state: UserState, snapshot: PersonaSnapshot, hysteresis: float) -> bool:
+    """Publish `snapshot` for this (unlabelled) user? Applies `persona_change`, records what was
+    published, and counts publications and silent Ψ̂ changes (`publishes`, `quiet`: how long the
+    thresholds kept the user unpublished). The worker and `LocalNetwork` both decide here."""
+    publish = persona_change(state.published, snapshot, hysteresis)
+    if publish:
+        state.published = dict(zip(snapshot.personas, snapshot.scores))
+        state.publishes += 1
+        state.quiet = 0
+    elif state.publishes:
+        state.quiet += 1
+    return publish
 
 
 # -- reference: all partitions in one process ---------------------------------------------
@@ -314,9 +388,15 @@ class LocalNetwork:
     [[0.5, 0.0]]
     """
 
-    def __init__(self, n_personas: int, eps: float) -> None:
+    def __init__(self, n_personas: int, eps: float, hysteresis: float | None = None, k: int = 5,
+                 beta: float = 0.5) -> None:
         self.n_personas = n_personas
         self.theta = threshold(eps)
+        self.hysteresis, self.k, self.beta = hysteresis, k, beta  # hysteresis None: no decisions
+        self.label_counts = np.zeros(n_personas)
+        self.published_updates = 0
+        self._weights_key: bytes | None = None
+        self._weights: tuple[np.ndarray, np.ndarray] = (np.zeros(n_personas), np.ones(n_personas))
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
         self.queue: list[Membership | ItemValue] = []
@@ -335,6 +415,9 @@ class LocalNetwork:
 
     def label(self, user: str, personas: Sequence[int]) -> None:
         state = self.user(user)
+        self.label_counts[list(state.label_personas)] -= 1
+        state.label_personas = tuple(int(p) for p in personas)
+        self.label_counts[list(state.label_personas)] += 1
         self.queue.extend(user_set_label(state, user, label_vector(personas, self.n_personas)))
 
     def _handle(self, msg: Membership | ItemValue) -> None:
@@ -343,11 +426,49 @@ class LocalNetwork:
             self.queue.extend(item_upsert(self.item(msg.item), msg.item, msg, self.theta))
         else:
             for user in msg.users:
-                user_apply_value(self.user(user), msg.item, msg.seq, msg.value)
+                state = self.user(user)
+                if user_apply_value(state, msg.item, msg.seq, msg.value) and self.hysteresis is not None:
+                    self._decide(state)
+
+    def _decide(self, state: UserState) -> None:
+        """The worker's decision for an unlabelled user whose Ψ̂ moved (`streams.agents`)."""
+        if state.label is not None:
+            return
+        key = self.label_counts.tobytes()
+        if self._weights_key != key:
+            from core.affinity import debias_weights, label_distribution  # (core.affinity imports numba)
+
+            q_hat = label_distribution(self.label_counts[None, :])
+            self._weights, self._weights_key = (q_hat, debias_weights(q_hat, self.beta)), key
+        q_hat, debias = self._weights
+        psi = psi_raw(state)
+        prior = None if np.any(psi > 0) or not self.label_counts.any() else q_hat
+        snap = rank_personas(psi, debias, self.k, prior)
+        self.published_updates += decide(state, snap, self.hysteresis)
+
+    def personas(self, user_ids: Sequence[str]) -> list[tuple[int, ...]]:
+        """The persona set each user last had published (prototypes: their label)."""
+        out = []
+        for user in user_ids:
+            state = self.users.get(user)
+            if state is None:
+                out.append(())
+            elif state.label is not None:
+                out.append(state.label_personas)
+            else:
+                out.append(tuple(state.published))
+        return out
 
     def deliver(self, rng: np.random.Generator | None = None, dup: float = 0.0, limit: int | None = None) -> int:
         """Deliver up to `limit` queued messages (all when None); returns how many were handled."""
         handled = 0
+        if rng is None and limit is None:  # FIFO, everything: swap queues instead of pop(0)
+            while self.queue:
+                batch, self.queue = self.queue, []
+                for msg in batch:
+                    self._handle(msg)
+                handled += len(batch)
+            return handled
         while self.queue and (limit is None or handled < limit):
             if rng is None:
                 msg = self.queue.pop(0)

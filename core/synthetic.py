@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,8 @@ from core.data import CANONICAL_COLUMNS
 from core.graph import BipartiteGraph
 from core.personas import Persona, PersonaSet
 
-__all__ = ["SyntheticShop", "make_shop", "default_personas", "CATALOGUE", "GENERIC_ITEMS"]
+__all__ = ["SyntheticShop", "make_shop", "make_sparse_shop", "default_personas", "top_set_share",
+           "CATALOGUE", "GROCERY", "GENERIC_ITEMS"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,74 @@ CATALOGUE: tuple[_Vocabulary, ...] = (
        "Gaming; RGB; Gamer's"),
 )
 
+def _g(name: str, what: str, modifiers: str, nouns: str, cross: str) -> _Vocabulary:
+    return _v(name, f"Shoppers who regularly buy {what}.", modifiers, nouns, cross)
+
+
+#: A second, grocery-like catalogue for `make_sparse_shop`: 30 personas with short vocabularies.
+GROCERY: tuple[_Vocabulary, ...] = (
+    _g("Vegan Cook", "plant-based meals, tofu and dairy-free alternatives", "Vegan; Plant-Based; Dairy-Free; Meat-Free",
+       "Tofu; Tempeh; Oat Milk; Seitan; Lentil Burger; Cashew Cheese", "Vegan; Plant"),
+    _g("Home Baker", "flour, yeast and baking ingredients", "Baking; Self-Raising; Strong White; Bake-at-Home",
+       "Flour; Yeast; Caster Sugar; Baking Powder; Icing Sugar; Cake Tin", "Baking; Home-Baked"),
+    _g("Wine Lover", "red, white and sparkling wines", "Rioja; Merlot; Prosecco; Chardonnay",
+       "Wine; Red Wine; White Wine; Rosé; Sparkling Wine; Wine Glasses", "Wine; Vintage"),
+    _g("Tea Drinker", "loose leaf and bagged teas", "Earl Grey; Green; Herbal; Assam",
+       "Tea Bags; Loose Leaf Tea; Teapot; Tea Infuser; Chai; Rooibos", "Tea; Infused"),
+    _g("Snack Lover", "crisps, nuts and savoury snacks", "Salted; Sour Cream; Crunchy; Sharing",
+       "Crisps; Tortilla Chips; Pretzels; Popcorn; Peanuts; Crackers", "Snack; Crunchy"),
+    _g("Health Food Fan", "superfoods, seeds and protein snacks", "Superfood; High-Protein; Raw; Sugar-Free",
+       "Chia Seeds; Quinoa; Protein Bar; Granola; Flaxseed; Goji Berries", "Healthy; Wholesome"),
+    _g("Barbecue Griller", "barbecue meat, charcoal and grilling kit", "BBQ; Smoky; Chargrilled; Hickory",
+       "Charcoal; Burgers; Sausages; Ribs; Skewers; Marinade", "BBQ; Grill"),
+    _g("Asian Cuisine Cook", "noodles, soy sauce and Asian ingredients", "Thai; Japanese; Szechuan; Korean",
+       "Noodles; Soy Sauce; Miso Paste; Rice Vinegar; Kimchi; Curry Paste", "Oriental; Wok"),
+    _g("Italian Cuisine Cook", "pasta, pesto and Italian ingredients", "Italian; Tuscan; Sicilian; Fresh Egg",
+       "Spaghetti; Pesto; Passata; Parmesan; Gnocchi; Risotto Rice", "Italian; Trattoria"),
+    _g("Mexican Cuisine Cook", "tortillas, salsa and Mexican ingredients", "Mexican; Chipotle; Jalapeño; Smoky Chilli",
+       "Tortillas; Salsa; Refried Beans; Taco Shells; Guacamole; Fajita Kit", "Mexican; Spicy"),
+    _g("Breakfast Lover", "cereals, spreads and breakfast foods", "Breakfast; Honey; Wholegrain; Crunchy Oat",
+       "Cereal; Porridge Oats; Marmalade; Muesli; Pancake Mix; Croissants", "Morning; Breakfast"),
+    _g("Dairy Lover", "cheese, yoghurt and butter", "Mature; Greek-Style; Creamy; Farmhouse",
+       "Cheddar; Yoghurt; Butter; Cream; Brie; Cottage Cheese", "Dairy; Creamy"),
+    _g("Seafood Lover", "fish and shellfish", "Smoked; Line-Caught; Wild; Atlantic",
+       "Salmon; Prawns; Cod Fillets; Mussels; Tuna Steaks; Mackerel", "Seafood; Coastal"),
+    _g("Meat Lover", "steaks, roasts and fresh meat", "Aberdeen Angus; Free-Range; Dry-Aged; Outdoor-Bred",
+       "Sirloin Steak; Pork Chops; Chicken Thighs; Lamb Shank; Beef Mince; Gammon", "Butcher's; Prime"),
+    _g("Sweet Tooth", "chocolate, sweets and desserts", "Milk Chocolate; Salted Caramel; Fudge; Candy",
+       "Chocolate Bar; Gummy Bears; Toffees; Brownies; Marshmallows; Truffles", "Sweet; Sugary"),
+    _g("Soft Drinks Fan", "fizzy drinks, juices and squash", "Sparkling; Diet; Tropical; Cloudy",
+       "Cola; Lemonade; Orange Juice; Squash; Ginger Beer; Energy Drink", "Fizzy; Refreshing"),
+    _g("Craft Beer Fan", "craft beers, ales and lagers", "IPA; Pale Ale; Stout; Craft",
+       "Beer; Lager; Porter; Cider; Beer Glasses; Bitter", "Brewery; Hoppy"),
+    _g("Spirits Collector", "whisky, gin and spirits", "Single Malt; London Dry; Spiced; Aged",
+       "Whisky; Gin; Rum; Vodka; Tonic Water; Cocktail Shaker", "Distilled; Premium"),
+    _g("Frozen Food Shopper", "ready meals and frozen food", "Frozen; Microwave; Oven-Ready; Family Freezer",
+       "Pizza; Chips; Fish Fingers; Ice Cream; Peas; Ready Meal", "Frozen; Quick"),
+    _g("Young Family", "baby food, nappies and kids' snacks", "Baby; Toddler; Little Ones; Kids'",
+       "Baby Food; Nappies; Baby Wipes; Fruit Pouches; Rusks; Formula Milk", "Kids'; Family"),
+    _g("Pet Keeper", "pet food and pet care", "Dog; Cat; Puppy; Kitten",
+       "Pet Food; Dog Treats; Cat Litter; Chew Sticks; Wet Food Pouches; Kibble", "Pet; Paw"),
+    _g("Clean Home Keeper", "cleaning and laundry products", "Antibacterial; Lemon Fresh; Bio; Ultra",
+       "Surface Spray; Bleach; Laundry Liquid; Dishwasher Tablets; Sponges; Bin Liners", "Clean; Fresh"),
+    _g("Personal Care Shopper", "toiletries and personal care", "Sensitive; Moisturising; Fresh Mint; Salon",
+       "Shampoo; Shower Gel; Toothpaste; Deodorant; Body Lotion; Razors", "Care; Gentle"),
+    _g("Organic Shopper", "organic and farm produce", "Organic; Farm; Heritage; Biodynamic",
+       "Carrots; Eggs; Whole Milk; Apples; Spinach; Sourdough", "Organic; Natural"),
+    _g("Gluten-Free Shopper", "gluten-free foods", "Gluten-Free; Coeliac-Friendly; Wheat-Free; Free-From",
+       "Bread; Pasta Shells; Crackers; Flour Blend; Biscuits; Wraps", "Free-From; Gluten-Free"),
+    _g("Deli Lover", "deli meats, olives and antipasti", "Deli; Cured; Marinated; Continental",
+       "Salami; Olives; Prosciutto; Hummus; Sundried Tomatoes; Chorizo", "Deli; Artisan"),
+    _g("Fresh Produce Fan", "fresh fruit and vegetables", "Fresh; Seasonal; Ripe; Crisp",
+       "Bananas; Tomatoes; Avocados; Strawberries; Broccoli; Peppers", "Fresh; Garden"),
+    _g("Spice Collector", "spices, herbs and seasonings", "Ground; Whole; Smoked; Hand-Blended",
+       "Cumin; Paprika; Turmeric; Chilli Flakes; Cinnamon Sticks; Garam Masala", "Spiced; Aromatic"),
+    _g("Student Saver", "budget basics and instant food", "Basics; Value; Instant; Everyday",
+       "Instant Noodles; Baked Beans; Pot Noodle; Toast Bread; Tinned Soup; Frozen Pizza", "Value; Budget"),
+    _g("Party Host", "party food, mixers and disposable tableware", "Party; Celebration; Sharing Platter; Festive",
+       "Party Rings; Sausage Rolls; Paper Cups; Mixers; Canapés; Napkins", "Party; Festive"),
+)
+
 GENERIC_ITEMS: tuple[str, ...] = (
     "Paper Carrier Bag", "Gift Wrap Roll", "Greeting Card", "Postage", "Gift Card",
     "Sticky Tape", "AA Batteries", "Ballpoint Pens", "Envelopes", "Tissues", "Umbrella",
@@ -192,10 +261,11 @@ def _name_pool(rng: np.random.Generator, firsts: Sequence[str], seconds: Sequenc
 
 
 def _make_items(
-    rng: np.random.Generator, n_items: int, n_personas: int, n_generic: int, dual_frac: float
+    rng: np.random.Generator, n_items: int, n_personas: int, n_generic: int, dual_frac: float,
+    catalogue: Sequence[_Vocabulary] = CATALOGUE,
 ) -> tuple[list[str], list[tuple[int, ...]]]:
     """Readable, unique item names and their personas (generic items have none)."""
-    vocab = CATALOGUE[:n_personas]
+    vocab = catalogue[:n_personas]
     n_typed = n_items - n_generic
     primary = rng.permutation(np.arange(n_typed) % n_personas)
     dual = rng.random(n_typed) < (dual_frac if n_personas > 1 else 0.0)
@@ -285,6 +355,7 @@ def make_shop(
     generic_frac: float = 0.03,
     zipf: float = 1.0,
     prevalence_skew: float = 1.0,
+    catalogue: Sequence[_Vocabulary] = CATALOGUE,
 ) -> SyntheticShop:
     """Generate a shop: users with planted personas buy mostly items of those personas.
 
@@ -292,9 +363,12 @@ def make_shop(
     - `repeat`: share of a user's later purchases that re-buy one of their earlier items;
     - `zipf`: popularity exponent (weight of the r-th most popular item ∝ r^-zipf);
     - `prevalence_skew`: persona prevalence ∝ rank^-skew, in a seeded random persona order;
-    - purchases per user are 2 + Pareto(1.5) scaled so that the mean is about `mean_purchases`.
+    - purchases per user are 2 + Pareto(1.5) scaled so that the mean is about `mean_purchases`;
+    - `catalogue`: the persona vocabularies (`CATALOGUE`, or `GROCERY` for `make_sparse_shop`).
     """
-    personas = default_personas(n_personas)
+    if not 1 <= n_personas <= len(catalogue):
+        raise ValueError(f"n_personas must be in 1..{len(catalogue)}, got {n_personas}")
+    personas = PersonaSet(v.persona for v in catalogue[:n_personas])
     n_generic = int(round(generic_frac * n_items))
     if n_users < 1 or n_items - n_generic < n_personas:
         raise ValueError(f"need n_users >= 1 and at least {n_personas} persona items, got {n_items} items")
@@ -302,7 +376,7 @@ def make_shop(
         raise ValueError("mean_purchases must be at least 2 (every user buys twice)")
     rng = np.random.default_rng(seed)
 
-    names, item_personas = _make_items(rng, n_items, n_personas, n_generic, dual_item_frac)
+    names, item_personas = _make_items(rng, n_items, n_personas, n_generic, dual_item_frac, catalogue)
     popularity = (1.0 + rng.permutation(n_items)) ** -zipf
     prices = np.round(np.exp(rng.normal(np.log(9.0), 0.8, n_items)), 2).clip(0.5)
 
@@ -362,3 +436,42 @@ def make_shop(
         item_personas={item_ids[i]: ps for i, ps in enumerate(item_personas)},
         prevalence=prevalence,
     )
+
+
+def make_sparse_shop(
+    n_users: int = 1_500,
+    n_items: int = 24_000,
+    n_personas: int = 30,
+    seed: int = 0,
+    **overrides: float,
+) -> SyntheticShop:
+    """A differently shaped shop: a grocery-like catalogue of `n_items` (over 20,000 bought by
+    default) with 30 personas and sparse baskets — a user buys ~0.1% of the catalogue (median 24
+    items, heavy-tailed), the median item has 3 buyers — so a user's Ψ row is spread thinly over
+    many personas: the median positive Ψ entry is 0.0010 at a 5% budget (0.0004 at 1%) against
+    0.0024 in `make_shop`. That is the grocery shape on which absolute stream thresholds froze
+    users on their first persona set (with the old ε = 0.01 / hysteresis 0.005 the in-memory
+    stream gives 17% of users one set, 3.7× the planted truth's 4.5%).
+    `overrides` are passed to `make_shop` (e.g. `mean_purchases`, `zipf`).
+
+    >>> shop = make_sparse_shop(n_users=60, n_items=400, n_personas=30, seed=1)
+    >>> len(shop.personas), shop.frame["item_id"].nunique() <= 400
+    (30, True)
+    """
+    params: dict = dict(mean_purchases=80.0, noise=0.2, repeat=0.05, dual_item_frac=0.1,
+                        generic_frac=0.01, zipf=0.6, prevalence_skew=0.8)
+    params.update(overrides)
+    return make_shop(n_users, n_items, n_personas, seed, catalogue=GROCERY, **params)
+
+
+def top_set_share(sets: Iterable[Sequence[int]]) -> float:
+    """Share of users whose persona set equals the most common set (order ignored; 0 for none).
+
+    >>> top_set_share([(1, 2), (2, 1), (3,)])
+    0.6666666666666666
+    """
+    from collections import Counter
+
+    counts = Counter(frozenset(int(p) for p in s) for s in sets)
+    total = sum(counts.values())
+    return max(counts.values()) / total if total else 0.0

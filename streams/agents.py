@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -62,11 +63,12 @@ from core.incremental import (
     PersonaSnapshot,
     UserState,
     item_upsert,
+    decide,
     item_value,
     label_vector,
-    persona_change,
     psi_raw,
     rank_personas,
+    user_text_sum,
     threshold,
     user_apply_value,
     user_membership,
@@ -98,8 +100,8 @@ __all__ = ["StreamTopics", "StreamLogic", "Out", "partition_for", "register_agen
 
 logger = logging.getLogger(__name__)
 
-USER_OPS, ITEM_OPS = "user-ops", "item-ops"
-register_internal(USER_OPS, ITEM_OPS)
+USER_OPS, ITEM_OPS, REFIT = "user-ops", "item-ops", "refit"
+register_internal(USER_OPS, ITEM_OPS, REFIT)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class StreamTopics:
     persona_updates: faust.TopicT
     label_requests: faust.TopicT
     labels: faust.TopicT
+    refit: faust.TopicT | None = None
 
     @classmethod
     def declare(cls, app: faust.App, config: StreamConfig) -> "StreamTopics":
@@ -134,6 +137,8 @@ class StreamTopics:
             persona_updates=json_topic(names.persona_updates),
             label_requests=json_topic(names.label_requests),
             labels=json_topic(names.labels),
+            refit=app.topic(names.name(REFIT), key_type=str, key_serializer="raw", value_serializer="json",
+                            partitions=n, internal=True),
         )
 
 
@@ -170,6 +175,10 @@ class StreamLogic:
         self._debias = np.ones(self.m)
         self._q_key: bytes | None = None
         self._q_hat = np.zeros(self.m)
+        self.frozen = metrics.FrozenWatch()
+        self.model: Any = None  # core.decoder.PersonaModel once the first refit shipped
+        self.model_version = 0
+        self._vectors: dict[str, np.ndarray] = {}  # item name → s(v) under the current model
 
     # -- helpers -------------------------------------------------------------------------------
     def _user_part(self, user: str) -> int:
@@ -189,6 +198,54 @@ class StreamLogic:
             self._debias = debias_weights(self.q_hat(), self.config.beta)
             self._debias_key = key
         return self._debias
+
+    def refresh_model(self) -> bool:
+        """Read the shipped persona model (`streams.refit`); True when a newer version arrived."""
+        from streams.refit import decode_model
+
+        if self.config.decoder != "model" or self.tables.model is None:
+            return False
+        try:
+            version, model = decode_model(self.tables.model.get("current"))
+        except Exception:  # a table not yet recovered, or a bad record: keep the last model
+            logger.debug("persona model not readable yet", exc_info=True)
+            return False
+        if model is None or version <= self.model_version:
+            return False
+        if model.decoder.n_personas != self.m:
+            logger.error("persona model v%d has %d personas, the stream %d: ignored", version,
+                         model.decoder.n_personas, self.m)
+            return False
+        self.model, self.model_version, self._vectors = model, version, {}
+        logger.info("persona model v%d in use", version)
+        return True
+
+    def item_vectors(self, names: list[str]) -> np.ndarray:
+        """s(v) rows for item names under the current model (cached per name)."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._vectors]
+        if missing:
+            for name, row in zip(missing, self.model.item_vectors(missing)):
+                self._vectors[name] = row
+        if not names:
+            return np.zeros((0, self.model.channel.width))
+        return np.vstack([self._vectors[n] for n in names])
+
+    def refit_due(self) -> int:
+        """The label-count milestone a refit is due for (0 when none is)."""
+        from streams.refit import milestone
+
+        due = milestone(float(self.q_counts.sum())) if self.config.decoder == "model" else 0
+        return due if due > self.model_version else 0
+
+    def snapshot(self, state: UserState, psi: np.ndarray) -> tuple[PersonaSnapshot, bool]:
+        """The user's decided personas, and whether real evidence (not the prior) decided them:
+        the persona model (`core.decoder`, as `gplr label`) once one is shipped, else top-k of Ψ."""
+        if self.model is not None:
+            text = user_text_sum(state, self.item_vectors, self.model_version)
+            return self.model.decide_user(psi, text, len(state.items)), True
+        reached = bool(np.any(psi > 0))
+        prior = None if reached or not self.q_counts.any() else self.q_hat()
+        return rank_personas(psi, self.debias(), self.config.top_k, prior), reached
 
     def q_hat(self) -> np.ndarray:
         """Q̂ from the current label counts (cached until they change)."""
@@ -251,6 +308,12 @@ class StreamLogic:
                 self._user_values(work, op, offset)
             elif op.kind == "label":
                 self._user_label(work, op, partition, offset)
+            elif op.kind == "refresh":  # a new persona model: decide these users again
+                for user in op.users:
+                    state = work.state(user, create=False)
+                    if state is not None and state.label is None and not work.replay(user, offset):
+                        work.applied(user, offset)
+                        work.changed(user, op.source_ts)
             else:
                 logger.warning("unknown user op kind %r skipped", op.kind)
         return work.finish(partition)
@@ -346,16 +409,18 @@ class StreamLogic:
         if state.label is not None:  # prototypes keep their own labels
             return []
         psi = psi_raw(state)
-        # Until some prototype reaches the user, the most common labelled personas stand in (as in
-        # batch GPLR); such an update says so with reason "prior".
-        reached = bool(np.any(psi > 0))
-        prior = None if reached or not self.q_counts.any() else self.q_hat()
-        snap = rank_personas(psi, self.debias(), self.config.top_k, prior)
+        # Until some prototype reaches the user (and before the first persona model), the most
+        # common labelled personas stand in (as in batch GPLR); such an update says so ("prior").
+        snap, reached = self.snapshot(state, psi)
         out: list[Out] = []
-        if persona_change(state.published, snap, self.config.hysteresis):
-            previous = self._published(state)
-            state.published = dict(zip(snap.personas, snap.scores))
+        previous = self._published(state)
+        frozen_before = _frozen(state)
+        first = not state.publishes
+        if decide(state, snap, self.config.hysteresis):
             out.append(self._update(user, state, snap, previous, reason if reached else "prior", source_ts))
+        frozen_now = _frozen(state)
+        self.frozen.observe(first and state.publishes == 1, frozen_now and not frozen_before,
+                            frozen_before and not frozen_now)
         if not state.requested:
             stats = self._stats(partition)
             request = self.policy.consider(user, state, psi, self.q_hat(), stats)
@@ -430,6 +495,11 @@ class StreamLogic:
         metrics.PUSH_MESSAGES.inc(len(groups))
         return [Out("user_ops", msgs[0][1][0] if len(msgs) == 1 and len(msgs[0][1]) == 1 else None,
                     values_op(msgs), p) for p, msgs in groups.items()]
+
+
+def _frozen(state: UserState) -> bool:
+    """Published once, then FROZEN_AFTER+ Ψ̂ changes without a re-publication."""
+    return state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
 
 
 class _UserBatch:
@@ -522,6 +592,64 @@ async def _send(topics: StreamTopics, outs: list[Out]) -> None:
             await topic.send(key=out.key, value=out.value, partition=out.partition)
 
 
+async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics) -> None:
+    """Ask for a refit at a new label milestone; on a newly shipped model, have every local user
+    decide again (refresh user-ops, so the rows change under the user-ops agent as always)."""
+    import time as _time
+
+    due = logic.refit_due()
+    if due and due > getattr(logic, "_refit_asked", 0):
+        logic._refit_asked = due  # type: ignore[attr-defined]
+        await topics.refit.send(key="refit", value={"milestone": due}, partition=0)
+    if not logic.refresh_model():
+        return
+    groups: dict[int, list[str]] = {}
+    for user in list(logic.tables.users.table.keys()):
+        groups.setdefault(partition_for(str(user), logic.config.partitions), []).append(str(user))
+    for p, users in groups.items():
+        for start in range(0, len(users), 500):
+            await topics.user_ops.send(key=None, value=UserOp(kind="refresh", users=users[start:start + 500],
+                                                             source_ts=_time.time()), partition=p)
+
+
+async def _refit(logic: StreamLogic, request: Any) -> None:
+    """Fit the persona model for a milestone in a thread and ship it (`streams.refit`)."""
+    import asyncio
+
+    from streams.refit import decode_model, encode_model, fit_stream_model, read_topic
+    from streams.topics import Topics
+
+    try:
+        due = int(request["milestone"])
+    except (KeyError, TypeError, ValueError):
+        logger.warning("malformed refit request skipped: %r", request)
+        return
+    current, _ = decode_model(logic.tables.model.get("current"))
+    if due <= current:
+        return
+    names, cfg = Topics(logic.config.topic_prefix), logic.config
+
+    def fit() -> dict[str, Any] | None:
+        purchases = read_topic(cfg.kafka_bootstrap, names.purchases)
+        labels = read_topic(cfg.kafka_bootstrap, names.labels)
+        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k)
+
+    started = time.monotonic()
+    try:
+        model = await asyncio.get_running_loop().run_in_executor(None, fit)
+    except Exception as exc:  # a failed fit keeps the old model; the next milestone tries again
+        logger.warning("persona model refit for milestone %d failed: %s", due, exc)
+        return
+    if model is None:
+        return
+    logic.tables.model["current"] = encode_model(due, model)
+    logger.info("persona model v%d fitted in %.1fs", due, time.monotonic() - started)
+
+
+#: The decision rule of the stream's persona model: `gplr label`'s default.
+REFIT_RULE = "expected_f1"
+
+
 def _by_partition(events: Sequence[faust.EventT]) -> dict[int, list[faust.EventT]]:
     groups: dict[int, list[faust.EventT]] = {}
     for event in events:
@@ -566,3 +694,10 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.timer(interval=1.0)
     async def refresh_label_distribution() -> None:
         logic.refresh_q()
+        await _model_upkeep(app, logic, topics)
+
+    @app.agent(topics.refit, name="refit")
+    async def refit(stream: faust.StreamT) -> None:
+        """Refit requests (all on partition 0: one worker serves them, in order)."""
+        async for request in stream:
+            await _refit(logic, request)

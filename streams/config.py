@@ -9,7 +9,7 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `KAFKA_BOOTSTRAP` | "" | `host:port[,host:port]`; empty → commands that can start the embedded broker do |
 | `GPLR_TOPIC_PREFIX` | `gplr.` | prefix of every topic name |
 | `GPLR_PARTITIONS` | 4 | partitions of every topic (and so the parallelism ceiling) |
-| `GPLR_EPS` | 0.01 | RevAff error bound ε: the stream keeps \|Ψ − Ψ̂\| ≤ ε (see below) |
+| `GPLR_EPS` | 0.2 | relative error bound ε: each user's persona distribution within ε (L1) of exact (see below) |
 | `GPLR_HOPS` | 1 | ℓ̂, the number of (P P') hops propagated |
 | `GPLR_BETA` | 0.5 | de-bias exponent β of c_m = (min Q̂ / Q̂_m)^β |
 | `GPLR_DATA_DIR` | `.gplr-data` | RocksDB tables (`faust/`) and embedded broker data (`broker/`) |
@@ -22,16 +22,22 @@ check. `faust_settings(config)` turns it into the keyword arguments of `faust.Ap
 | `GPLR_LABEL_BUDGET` | 0.05 | share of users (seen so far) the labeler may label (per partition, rounded half up) |
 | `GPLR_LABEL_RATE_PER_MIN` | 60 | most label calls per minute (0 = unlimited) |
 | `GPLR_LABEL_MIN_PURCHASES` | 3 | a user needs this many distinct items before being a prototype candidate |
+| `GPLR_LABEL_EXCLUDE` | (none) | file of user ids (one per line) never chosen as prototypes (e.g. a held-out set) |
 | `GPLR_DU_QUANTILE` | 0.8 | a candidate is labelled when its DU score is above this quantile of recent scores |
-| `GPLR_HYSTERESIS` | 0.005 | a user's top-k is re-published only when a score moves by more than this |
-| `GPLR_TOP_K` | 5 | personas per user |
+| `GPLR_HYSTERESIS` | 0.02 | re-publish a user when its persona set changes or a share moves by more than this |
+| `GPLR_TOP_K` | 5 | most personas per user |
+| `GPLR_DECODER` | `model` | `model`: the calibrated persona model refitted on the stream's prototypes (as `gplr label`); `graph`: top-k of Ψ (the paper) |
 | `GPLR_LOG_LEVEL` | `info` | worker log level |
 
-Why ε = 0.01 and hysteresis 0.005: at a 5% label budget the de-biased scores Ψ[u] are mostly
-0.01–0.05, so ε = 0.05 (θ = 0.025) leaves most items unpushed and an absolute hysteresis of 0.05
-freezes a user's first, poorly informed top-k. On the demo shop (500 users) F1@5 rises from 0.38
-to 0.49 (= batch Ψ from the same prototypes) for 0.86 instead of 0.61 push messages per purchase
-(docs/operations.md, "Quality knobs").
+Both are scale-free, so one default serves shops whose scores differ by orders of magnitude (on
+a sparse grocery catalogue the median Ψ entry was 0.0009, and the old absolute ε = 0.01 and
+hysteresis 0.005 froze 73% of users on one persona set). ε: an item pushes when its told value
+is off by more than ε/2 of its own mass (L1), which keeps every user's Ψ̂_raw within (ε/2)·‖Ψ_raw‖₁
+and its normalised persona distribution within ε (proof in `core.incremental`); it costs about
+2/ε value applications per purchase whatever the scores' scale (3.5 at ε = 0.2 on the 1,500-user
+synthetic shop, where the old absolute ε = 0.01 cost 1.8 but left users up to 48% off).
+Hysteresis: a user is re-published whenever its persona set changes, or when a published
+persona's share of the user's total score moves by more than this.
 
 LLM settings (endpoint, model, key) are read by `core.labelers.openai_labeler.LLMConfig.from_env()`
 when `GPLR_LABELER=openai` (`llm` is None otherwise: importing the client costs seconds on every
@@ -47,11 +53,12 @@ from typing import Any, Mapping
 
 from core.settings import ConfigError, EnvReader, check_all
 
-__all__ = ["StreamConfig", "ConfigError", "LABELERS", "faust_settings", "replace"]
+__all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace"]
 
 logger = logging.getLogger(__name__)
 
 LABELERS = ("embedding", "openai", "replay", "none")
+DECODERS = ("model", "graph")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -62,7 +69,7 @@ class StreamConfig:
     kafka_bootstrap: str = ""
     topic_prefix: str = "gplr."
     partitions: int = 4
-    eps: float = 0.01
+    eps: float = 0.2
     hops: int = 1
     beta: float = 0.5
     data_dir: Path = Path(".gplr-data")
@@ -75,15 +82,17 @@ class StreamConfig:
     label_budget: float = 0.05
     label_rate_per_min: float = 60.0
     label_min_purchases: int = 3
+    label_exclude: Path | None = None
     du_quantile: float = 0.8
-    hysteresis: float = 0.005
+    hysteresis: float = 0.02
     top_k: int = 5
+    decoder: str = "model"
     log_level: str = "info"
     llm: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("personas_path", "replay_labels"):
+        for name in ("personas_path", "replay_labels", "label_exclude"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         self.validate()
@@ -98,6 +107,7 @@ class StreamConfig:
         get = EnvReader(env).read
         personas = env.get("GPLR_PERSONAS", "").strip()
         replay = env.get("GPLR_REPLAY_LABELS", "").strip()
+        exclude = env.get("GPLR_LABEL_EXCLUDE", "").strip()
         return cls(
             kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", "").strip(),
             topic_prefix=env.get("GPLR_TOPIC_PREFIX", d.topic_prefix),
@@ -115,9 +125,11 @@ class StreamConfig:
             label_budget=get("GPLR_LABEL_BUDGET", d.label_budget, float),
             label_rate_per_min=get("GPLR_LABEL_RATE_PER_MIN", d.label_rate_per_min, float),
             label_min_purchases=get("GPLR_LABEL_MIN_PURCHASES", d.label_min_purchases, int),
+            label_exclude=Path(exclude) if exclude else None,
             du_quantile=get("GPLR_DU_QUANTILE", d.du_quantile, float),
             hysteresis=get("GPLR_HYSTERESIS", d.hysteresis, float),
             top_k=get("GPLR_TOP_K", d.top_k, int),
+            decoder=get("GPLR_DECODER", d.decoder, str).lower(),
             log_level=get("GPLR_LOG_LEVEL", d.log_level, str).lower(),
             llm=_llm_from_env(env) if get("GPLR_LABELER", d.labeler, str).lower() == "openai" else None,
         )
@@ -137,9 +149,12 @@ class StreamConfig:
             (0.0 <= self.label_budget <= 1.0, "GPLR_LABEL_BUDGET", self.label_budget, "must be in [0, 1]"),
             (self.label_rate_per_min >= 0, "GPLR_LABEL_RATE_PER_MIN", self.label_rate_per_min, "must be >= 0"),
             (self.label_min_purchases >= 1, "GPLR_LABEL_MIN_PURCHASES", self.label_min_purchases, "must be >= 1"),
+            (self.label_exclude is None or self.label_exclude.is_file(), "GPLR_LABEL_EXCLUDE",
+             self.label_exclude, "must name a file of user ids"),
             (0.0 <= self.du_quantile <= 1.0, "GPLR_DU_QUANTILE", self.du_quantile, "must be in [0, 1]"),
             (self.hysteresis >= 0.0, "GPLR_HYSTERESIS", self.hysteresis, "must be >= 0"),
             (self.top_k >= 1, "GPLR_TOP_K", self.top_k, "must be >= 1"),
+            (self.decoder in DECODERS, "GPLR_DECODER", self.decoder, f"must be one of {DECODERS}"),
             (bool(self.app_id.strip()), "GPLR_APP_ID", self.app_id, "must not be empty"),
             (self.log_level in _LOG_LEVELS, "GPLR_LOG_LEVEL", self.log_level, f"must be one of {_LOG_LEVELS}"),
             (_valid_prefix(self.topic_prefix), "GPLR_TOPIC_PREFIX", self.topic_prefix,
@@ -183,7 +198,9 @@ class StreamConfig:
             "replay_labels": "GPLR_REPLAY_LABELS",
             "label_budget": "GPLR_LABEL_BUDGET", "label_rate_per_min": "GPLR_LABEL_RATE_PER_MIN",
             "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
+            "label_exclude": "GPLR_LABEL_EXCLUDE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
+            "decoder": "GPLR_DECODER",
         }
         out = {}
         for f in fields(self):

@@ -92,6 +92,8 @@ class LabelPolicy:
     def __post_init__(self) -> None:
         self.quantile = OnlineQuantile(self.config.du_quantile)
         self.limiter = RateLimiter(self.config.label_rate_per_min)
+        path = self.config.label_exclude  # GPLR_LABEL_EXCLUDE: never prototypes (held-out users)
+        self.excluded = frozenset(path.read_text().split()) if path is not None else frozenset()
 
     @property
     def enabled(self) -> bool:
@@ -104,7 +106,7 @@ class LabelPolicy:
     def consider(self, user: str, state: UserState, psi: np.ndarray, q_hat: np.ndarray,
                  stats: dict[str, int]) -> dict[str, Any] | None:
         """A label-requests body when u should be labelled now, else None."""
-        if not self.enabled or state.requested or state.label is not None:
+        if not self.enabled or state.requested or state.label is not None or user in self.excluded:
             return None
         if len(state.items) < self.config.label_min_purchases:
             return None

@@ -143,3 +143,41 @@ def install_lag_monitor(app: Any, bootstrap: str, interval: float = 5.0) -> LagM
             logger.warning("consumer lag not measured: %s", exc)
 
     return monitor
+
+
+# -- decisions dominated by thresholds (issue 8) -------------------------------------------------
+#: A user counts as frozen when its Ψ̂ moved this many times since its only published update.
+FROZEN_AFTER = 5
+#: Warn when more than this share of published users is frozen (once at least FROZEN_MIN_USERS).
+FROZEN_WARN_SHARE, FROZEN_MIN_USERS = 0.5, 50
+DECISIONS_FROZEN = Gauge(
+    "gplr_decisions_frozen_share",
+    "Share of published users whose Ψ̂ moved FROZEN_AFTER+ times since their only persona update "
+    "(high = push threshold or hysteresis too coarse for this shop's scores)", registry=REGISTRY)
+
+
+class FrozenWatch:
+    """Per-worker counts behind `gplr_decisions_frozen_share`, and a rate-limited warning."""
+
+    def __init__(self, clock: Any = None) -> None:
+        import time
+
+        self.users = 0  # users with at least one propagated update
+        self.frozen = 0  # of those: published once, then FROZEN_AFTER+ silent Ψ̂ changes
+        self._clock = clock or time.monotonic
+        self._warned = -float("inf")
+
+    @property
+    def share(self) -> float:
+        return self.frozen / self.users if self.users else 0.0
+
+    def observe(self, first: bool, froze: bool, thawed: bool) -> None:
+        self.users += first
+        self.frozen += froze - thawed
+        DECISIONS_FROZEN.set(self.share)
+        if (self.users >= FROZEN_MIN_USERS and self.share > FROZEN_WARN_SHARE
+                and self._clock() - self._warned > 60.0):
+            self._warned = self._clock()
+            logger.warning("persona decisions dominated by thresholds: %.0f%% of %d users never "
+                           "re-published after %d Ψ̂ changes (lower GPLR_EPS / GPLR_HYSTERESIS)",
+                           100 * self.share, self.users, FROZEN_AFTER)

@@ -52,7 +52,8 @@ def _pack_user(st: UserState) -> tuple:
             values[r] = it.value
     return ("user", st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
             st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
-            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()))
+            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()),
+            st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
 
 
 def _unpack_user(t: tuple) -> UserState:
@@ -63,8 +64,10 @@ def _unpack_user(t: tuple) -> UserState:
         k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
         for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
     }
+    publishes, quiet = t[16:18] if len(t) > 17 else (0, 0)  # rows written before these counters
+    text, text_items, text_version = t[18:21] if len(t) > 20 else (None, 0, -1)  # (before the text channel)
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
-                     requested, seen)
+                     requested, seen, publishes, quiet, _arr(text), text_items, text_version)
 
 
 def _pack_item(st: ItemState) -> tuple:
@@ -166,6 +169,7 @@ class Tables:
     seen: Any  # unused: event-id de-duplication lives in the user rows (UserState.seen)
     stats: StateTable  # "p<partition>" → {"seen": users, "requested": label requests}
     labels: faust.GlobalTable  # "p<partition>" → persona label counts (Q̂), read by every worker
+    model: Any = None  # GlobalTable "current" → persona model JSON (streams.refit), only in partition 0
 
     def clear_caches(self) -> None:
         """Forget decoded rows (after a rebalance or a failed batch)."""
@@ -187,6 +191,8 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
         stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labelling budget")),
         labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes,
                                partitions=partitions, help="persona label counts per partition"),
+        model=app.GlobalTable("persona-model", key_type=str, value_type=bytes, partitions=partitions,
+                              help="the fitted persona model (streams.refit; written from partition 0 only)"),
     )
 
 

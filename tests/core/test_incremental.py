@@ -18,6 +18,7 @@ from core.incremental import (
     persona_change,
     psi_raw,
     rank_personas,
+    must_push,
     threshold,
     user_apply_value,
     user_purchase,
@@ -67,12 +68,32 @@ def _random_events(rng, n_users=30, n_items=20, n_buys=300, n_labels=15):
     return events
 
 
+def _relative_errors(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """‖Ψ̂_raw[u] − Ψ_raw[u]‖₁ / ‖Ψ_raw[u]‖₁ per user (0 where both rows are zero)."""
+    err = np.abs(approx - exact).sum(axis=1)
+    mass = exact.sum(axis=1)
+    return np.where(mass > 0, err / np.where(mass > 0, mass, 1.0), np.where(err > 0, np.inf, 0.0))
+
+
+def _distribution_errors(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """L1 distance between each user's normalised streamed and exact persona distributions."""
+    def norm(x):
+        s = x.sum(axis=1, keepdims=True)
+        return np.divide(x, s, out=np.zeros_like(x), where=s > 0)
+
+    return np.abs(norm(approx) - norm(exact)).sum(axis=1)
+
+
 def _check(net, events, eps):
+    """The restated bound: ‖Ψ̂_raw[u] − Ψ_raw[u]‖₁ ≤ (ε/2)‖Ψ_raw[u]‖₁ for every user, so the
+    normalised distributions are within ε, and (‖Ψ_raw‖₁ ≤ 1) every entry within ε/2."""
     users, graph, exact = _exact(events)
     approx = net.psi_raw(users)
     theta = threshold(eps)
-    assert np.max(np.abs(approx - exact)) < theta + 1e-12
-    assert all(item.residual < theta for item in net.items.values())
+    assert np.max(_relative_errors(approx, exact)) <= theta + 1e-9
+    assert np.max(_distribution_errors(approx, exact)) <= eps + 1e-9
+    assert np.max(np.abs(approx - exact)) <= theta + 1e-12
+    assert all(item.relative_residual <= theta + 1e-9 for item in net.items.values())
     assert [net.users[u].degree for u in users] == graph.user_degree.tolist()
     assert all(it.seq >= 0 for u in users for it in net.users[u].items.values())
     return exact, approx
@@ -160,16 +181,36 @@ def test_item_upsert_duplicate_and_stale_label_change_nothing():
     assert item.degree == 1
 
 
-def test_item_pushes_only_over_threshold():
+def test_item_pushes_only_over_relative_threshold():
+    """Push iff ‖M − M̃‖₁ > θ‖M‖₁ (θ = 0.6 here)."""
     item = ItemState(M)
     lab = label_vector([0], M)
-    item_upsert(item, "a", Membership("p", "a", 1, lab), theta=0.3)  # M = 1 → push
+    item_upsert(item, "a", Membership("p", "a", 1, lab), theta=0.6)  # M = 1, M̃ = 0 → push
     assert item.seq == 1
-    out = item_upsert(item, "a", Membership("x", "a", 0, None), 0.3)  # M = 0.5, residual .5 → push
+    out = item_upsert(item, "a", Membership("x", "a", 0, None), 0.6)  # M = 1/2: 1/2 > 0.3 → push
     assert item.seq == 2 and set(out[0].users) == {"p", "x"}
-    out = item_upsert(item, "a", Membership("y", "a", 0, None), 0.3)  # M = 1/3, residual 1/6
+    out = item_upsert(item, "a", Membership("y", "a", 0, None), 0.6)  # M = 1/3: 1/6 ≤ 0.2 → keep
     assert item.seq == 2 and out[0].users == ("y",)
     assert item.residual == pytest.approx(0.5 - 1 / 3)
+    assert item.relative_residual == pytest.approx(0.5)
+    out = item_upsert(item, "a", Membership("z", "a", 0, None), 0.6)  # M = 1/4: 1/4 > 0.15 → push
+    assert item.seq == 3 and len(out[0].users) == 4 and item.residual == 0
+
+
+def test_push_rule_is_scale_free():
+    """The same buyers with labels 1000× smaller (a sparse shop's mass) push at the same moments."""
+    def pushes(scale: float) -> list[int]:
+        item = ItemState(M)
+        seqs = []
+        for n in range(30):
+            label = label_vector([n % M], M) * scale if n % 7 == 0 else None
+            item_upsert(item, "a", Membership(f"u{n}", "a", 1, label), theta=0.123)
+            seqs.append(item.seq)
+        return seqs
+
+    assert pushes(1.0) == pushes(1e-3)
+    assert not must_push(np.zeros(M), np.zeros(M), 0.1)
+    assert must_push(np.zeros(M), np.full(M, 1e-12), 0.1)  # stale mass on an emptied item
 
 
 @settings(max_examples=40, deadline=None)
@@ -186,6 +227,50 @@ def test_property_bound_holds_for_any_graph_and_order(pairs, labels, eps, seed):
         events.insert(int(rng.integers(len(events) + 1)), ("label", f"u{u}", tuple(personas)))
     net = _drive(events, eps, rng=np.random.default_rng(seed), dup=0.2, seed=seed)
     _check(net, events, eps)
+
+
+def _max_relative_error(pairs, labels, eps, seed, theta=None) -> float:
+    """Largest ‖Ψ̂_raw[u] − Ψ_raw[u]‖₁ / ‖Ψ_raw[u]‖₁ of a run whose items push at `theta`."""
+    events = [("buy", f"u{u}", f"i{i}") for u, i in pairs]
+    rng = np.random.default_rng(seed)
+    for u, personas in labels.items():
+        events.insert(int(rng.integers(len(events) + 1)), ("label", f"u{u}", tuple(personas)))
+    net = LocalNetwork(M, eps)
+    if theta is not None:
+        net.theta = theta
+    for kind, user, arg in events:
+        net.purchase(user, arg) if kind == "buy" else net.label(user, arg)
+        net.deliver(limit=int(rng.integers(0, 3)))
+    net.deliver()
+    users, _, exact = _exact(events)
+    return float(np.max(_relative_errors(net.psi_raw(users), exact)))
+
+
+_GRAPHS = st.tuples(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), min_size=1, max_size=60),
+    st.dictionaries(st.integers(0, 6), st.lists(st.integers(0, M - 1), min_size=1, max_size=3),
+                    min_size=1, max_size=3),
+    st.integers(0, 2**16),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_GRAPHS, st.floats(0.05, 0.5))
+def test_property_relative_bound_holds(graph, eps):
+    pairs, labels, seed = graph
+    assert _max_relative_error(pairs, labels, eps, seed) <= threshold(eps) + 1e-9
+
+
+def test_property_doubled_threshold_breaks_the_bound():
+    """The bound is tight: items pushing at 2θ leave some user more than θ off (hypothesis finds
+    such a graph), so the property test above would fail if the threshold were doubled."""
+    from hypothesis import find
+
+    eps = 0.2
+    theta = threshold(eps)
+    example = find(_GRAPHS, lambda g: _max_relative_error(*g[:2], eps, g[2], theta=2 * theta) > theta + 1e-9,
+                   settings=settings(max_examples=2000, deadline=None, database=None))
+    assert _max_relative_error(*example[:2], eps, example[2], theta=2 * theta) > theta
 
 
 def test_rank_personas_applies_debias_and_drops_zeros():
@@ -216,3 +301,44 @@ def test_persona_change_hysteresis():
     swap = rank_personas(np.array([0.5, 0.2, 0.3, 0]), None, 2)  # persona 2 enters by 0.3
     assert persona_change(published, swap, 0.05)
     assert not persona_change({}, rank_personas(np.zeros(M), None, 2), 0.05)
+
+
+def test_persona_change_is_scale_free_and_publishes_set_changes():
+    """The margin is a share of the user's total score: the same shares 1000× smaller decide alike;
+    a new persona set is always published, however small the move."""
+    for scale in (1.0, 1e-3):
+        first = rank_personas(np.array([0.5, 0.3, 0.2, 0.0]) * scale, None, 2)
+        assert first.scale == pytest.approx(scale)
+        published = dict(zip(first.personas, first.scores))
+        small = rank_personas(np.array([0.51, 0.29, 0.2, 0.0]) * scale, None, 2)  # shares move 0.01
+        assert not persona_change(published, small, 0.02)
+        big = rank_personas(np.array([0.55, 0.25, 0.2, 0.0]) * scale, None, 2)  # shares move 0.05
+        assert persona_change(published, big, 0.02)
+        flip = rank_personas(np.array([0.5, 0.249, 0.251, 0.0]) * scale, None, 2)  # set {0, 2}
+        assert persona_change(published, flip, 0.5)
+
+
+def test_user_text_sum_is_incremental_and_recomputed_per_model_version():
+    """Σ s(v) over distinct items: new edges add only their own vector; a new version recomputes."""
+    from core.incremental import user_text_sum
+
+    calls: list[list[str]] = []
+
+    def vectors(scale):
+        def f(names):
+            calls.append(list(names))
+            return np.array([[len(n) * scale, 1.0] for n in names]).reshape(-1, 2)
+        return f
+
+    state = UserState(M)
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [0.0, 0.0])
+    for item in ("ab", "cde", "ab"):
+        user_purchase(state, item, name=item)
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [5.0, 2.0])
+    user_purchase(state, "f", name="f")
+    calls.clear()
+    np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [6.0, 3.0])
+    assert calls == [["f"]]  # only the new item was scored
+    calls.clear()
+    np.testing.assert_array_equal(user_text_sum(state, vectors(10.0), 2), [60.0, 3.0])
+    assert calls == [["ab", "cde", "f"]]  # a new model version: one full recomputation

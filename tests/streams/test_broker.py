@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_from_env_defaults_match_dataclass_defaults() -> None:
     config = StreamConfig.from_env({})
     assert config == StreamConfig()
-    assert (config.topic_prefix, config.partitions, config.eps, config.label_budget) == ("gplr.", 4, 0.01, 0.05)
+    assert (config.topic_prefix, config.partitions, config.eps, config.label_budget) == ("gplr.", 4, 0.2, 0.05)
     assert config.kafka_bootstrap == ""
 
 

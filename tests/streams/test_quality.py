@@ -121,7 +121,7 @@ def test_streamed_personas_match_batch_quality(stream_config, worker_factory, pr
     truth_csv = write_truth_csv(shop.user_truth, shop.personas.names, tmp_path / "truth.csv")
     config = replace(stream_config, personas_path=personas_path, labeler="replay", replay_labels=truth_csv,
                      label_budget=BUDGET, label_rate_per_min=0, worker_port=0,
-                     eps=defaults.eps, hysteresis=defaults.hysteresis, top_k=K)
+                     eps=defaults.eps, hysteresis=defaults.hysteresis, top_k=K, decoder="graph")
     names = Topics(config.topic_prefix)
     create_topics(config.kafka_bootstrap, names.all(), config.partitions)
     worker_factory(config).wait_ready(90)

@@ -86,7 +86,7 @@ def _check_against_exact(updates: list[dict[str, Any]], frame, labels, n_persona
 
 
 def _config(make_config, broker, tmp_path: Path, **overrides):
-    base = dict(labeler="none", hysteresis=0.0, beta=0.0, eps=EPS, top_k=3, partitions=2,
+    base = dict(labeler="none", hysteresis=0.0, beta=0.0, eps=EPS, top_k=3, partitions=2, decoder="graph",
                 label_budget=0.0)
     base.update(overrides)
     config = make_config(broker.bootstrap, tmp_path / "data", **base)

@@ -1,0 +1,262 @@
+"""Persona quality of the *stream* on real data: Online Retail replayed through a real worker.
+
+Setup (all seeded, fixed):
+
+* purchases: the paper's Online Retail graph (`load_online_retail(paper_filter=True)`), replayed
+  in time order on the embedded broker (or KAFKA_BOOTSTRAP) into one `gplr worker`;
+* oracle: the replay labeler over the recorded GPT-4 labels (GPLR_LABELER=replay), called by the
+  stream itself: DU-triggered label requests within a 5% budget (GPLR_LABEL_BUDGET), no rate limit;
+* split: the same fixed 20% of customers as bench/labels.py (SPLIT_SEED 2025, permutation of the
+  paper graph's users) is **held out**: listed in GPLR_LABEL_EXCLUDE, so never a prototype, and
+  the only users scored;
+* stream result: each user's last persona-update once the worker has drained;
+* batch: `gplr label` with its defaults (the CLI's own parser) on the same purchases and budget,
+  held-out users excluded from labelling (`run_gplr(exclude=...)`);
+* metrics (`core.gplr.score_sets`, the numbers bench/labels.py reports): per-user F1 of the persona
+  set ("F1@5": at most 5 personas) and per-persona macro F1 against GPT-4's labels on held-out users
+  that have one; the popularity baseline gives everyone the 5 personas most common among the
+  stream's prototypes; `top_set_share` = share of scored users whose set is the most common set
+  (`labels_top_set_share` the same for GPT-4's sets); `prevalence_tv` = total variation distance
+  between the predicted and GPT-4 persona prevalence (persona mentions, normalised) over those
+  users; `labelled_share` = prototypes / users seen by the stream; per-persona recall.
+
+    python bench/stream_quality.py --data-dir /work/shared/data/online_retail
+    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min
+
+Prints progress lines, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from core.data import iter_events, load_online_retail  # noqa: E402
+from core.gplr import run_gplr, score_sets  # noqa: E402
+from core.graph import BipartiteGraph  # noqa: E402
+from core.labelers import histories_for, make_labeler  # noqa: E402
+from core.personas import PersonaSet, load_personas  # noqa: E402
+from core.synthetic import top_set_share  # noqa: E402
+
+logger = logging.getLogger("bench.stream_quality")
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "online_retail"
+SPLIT_SEED = 2025  # bench/labels.py's split
+QUICK_EVENTS = 30_000
+K = 5
+
+
+# -- data and split --------------------------------------------------------------------------------
+def held_out_users(graph: BipartiteGraph) -> set[str]:
+    """bench/labels.py's held-out fold: the first 20% of a SPLIT_SEED permutation of the users."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(graph.n_users)
+    return {str(graph.user_ids[u]) for u in order[: int(round(0.2 * graph.n_users))]}
+
+
+def gpt4_truth(graph: BipartiteGraph, personas: PersonaSet, labels_path: Path) -> dict[str, tuple[int, ...]]:
+    """GPT-4's persona set per user (users without a recorded label are left out)."""
+    oracle = make_labeler("replay", personas, path=labels_path)
+    out = {}
+    for u, res in enumerate(oracle.label(histories_for(graph, range(graph.n_users)))):
+        if res.personas:
+            out[str(graph.user_ids[u])] = tuple(int(p) for p in res.personas)
+    return out
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+def _matrix(sets: Mapping[str, Sequence[int]], users: Sequence[str], m: int) -> np.ndarray:
+    out = np.zeros((len(users), m), dtype=bool)
+    for row, user in enumerate(users):
+        out[row, [int(p) for p in sets.get(user, ())][:K]] = True
+    return out
+
+
+def prevalence_tv(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Total variation distance between the persona-mention distributions of two set matrices."""
+    p, q = pred.sum(axis=0).astype(float), truth.sum(axis=0).astype(float)
+    p, q = p / max(p.sum(), 1.0), q / max(q.sum(), 1.0)
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def score(pred_sets: Mapping[str, Sequence[int]], truth: Mapping[str, Sequence[int]],
+          users: Sequence[str], personas: PersonaSet) -> dict[str, Any]:
+    """F1, macro F1, top-set share, prevalence TV and per-persona recall of `pred_sets`."""
+    m = len(personas)
+    pred, true = _matrix(pred_sets, users, m), _matrix(truth, users, m)
+    s = score_sets(pred, true)
+    carried = true.sum(axis=0)
+    recall = {personas[j].name: round(float((pred[:, j] & true[:, j]).sum() / carried[j]), 3)
+              for j in range(m) if carried[j]}
+    return {"f1": round(s["f1"], 4), "macro_f1": round(s["macro_f1"], 4),
+            "top_set_share": round(top_set_share(tuple(np.flatnonzero(r)) for r in pred), 4),
+            "prevalence_tv": round(prevalence_tv(pred, true), 4),
+            "personas_per_user": round(float(pred.sum(axis=1).mean()), 3), "recall": recall}
+
+
+# -- the stream ------------------------------------------------------------------------------------
+def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """Every JSON record of `topic` from the beginning to its current end."""
+    from streams.refit import read_topic
+
+    return [json.loads(raw) for raw in read_topic(bootstrap, topic)]
+
+
+def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,
+               timeout: float) -> dict[str, Any]:
+    """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
+    from streams.broker import bootstrap_or_embedded, free_port
+    from streams.cli import publish_events
+    from streams.config import StreamConfig
+    from streams.demo import LagWatcher, WorkerProcess
+    from streams.quality import worker_metrics
+    from streams.topics import Topics, create_topics
+
+    exclude = workdir / "held_out.txt"
+    exclude.write_text("\n".join(sorted(held)) + "\n")
+    tag = uuid.uuid4().hex[:6]
+    base = dataclasses.replace(
+        StreamConfig.from_env(), labeler="replay", replay_labels=data_dir / "user_personas_gpt4.csv.gz",
+        personas_path=data_dir / "personas.json", label_budget=budget, label_rate_per_min=0,
+        label_exclude=exclude, partitions=partitions, data_dir=workdir, metrics_port=free_port(),
+        worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info")
+    events = list(iter_events(frame.sort_values("ts", kind="stable")))
+    with bootstrap_or_embedded(base) as cfg:
+        topics = Topics(cfg.topic_prefix)
+        create_topics(cfg.kafka_bootstrap, topics.public(), cfg.partitions)
+        worker = WorkerProcess(cfg, workdir / "worker.log").start()
+        watcher = LagWatcher(cfg)
+        try:
+            worker.wait_ready(120)
+            t0 = time.monotonic()
+            publish_events(cfg.kafka_bootstrap, topics.purchases, events)
+            logger.info("published %d purchases in %.1fs", len(events), time.monotonic() - t0)
+            if not watcher.wait_drained(timeout=timeout, settle=4.0):
+                raise RuntimeError(f"stream not drained in {timeout}s (lag {watcher.lag()})")
+            seconds = time.monotonic() - t0
+            costs = worker_metrics(cfg.metrics_port)
+            updates = _read_topic(cfg.kafka_bootstrap, topics.persona_updates)
+            labels = _read_topic(cfg.kafka_bootstrap, topics.labels)
+        finally:
+            watcher.close()
+            worker.stop()
+    last: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for update in updates:  # one partition per user: arrival order is publication order
+        last[str(update["user"])] = [int(p["idx"]) for p in update["personas"]]
+        reasons[str(update["user"])] = str(update.get("reason"))
+    prototypes = {str(r["user"]): [int(p) for p in r["personas"]] for r in labels
+                  if r.get("personas") and not r.get("error")}
+    return {"sets": last, "reasons": reasons, "prototypes": prototypes, "seconds": seconds,
+            "events": len(events), "updates": len(updates), "costs": costs}
+
+
+# -- batch -----------------------------------------------------------------------------------------
+def run_batch(graph: BipartiteGraph, personas: PersonaSet, data_dir: Path, held: set[str], budget: float
+              ) -> dict[str, list[int]]:
+    """`gplr label` with its defaults (parsed by the CLI's own parser), held-out users excluded."""
+    from core.batch_cli import _run_kwargs
+    from core.cli import build_parser
+
+    args = build_parser().parse_args(["label", "--data", "-", "--personas", "-", "--out", "x.jsonl",
+                                      "--budget", str(budget)])
+    labeler = make_labeler("replay", personas, path=data_dir / "user_personas_gpt4.csv.gz")
+    exclude = np.array([u for u, uid in enumerate(graph.user_ids) if str(uid) in held], dtype=np.int64)
+    result = run_gplr(graph, personas, labeler, exclude=exclude, **_run_kwargs(args))
+    return {str(uid): list(result.assignment.personas_of(u)) for u, uid in enumerate(graph.user_ids)}
+
+
+def popularity(prototypes: Mapping[str, Sequence[int]], m: int) -> list[int]:
+    """The K personas most common among the prototypes' labels (ties to the lower index)."""
+    counts = np.bincount([p for ps in prototypes.values() for p in ps], minlength=m)
+    return [int(p) for p in np.argsort(-counts, kind="stable")[:K]]
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"the first {QUICK_EVENTS:,} purchases, < 3 min")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+                        help="Online Retail folder (online_retail.csv.gz, personas.json, user_personas_gpt4.csv.gz)")
+    parser.add_argument("--events", type=int, default=None, help="replay only the first N purchases")
+    parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds the stream may take to drain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("streams.broker", "streams.topics", "core.gplr", "core.labelers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    data_dir = args.data_dir.resolve()
+    if not (data_dir / "online_retail.csv.gz").is_file():
+        print(f"stream_quality: no online_retail.csv.gz in {data_dir} (use --data-dir)", file=sys.stderr)
+        return 2
+    t_start = time.monotonic()
+    frame, _ = load_online_retail(data_dir / "online_retail.csv.gz", paper_filter=True)
+    personas = load_personas(data_dir / "personas.json")
+    full = BipartiteGraph.from_frame(frame)
+    held = held_out_users(full)
+    n_events = args.events or (QUICK_EVENTS if args.quick else None)
+    if n_events:
+        frame = frame.sort_values("ts", kind="stable").iloc[:n_events]
+    graph = BipartiteGraph.from_frame(frame)
+    truth = gpt4_truth(graph, personas, data_dir / "user_personas_gpt4.csv.gz")
+    scored = [str(u) for u in graph.user_ids if str(u) in held and str(u) in truth]
+    logger.info("%d purchases, %d users, %d held out and scored", len(frame), graph.n_users, len(scored))
+
+    workdir = Path(tempfile.mkdtemp(prefix="gplr-sq-"))
+    try:
+        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    logger.info("stream: %d events in %.1fs, %d prototypes, %d updates", stream["events"], stream["seconds"],
+                len(stream["prototypes"]), stream["updates"])
+    t_batch = time.monotonic()
+    batch = run_batch(graph, personas, data_dir, held, args.budget)
+    logger.info("batch gplr label: %.1fs", time.monotonic() - t_batch)
+    assert not set(stream["prototypes"]) & held, "a held-out user was labelled"
+
+    m = len(personas)
+    pop = popularity(stream["prototypes"], m)
+    s_stream = score(stream["sets"], truth, scored, personas)
+    s_batch = score(batch, truth, scored, personas)
+    s_pop = score({u: pop for u in scored}, truth, scored, personas)
+    s_labels = score(truth, truth, scored, personas)
+    result: dict[str, Any] = {
+        "bench": "stream_quality", "quick": bool(args.quick), "events": stream["events"],
+        "users": graph.n_users, "scored_users": len(scored), "budget": args.budget,
+        "stream_f1_at_5": s_stream["f1"], "batch_f1_at_5": s_batch["f1"], "popularity_f1_at_5": s_pop["f1"],
+        "stream_macro_f1": s_stream["macro_f1"], "batch_macro_f1": s_batch["macro_f1"],
+        "top_set_share": s_stream["top_set_share"], "batch_top_set_share": s_batch["top_set_share"],
+        "labels_top_set_share": s_labels["top_set_share"],
+        "prevalence_tv": s_stream["prevalence_tv"], "batch_prevalence_tv": s_batch["prevalence_tv"],
+        "stream_personas_per_user": s_stream["personas_per_user"],
+        "batch_personas_per_user": s_batch["personas_per_user"],
+        "labels_personas_per_user": s_labels["personas_per_user"],
+        "labelled_share": round(len(stream["prototypes"]) / max(graph.n_users, 1), 4),
+        "prototypes": len(stream["prototypes"]), "persona_updates": stream["updates"],
+        "unscored_no_update": sum(1 for u in scored if u not in stream["sets"]),
+        "prior_updates_scored": sum(1 for u in scored if stream["reasons"].get(u) == "prior"),
+        "stream_seconds": round(stream["seconds"], 1),
+        "pushes_per_purchase": round(stream["costs"].get("gplr_pushes_total", 0.0) / max(stream["events"], 1), 3),
+        "push_messages_per_purchase": round(
+            stream["costs"].get("gplr_push_messages_total", 0.0) / max(stream["events"], 1), 3),
+        "decisions_frozen_share": stream["costs"].get("gplr_decisions_frozen_share"),
+        "stream_recall": s_stream["recall"], "batch_recall": s_batch["recall"],
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
