@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import time
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import faust
 import numpy as np
@@ -182,19 +182,26 @@ def dlq_record(payload: bytes | None, key: bytes | None, reason: str, detail: st
     }
 
 
-def _named(snapshot: PersonaSnapshot | None, personas: PersonaSet) -> list[dict[str, Any]]:
+def _named(snapshot: PersonaSnapshot | None, personas: PersonaSet,
+           evidence: Mapping[int, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     if snapshot is None:
         return []
-    return [{"idx": m, "name": personas[m].name, "score": round(s, 6)}
-            for m, s in zip(snapshot.personas, snapshot.scores)]
+    named = [{"idx": m, "name": personas[m].name, "score": round(s, 6)}
+             for m, s in zip(snapshot.personas, snapshot.scores)]
+    if evidence is not None:
+        for entry in named:
+            entry["evidence"] = evidence.get(entry["idx"], [])
+    return named
 
 
 def persona_update(user: str, now: PersonaSnapshot, previous: PersonaSnapshot | None,
-                   personas: PersonaSet, reason: str, labelled_by: str, source_ts: float) -> dict[str, Any]:
-    """Body of a persona-updates record (key: user id)."""
+                   personas: PersonaSet, reason: str, labelled_by: str, source_ts: float,
+                   evidence: Mapping[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Body of a persona-updates record (key: user id). `evidence` (persona → up to three
+    {item_id, name, share, channel}, `core.evidence.state_evidence`) goes with each current persona."""
     return {
         "user": user,
-        "personas": _named(now, personas),
+        "personas": _named(now, personas, evidence),
         "previous": _named(previous, personas),
         "reason": reason,
         "labelled_by": labelled_by,
