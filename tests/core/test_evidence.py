@@ -151,3 +151,68 @@ def test_shares_of_mixed_signs_use_the_positive_part():
     out = shares(np.array([[1.0, -1.0], [3.0, -2.0], [-4.0, 0.0]]))
     assert out[:, 0].tolist() == [0.25, 0.75, 0.0]
     assert out[:, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+# -- gplr label writes it, gplr explain prints it ------------------------------------------------
+from tests.core.test_batch_cli import label_args, shop_files  # noqa: E402,F401  (the fixture)
+
+
+def test_label_output_carries_the_exact_evidence(shop_files):
+    out = shop_files["tmp"] / "evidence.jsonl"
+    assert main(label_args(shop_files, out, "--decoder", "graph")) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    graph = BipartiteGraph.from_frame(shop_files["shop"].frame)
+    names = shop_files["shop"].personas.names
+    row_of = {str(u): i for i, u in enumerate(graph.user_ids)}
+    labels = {row_of[r["user_id"]]: [names.index(p) for p in r["personas"]] for r in rows if r["llm_labelled"]}
+    psi = exact_affinity(graph, prototype_matrix(graph.n_users, labels, len(names)))
+    checked = 0
+    for r in rows:
+        u = row_of[r["user_id"]]
+        assert len(r["evidence"]) == len(r["personas"]) == len(r["prototypes"])
+        for name, items, protos in zip(r["personas"], r["evidence"], r["prototypes"]):
+            m = names.index(name)
+            contrib = _brute_item_contrib(graph, labels, u, m)
+            # largest share first; shares equal to 1e-9 (float noise) by item id
+            want = sorted(((-round(c / psi[u, m], 9), str(graph.item_ids[v])) for v, c in contrib.items()
+                           if c > 0))[:TOP_ITEMS]
+            assert [e["item_id"] for e in items] == [v for _, v in want]
+            assert [e["share"] for e in items] == pytest.approx([-s for s, _ in want], abs=1e-6)
+            assert protos and all(name in p["labels"] and row_of[p["user_id"]] in labels for p in protos)
+            checked += bool(items)
+    assert checked > 40
+
+
+def test_explain_prints_text_and_json_and_refuses_bad_input(shop_files, capsys, tmp_path):
+    out = shop_files["tmp"] / "explain.jsonl"
+    assert main(label_args(shop_files, out)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    row = next(r for r in rows if not r["llm_labelled"] and r["evidence"] and r["evidence"][0])
+    capsys.readouterr()
+    assert main(["explain", row["user_id"], "--from", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"customer {row['user_id']} (batch; propagation)")
+    for name, items in zip(row["personas"], row["evidence"]):
+        assert name in text and all(e["name"] in text for e in items)
+    assert main(["explain", row["user_id"], "--from", str(out), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in view["personas"]] == row["personas"]
+    assert [p["evidence"] for p in view["personas"]] == row["evidence"]
+    assert [p["prototypes"] for p in view["personas"]] == row["prototypes"]
+    # a saved persona-updates record (`gplr watch --json`) is read too; the last one wins
+    updates = tmp_path / "updates.jsonl"
+    record = {"user": "u1", "personas": [{"idx": 0, "name": "p0", "score": 0.5, "evidence": [
+        {"item_id": "i1", "name": "Mug", "share": 0.75, "channel": "graph"}]}], "labelled_by": "propagation"}
+    updates.write_text(json.dumps({"user": "u1", "personas": []}) + "\n" + json.dumps(record) + "\n")
+    assert main(["explain", "u1", "--from", str(updates)]) == 0
+    text = capsys.readouterr().out
+    assert "customer u1 (stream; propagation)" in text and "75.0%  Mug [i1] (graph)" in text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\nnot json\n")
+    for args, message in ((["explain", "nobody", "--from", str(out)], "no customer 'nobody'"),
+                          (["explain", "u1", "--from", str(bad)], "line 2 is not JSON"),
+                          (["explain", "u1", "--from", str(tmp_path / "x.csv")], "CSV output carries no evidence"),
+                          (["explain", "u1", "--from", str(tmp_path / "missing.jsonl")], "No such file")):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert message in str(exc.value)
