@@ -64,10 +64,14 @@ def shares(contrib: np.ndarray) -> np.ndarray:
 
 
 def _top(ids: Sequence[str], share: np.ndarray, k: int) -> list[int]:
-    """Rows with a positive share, largest first (ties by id), at most k."""
-    rows = np.flatnonzero(share > 0)
-    order = sorted(rows.tolist(), key=lambda r: (-round(float(share[r]), _ORDER_DIGITS), str(ids[r])))
-    return order[:k]
+    """Rows with a positive share, largest first (ties by id), at most k. Only the rows tied
+    with or above the k-th largest share are sorted in Python (ids are strings)."""
+    key = np.round(share, _ORDER_DIGITS)
+    rows = np.flatnonzero(key > 0)
+    if rows.size > k:
+        kth = np.partition(key[rows], rows.size - k)[rows.size - k]
+        rows = rows[key[rows] >= kth]
+    return sorted(rows.tolist(), key=lambda r: (-key[r], str(ids[r])))[:k]
 
 
 def user_evidence(ids: Sequence[str], names: Sequence[str], graph_contrib: np.ndarray,
@@ -100,12 +104,11 @@ def state_evidence(state: UserState, personas: Sequence[int],
         return {p: [] for p in personas}
     ids = list(state.items)
     rows = list(state.items.values())
-    graph = np.zeros((len(rows), len(personas)))
-    for r, it in enumerate(rows):
-        if it.value is not None:
-            graph[r] = it.value[personas]
+    zero = np.zeros(state.n_personas)
+    graph = np.vstack([zero if it.value is None else it.value for it in rows])[:, personas]
     text = None
-    if text_vectors is not None and intercept is not None:
+    reached = (graph > 0).any(axis=0)
+    if text_vectors is not None and intercept is not None and not reached.all():  # only when it is read
         s = np.asarray(text_vectors([it.name for it in rows]), dtype=np.float64)
         text = s[:, personas] - np.asarray(intercept, dtype=np.float64)[personas]
     found = user_evidence(ids, [it.name for it in rows], graph, text, k)
