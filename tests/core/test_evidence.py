@@ -4,6 +4,10 @@ prints them."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +220,33 @@ def test_explain_prints_text_and_json_and_refuses_bad_input(shop_files, capsys, 
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert message in str(exc.value)
+
+
+# -- the README example is what its commands print -------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+RETAIL = Path(os.environ.get("ONLINE_RETAIL_DATA", REPO / ".." / "shared" / "data" / "online_retail"))
+
+
+def _readme_example(data_dir: Path | None = None) -> tuple[list[list[str]], str]:
+    """The commands (bash block; `$D` = `data_dir` when given) and the printed text of README's
+    "Why this persona"."""
+    section = (REPO / "README.md").read_text().split("## Why this persona", 1)[1]
+    script, text = re.search(r"```bash\n(.*?)```\n```text\n(.*?)```", section, flags=re.S).groups()
+    lines = script.replace("\\\n", " ").strip().splitlines()
+    data = str(data_dir) if data_dir else lines[0].split("=", 1)[1]
+    return [shlex.split(line.replace("$D", data))[1:] for line in lines[1:]], text
+
+
+def test_readme_example_shows_the_commands_it_documents():
+    commands, text = _readme_example()
+    assert [c[0] for c in commands] == ["label", "explain"]
+    assert text.startswith(f"customer {commands[1][1]} (batch; propagation)")
+
+
+@pytest.mark.skipif(not (RETAIL / "online_retail.csv.gz").is_file(), reason="Online Retail data not present")
+def test_readme_example_is_what_the_commands_print(tmp_path, monkeypatch, capsys):
+    commands, text = _readme_example(RETAIL.resolve())
+    monkeypatch.chdir(tmp_path)
+    for args in commands:
+        assert main(args) == 0
+    assert capsys.readouterr().out == text
