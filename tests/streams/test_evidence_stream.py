@@ -109,3 +109,42 @@ def test_worker_persona_updates_carry_the_batch_evidence(shop):
             channels.update(e["channel"] for e in p["evidence"])
             assert all(0 < e["share"] <= 1 for e in p["evidence"])
     assert channels == {"graph", "text"}, channels
+
+
+@pytest.mark.broker
+def test_persona_updates_carry_evidence_through_the_broker(stream_config, worker_factory, produce, tmp_path,
+                                                           monkeypatch, capsys):
+    """A real worker: every persona of every persona-updates record lists its evidence (items the
+    customer bought, shares of the score, largest first), and `gplr explain USER` without --from
+    prints the latest record from the topic."""
+    from core.cli import main
+    from streams.cli import latest_personas, read_topic
+    from streams.topics import Topics
+    from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check
+
+    shop = make_shop(n_users=100, n_items=60, n_personas=6, seed=5, mean_purchases=6)
+    config = _shop_config(stream_config, shop, tmp_path, eps=0.05)
+    users = run_and_check(config, worker_factory, produce, shop.frame, _labels_for(shop.user_truth, 0.15, 2),
+                          len(shop.personas))
+    records = read_topic(config.kafka_bootstrap, Topics(config.topic_prefix).persona_updates)
+    listed = 0
+    for record in records:
+        bought = users[record["user"]].items
+        for p in record["personas"]:
+            evidence = p["evidence"]
+            assert len(evidence) <= TOP_ITEMS
+            assert all(e["item_id"] in bought and e["name"] == bought[e["item_id"]].name for e in evidence)
+            assert all(0 < e["share"] <= 1 for e in evidence) and sum(e["share"] for e in evidence) <= 1 + 1e-5
+            assert [e["share"] for e in evidence] == sorted((e["share"] for e in evidence), reverse=True)
+            listed += len(evidence)
+    assert listed > len(records)
+    latest = latest_personas(records)
+    user, record = next((u, r) for u, r in sorted(latest.items()) if r["personas"] and r["personas"][0]["evidence"])
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", config.kafka_bootstrap)
+    monkeypatch.setenv("GPLR_TOPIC_PREFIX", config.topic_prefix)
+    capsys.readouterr()
+    assert main(["explain", user, "--timeout", "30"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"customer {user} (stream; ")
+    for p in record["personas"]:
+        assert p["name"] in text and all(e["name"] in text for e in p["evidence"])
