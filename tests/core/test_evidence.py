@@ -249,4 +249,5 @@ def test_readme_example_is_what_the_commands_print(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     for args in commands:
         assert main(args) == 0
-    assert capsys.readouterr().out == text
+    assert capsys.readouterr().out == text, ("README's 'Why this persona' output is stale: run its commands "
+                                             "from the repository root and paste what `gplr explain` prints")
