@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 __all__ = ["register", "cmd_explain", "find_user", "normalise", "render"]
-
-StreamSource = Callable[[str, float], "Mapping[str, Any] | None"]
 
 
 def find_user(path: Path, user: str) -> Mapping[str, Any] | None:
