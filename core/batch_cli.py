@@ -102,8 +102,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("gplr: --prevalence-match must be in [0, 1]")
 
 
-def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, result: GPLRResult) -> int:
-    """Write one row per user (id, persona names, scores, llm_labelled) as JSON lines or CSV."""
+def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, result: GPLRResult,
+                      hops: int = 1, weight: str = "binary") -> int:
+    """Write one row per user (id, persona names, scores, llm_labelled) as JSON lines or CSV; JSON
+    lines also carry, per persona, its evidence items and prototypes (`core.evidence`, what
+    `gplr explain` prints). `hops`/`weight` must be those the affinity was computed with."""
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"{path}: output must end in .jsonl or .csv")
@@ -113,11 +116,15 @@ def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, r
     tmp = path.with_name(path.name + ".part")  # a crash never leaves half a file under the name
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         if suffix == ".jsonl":
+            from core.evidence import result_evidence
+
+            items, protos = result_evidence(graph, result, names, hops, weight)
             for u in range(graph.n_users):
                 row = {"user_id": str(graph.user_ids[u]),
                        "personas": [names[p] for p in a.personas_of(u)],
                        "scores": [round(s, 6) for s in a.scores_of(u)],
-                       "llm_labelled": bool(a.llm_labelled[u])}
+                       "llm_labelled": bool(a.llm_labelled[u]),
+                       "evidence": items[u], "prototypes": protos[u]}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
             out = csv.writer(fh)
@@ -187,7 +194,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{r} {n:,}" for r, n in Counter(result.failed.values()).most_common(3))
         raise SystemExit(f"gplr label: the {args.labeler} labeler labelled none of {len(result.failed):,} "
                          f"prototype users ({reasons or 'no calls'}); nothing written to {out}")
-    n = write_assignments(out, graph, personas, result)
+    n = write_assignments(out, graph, personas, result, args.hops, args.weight)
     _summary(console, graph, personas, result, time.perf_counter() - t0)
     console.print(f"wrote {n:,} users to {out}")
     return 0
@@ -263,7 +270,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
                             f"{s['f1']:.3f}", f"{s['macro_f1']:.3f}")
     console.print(quality)
     if args.out:
-        write_assignments(Path(args.out), graph, personas, result)
+        write_assignments(Path(args.out), graph, personas, result, args.hops, args.weight)
         console.print(f"wrote {graph.n_users:,} users to {args.out}")
     return 0
 

@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gplr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    from core import batch_cli  # the batch commands live beside the engine
+    from core import batch_cli, explain_cli  # the batch commands live beside the engine
 
     batch_cli.register(sub)
+    explain_cli.register(sub)  # before the plugins: the stream package adds its topic as a source
     for ep in entry_points(group="gplr.commands"):
         try:
             register = ep.load()

@@ -67,6 +67,7 @@ import numpy as np
 from core.affinity import debias_weights, label_distribution
 from core.decoder import DEFAULT_RULE
 from core.events import InvalidEvent, PurchaseEvent, parse_purchase
+from core.evidence import state_evidence
 from core.incremental import (
     ItemState,
     ItemValue,
@@ -449,8 +450,10 @@ class StreamLogic:
                 previous: PersonaSnapshot | None, reason: str, source_ts: float,
                 labelled_by: str = "") -> Out:
         by = labelled_by or ("prototype" if state.label is not None else "propagation")
-        body = persona_update(user, now or PersonaSnapshot((), ()), previous, self.personas,
-                              reason, by, source_ts)
+        now = now or PersonaSnapshot((), ())
+        text = None if self.model is None else (self.item_vectors, self.model.channel.intercept)
+        body = persona_update(user, now, previous, self.personas, reason, by, source_ts,
+                              state_evidence(state, now.personas, *(text or ())))
         if source_ts > 0 and reason != "replay":
             metrics.EVENT_TO_UPDATE.observe(max(0.0, body["ts"] - source_ts))
         metrics.PERSONA_CHANGES.inc()

@@ -350,6 +350,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_source(user: str, timeout: float) -> dict | None:
+    """The user's latest persona-updates record (its personas with their evidence), or None."""
+    from streams.topics import topics_for
+
+    config = _config()
+    _need_bootstrap(config, "explain")
+    return latest_personas(read_topic(config.kafka_bootstrap, topics_for(config).persona_updates,
+                                      timeout=timeout)).get(user)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -449,6 +459,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="first wait (up to SECONDS) until the worker has processed every purchase")
     p.set_defaults(func=_cmd_export)
+
+    explain = subparsers.choices.get("explain")  # `gplr explain` (core) without --from reads the topic
+    if explain is not None:
+        explain.set_defaults(stream_source=_explain_source)
 
     p = subparsers.add_parser("demo", help="embedded broker + worker + replay with a live view")
     p.add_argument("--data", type=Path, default=None, help="purchases file instead of the synthetic shop")

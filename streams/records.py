@@ -14,7 +14,7 @@ import time
 import traceback
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import faust
 import numpy as np
@@ -207,19 +207,26 @@ def error_summary(exc: BaseException, frames: int = 4) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]} at {where}"
 
 
-def _named(snapshot: PersonaSnapshot | None, personas: PersonaSet) -> list[dict[str, Any]]:
+def _named(snapshot: PersonaSnapshot | None, personas: PersonaSet,
+           evidence: Mapping[int, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     if snapshot is None:
         return []
-    return [{"idx": m, "name": personas[m].name, "score": round(s, 6)}
-            for m, s in zip(snapshot.personas, snapshot.scores)]
+    named = [{"idx": m, "name": personas[m].name, "score": round(s, 6)}
+             for m, s in zip(snapshot.personas, snapshot.scores)]
+    if evidence is not None:
+        for entry in named:
+            entry["evidence"] = evidence.get(entry["idx"], [])
+    return named
 
 
 def persona_update(user: str, now: PersonaSnapshot, previous: PersonaSnapshot | None,
-                   personas: PersonaSet, reason: str, labelled_by: str, source_ts: float) -> dict[str, Any]:
-    """Body of a persona-updates record (key: user id)."""
+                   personas: PersonaSet, reason: str, labelled_by: str, source_ts: float,
+                   evidence: Mapping[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Body of a persona-updates record (key: user id). `evidence` (persona → up to three
+    {item_id, name, share, channel}, `core.evidence.state_evidence`) goes with each current persona."""
     return {
         "user": user,
-        "personas": _named(now, personas),
+        "personas": _named(now, personas, evidence),
         "previous": _named(previous, personas),
         "reason": reason,
         "labelled_by": labelled_by,
