@@ -83,13 +83,15 @@ def _valid_ndcg(model: RankingModel, valid: sp.csr_matrix, fit_matrix: sp.csr_ma
 
 
 def select(model: ItemItemModel, fit_matrix: sp.csr_matrix, valid: sp.csr_matrix,
-           config: TrainConfig = TrainConfig(), passes: int = 2) -> TrainResult:
+           config: TrainConfig = TrainConfig(), passes: int = 2,
+           space: dict[str, tuple[float, ...]] | None = None) -> TrainResult:
     """Coordinate search on validation NDCG@K: sweep one hyper-parameter at a time over its
     candidates (the others at their best so far), up to `passes` rounds or until nothing moves.
-    Each candidate is one solve; repeated points are not re-solved. Ends solved at the best."""
+    Each candidate is one solve; repeated points are not re-solved. Ends solved at the best.
+    `space` narrows the model's own `search_space()` (the trainer's cheaper search)."""
     start = time.perf_counter()
     model.solve_device = pick_device(config.device)
-    space = model.search_space()
+    space = model.search_space() if space is None else space
     best = {k: v[0] for k, v in space.items()}
     seen: dict[tuple, float] = {}
     result = TrainResult()

@@ -16,12 +16,12 @@ known only by personas is scored for each user through W's persona columns.
 Memory: W is F² floats (F = items + personas), computed in `dtype` (float32 by default) on the
 solve device; a solve holds about two F² matrices at its peak (see `ease_weights`): 59 MB for
 OnlineRetail's 3,846 items, 20 GB for a 50,000-item catalogue (fits an H200, or a 32 GB host).
-Scoring goes by batches of users (dense rows × W), so users do not add to the peak.
+Scoring multiplies sparse history rows by W, batch by batch, so users do not add to the peak.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -136,10 +136,21 @@ class ItemItemModel(RankingModel):
             raise RuntimeError(f"{self.name} is not solved yet: call solve() (or recsys.train.fit)")
         return self.weights_
 
+    def _history_times(self, rows: sp.csr_matrix, w: torch.Tensor) -> torch.Tensor:
+        """Sparse history rows × dense W: nnz × F work instead of rows × F² (75× less on
+        OnlineRetail); scipy on the CPU, torch sparse CSR on CUDA."""
+        rows = sp.csr_matrix(rows, dtype=np.float32 if w.dtype == torch.float32 else np.float64)
+        if w.device.type == "cpu":
+            return torch.from_numpy(np.asarray(rows @ w.numpy()))
+        t = torch.sparse_csr_tensor(torch.from_numpy(rows.indptr.astype(np.int64)),
+                                    torch.from_numpy(rows.indices.astype(np.int64)),
+                                    torch.from_numpy(rows.data), size=rows.shape, device=w.device)
+        return t @ w
+
     def full_sort_scores(self, users: torch.Tensor) -> torch.Tensor:
         w = self._solved()
-        rows = self.history[np.asarray(users.cpu(), dtype=np.int64)].toarray()
-        return torch.as_tensor(rows, dtype=w.dtype, device=w.device) @ w[:, :self.graph.n_items]
+        rows = self.history[np.asarray(users.cpu(), dtype=np.int64)]
+        return self._history_times(rows, w[:, :self.graph.n_items].contiguous())
 
     def cold_user_scores(self, personas: Sequence[int]) -> torch.Tensor:
         """[0 | a·1_P] W: the items the chosen personas predict."""
@@ -152,16 +163,8 @@ class ItemItemModel(RankingModel):
         """H W[:, personas] averaged: each user's predicted affinity to the item's personas."""
         w = self._solved()
         idx = check_personas(personas, self.graph.n_personas, self.name).to(w.device)
-        column = w[:, self.graph.n_items + idx].mean(dim=1)
-        h = self.history
-        out = torch.empty(h.shape[0], dtype=w.dtype, device=w.device)
-        for lo in range(0, h.shape[0], 4096):
-            rows = torch.as_tensor(h[lo:lo + 4096].toarray(), dtype=w.dtype, device=w.device)
-            out[lo:lo + 4096] = rows @ column
-        return out
+        column = w[:, self.graph.n_items + idx].mean(dim=1, keepdim=True)
+        return self._history_times(self.history, column)[:, 0]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in self.params().items())
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.name, **self.params()}
