@@ -142,13 +142,19 @@ def test_recommendations_match_brute_force(state: GraphState) -> None:
         assert not any(known[u, i] for i, _ in recs[int(u)])  # never an item already bought
 
 
-def test_cold_user_known_only_by_personas(shop, state: GraphState) -> None:
+def _with_newcomer(shop, persona: int) -> GraphState:
+    """Every purchase, personas for half the users, and a newcomer known only by `persona`."""
     st = GraphState(shop.personas)
     for event in iter_events(shop.frame):
         st.add_purchase(event.to_json())
     for u in sorted(shop.user_truth)[:60]:
         st.set_personas(_update(u, shop, shop.user_truth[u]))
-    st.set_personas(_update("newcomer", shop, (2,)))
+    st.set_personas(_update("newcomer", shop, (persona,)))
+    return st
+
+
+def test_cold_user_known_only_by_personas(shop, state: GraphState) -> None:
+    st = _with_newcomer(shop, 2)
     trained = train_model(st, FAST, version=1)
     new = st.user_ids.index("newcomer")
     recs = recommend(trained, np.array([new]), k=5)[new]
@@ -169,12 +175,7 @@ def test_cached_selection_costs_one_solve_and_a_plain_winner_leaves_cold_users_t
     # reselected after `reselect_every` cycles
     assert train_model(state, replace(FAST, reselect_every=2), version=3, previous=first.selection).selection.version == 3
     # a plain winner: persona-only users are ranked (and named) by the persona variant
-    st = GraphState(shop.personas)
-    for event in iter_events(shop.frame):
-        st.add_purchase(event.to_json())
-    for u in sorted(shop.user_truth)[:60]:
-        st.set_personas(_update(u, shop, shop.user_truth[u]))
-    st.set_personas(_update("newcomer", shop, (3,)))
+    st = _with_newcomer(shop, 3)
     plain_wins = replace(first.selection, winner="ease")
     trained = train_model(st, FAST, version=2, previous=plain_wins)
     assert trained.name == "ease" and trained.cold_name == "ease-persona"
