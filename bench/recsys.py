@@ -180,14 +180,21 @@ def cornac_model(row: str, data: RecData, graph: RecGraph, lam: float, seed: int
     return CornacScores(model.fit(dataset), dataset, graph)
 
 
-def trainer_timing(data: RecData, personas, user_personas: sp.csr_matrix, device: str | None) -> dict:
+def trainer_timing(data: RecData, personas, user_personas: sp.csr_matrix, device: str | None,
+                   new_edges: int = 1000) -> dict:
     """The trainer's cycle at OnlineRetail scale (every train purchase, GPLR-5% personas):
-    a selecting cycle, then a cached retrain, each with top-10 lists for every user."""
+    a selecting cycle, then — after `new_edges` more purchases (the default retrain trigger,
+    taken from the test pairs) — a cached retrain, each publishing top-10 lists for every user."""
     state = GraphState(personas)
-    train = data.train.tocoo()
-    for n, (u, i) in enumerate(zip(train.row, train.col)):
-        state.add_purchase({"event_id": str(n), "user_id": str(data.user_ids[u]), "item_id": str(i),
-                            "item_name": str(data.item_names[i]), "quantity": 1, "price": 1.0, "ts": 0.0})
+    train, test = data.train.tocoo(), data.test.tocoo()
+    order = np.random.default_rng(0).permutation(test.nnz)[:new_edges]
+
+    def add(rows: np.ndarray, cols: np.ndarray, tag: str) -> None:
+        for n, (u, i) in enumerate(zip(rows, cols)):
+            state.add_purchase({"event_id": f"{tag}{n}", "user_id": str(data.user_ids[u]), "item_id": str(i),
+                                "item_name": str(data.item_names[i]), "quantity": 1, "price": 1.0, "ts": 0.0})
+
+    add(train.row, train.col, "t")
     for u in range(data.n_users):
         row = user_personas[u].indices
         if len(row):
@@ -197,13 +204,16 @@ def trainer_timing(data: RecData, personas, user_personas: sp.csr_matrix, device
     out: dict = {}
     previous = None
     for label, version in (("selecting_cycle_s", 1), ("cached_retrain_s", 2)):
+        if version == 2:
+            add(test.row[order], test.col[order], "n")
         t0 = time.perf_counter()
         trained = train_model(state, config, version, previous)
         recommend(trained, users, config.top_k)
         out[label] = time.perf_counter() - t0
-        previous = trained.selection
+        previous = trained
         out["model"] = trained.name
-    out["valid_ndcg"] = previous.valid_ndcg if previous else {}
+    out["valid_ndcg"] = previous.selection.valid_ndcg if previous and previous.selection else {}
+    out["new_edges_before_retrain"] = new_edges
     return out
 
 

@@ -51,7 +51,7 @@ from recsys.data import carve_validation, interactions, persona_matrix
 from recsys.evaluate import topk_items
 from recsys.experiment import ModelConfig
 from recsys.graph import build_graph
-from recsys.models import MODELS, PLAIN_OF, ItemItemModel, RankingModel, make_model
+from recsys.models import EASE, MODELS, PLAIN_OF, ItemItemModel, RankingModel, make_model
 from recsys.train import TrainConfig, fit, select
 from streams import metrics
 from core.settings import ConfigError, EnvReader, check_all
@@ -349,10 +349,11 @@ def _select(names: tuple[str, ...], fit_m: sp.csr_matrix, valid: sp.csr_matrix, 
 
 
 def train_model(state: GraphState, config: TrainerConfig, version: int,
-                previous: Selection | None = None) -> TrainedModel:
+                previous: TrainedModel | None = None) -> TrainedModel:
     """Train on a snapshot of `state` (validation carved out per user). Closed-form candidates:
-    select on validation unless `previous` still holds (same candidates, fewer than
-    `reselect_every` cycles ago), then solve the winner on every known purchase."""
+    select on validation unless `previous`'s selection still holds (same candidates, fewer than
+    `reselect_every` cycles ago), then solve the winner on every known purchase — as a low-rank
+    update of the previous EASE when only a few users changed."""
     start = time.perf_counter()
     known = state.interactions()
     if known.nnz == 0:
@@ -372,17 +373,22 @@ def train_model(state: GraphState, config: TrainerConfig, version: int,
 
 
 def _train_closed_form(names: tuple[str, ...], known: sp.csr_matrix, personas: sp.csr_matrix | None,
-                       config: TrainerConfig, version: int, previous: Selection | None,
+                       config: TrainerConfig, version: int, previous: TrainedModel | None,
                        start: float) -> TrainedModel:
-    fresh = previous is None or previous.names != names or version - previous.version >= config.reselect_every
+    last = None if previous is None else previous.selection
+    fresh = last is None or last.names != names or version - last.version >= config.reselect_every
     if fresh:
         fit_m, valid = carve_validation(known, config.valid_frac, config.seed)
         selection = _select(names, fit_m, valid, personas, config, version)
     else:
-        assert previous is not None
-        selection = previous
+        assert last is not None
+        selection = last
     winner = selection.winner
-    model = _closed_form(winner, known, personas, config, selection.params[winner]).solve(known)
+    model = _closed_form(winner, known, personas, config, selection.params[winner])
+    if not fresh and isinstance(model, EASE) and previous is not None and isinstance(previous.model, EASE):
+        model.solve_from(previous.model, known)
+    else:
+        model.solve(known)
     solves = len(names) * 8 if fresh else 1  # a rough count for the epochs gauge
     cold_model, cold_name = None, None
     persona_only = personas is not None and bool(np.any((np.diff(known.indptr) == 0) & (np.diff(personas.indptr) > 0)))
@@ -487,7 +493,6 @@ class TrainerService:
         self.topics = Topics(stream.topic_prefix)
         self.state = GraphState(stream.personas())
         self.trained: TrainedModel | None = None
-        self.selection: Selection | None = None  # cached model/hyper-parameter choice
         self.version = 0
         self.published = 0
         self._last_cycle = float("-inf")
@@ -551,7 +556,7 @@ class TrainerService:
         new_edges = self.state.new_edges
         self.state.new_edges = 0
         try:
-            trained = train_model(self.state, self.config, self.version, self.selection)
+            trained = train_model(self.state, self.config, self.version, self.trained)
         except Exception:  # a bad cycle must not kill the service; the next one retries
             self.state.new_edges += new_edges
             self._retry_at = time.monotonic() + self.config.interval_s
@@ -559,7 +564,6 @@ class TrainerService:
                           self.version, self.config.interval_s)
             return 0
         self.trained = trained
-        self.selection = trained.selection
         metrics.TRAINER_LAST_TRAIN.set(time.perf_counter() - started)
         metrics.TRAINER_EPOCHS.set(trained.epochs)
         metrics.TRAINER_VALIDATION_NDCG.set(trained.valid_ndcg)

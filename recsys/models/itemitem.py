@@ -87,6 +87,7 @@ class ItemItemModel(RankingModel):
         self.dtype = dtype
         self.register_buffer("weights_", torch.zeros(0, 0, dtype=dtype), persistent=False)
         self.history: sp.csr_matrix | None = None
+        self.design: sp.csr_matrix | None = None  # the rows W was solved from (for updates)
 
     # -- to implement -----------------------------------------------------------------
     def weights(self, design: sp.csr_matrix) -> torch.Tensor:
@@ -127,8 +128,8 @@ class ItemItemModel(RankingModel):
     def solve(self, interactions: sp.spmatrix) -> "ItemItemModel":
         """Compute W from `interactions` (users × items, binary) and the graph's personas; the
         same rows become the users' histories for scoring."""
-        design, self.history = design_matrix(interactions, self.graph, self.persona_weight, self.pseudo_weight)
-        self.weights_ = self.weights(design)
+        self.design, self.history = design_matrix(interactions, self.graph, self.persona_weight, self.pseudo_weight)
+        self.weights_ = self.weights(self.design)
         return self
 
     def _solved(self) -> torch.Tensor:

@@ -247,3 +247,31 @@ def test_selection_keeps_the_best_validation_point(tiny) -> None:
     assert model.lam == result.best_params["lam"]
     expected = _dense_ease(x.toarray(), model.lam)
     np.testing.assert_allclose(model.weights_.numpy(), expected, atol=1e-5)
+
+
+def test_ease_update_equals_a_fresh_solve() -> None:
+    """Changed and new users' rows through Woodbury give the W of a full re-solve."""
+    rng = np.random.default_rng(8)
+    x = (rng.random((40, 15)) < 0.25).astype(float)
+    up = (rng.random((40, 3)) < 0.4).astype(float)
+    ip = (rng.random((15, 3)) < 0.4).astype(float)
+    old = make_model("ease-persona", build_graph(sp.csr_matrix(x), sp.csr_matrix(up), sp.csr_matrix(ip)),
+                     lam=2.0, device="cpu", dtype=torch.float64).solve(sp.csr_matrix(x))
+    grown = np.vstack([x, (rng.random((3, 15)) < 0.3).astype(float)])  # 3 new users
+    grown[[1, 7], [2, 4]] = 1.0 - grown[[1, 7], [2, 4]]                  # two users changed
+    up2 = np.vstack([up, np.eye(3)])
+    graph = build_graph(sp.csr_matrix(grown), sp.csr_matrix(up2), sp.csr_matrix(ip))
+    updated = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64)
+    updated.solve_from(old, sp.csr_matrix(grown), max_rank=1.0)
+    assert updated.weights_ is not old.weights_
+    fresh = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64).solve(sp.csr_matrix(grown))
+    np.testing.assert_allclose(updated.weights_.numpy(), fresh.weights_.numpy(), atol=1e-9)
+    np.testing.assert_allclose(updated.full_sort_scores(torch.arange(43)).numpy(),
+                               fresh.full_sort_scores(torch.arange(43)).numpy(), atol=1e-9)
+    # nothing changed: the weights are reused as they are; another λ: a full solve
+    same = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64)
+    assert same.solve_from(updated, sp.csr_matrix(grown)).weights_ is updated.weights_
+    other = make_model("ease-persona", graph, lam=3.0, device="cpu", dtype=torch.float64)
+    other.solve_from(updated, sp.csr_matrix(grown))
+    np.testing.assert_allclose(other.weights_.numpy(), _dense_ease(
+        np.vstack([np.hstack([grown, up2]), np.hstack([ip.T, np.eye(3)])]), 3.0), atol=1e-9)
