@@ -183,11 +183,15 @@ def cornac_model(row: str, data: RecData, graph: RecGraph, lam: float, seed: int
 def trainer_timing(data: RecData, personas, user_personas: sp.csr_matrix, device: str | None,
                    new_edges: int = 1000) -> dict:
     """The trainer's cycle at OnlineRetail scale (every train purchase, GPLR-5% personas):
-    a selecting cycle, then — after `new_edges` more purchases (the default retrain trigger,
-    taken from the test pairs) — a cached retrain, each publishing top-10 lists for every user."""
+    a selecting cycle, then — after about `new_edges` more purchases (the default retrain
+    trigger), whole test baskets of randomly drawn users as a stream brings them — a cached
+    retrain, each publishing top-10 lists for every user."""
     state = GraphState(personas)
     train, test = data.train.tocoo(), data.test.tocoo()
-    order = np.random.default_rng(0).permutation(test.nnz)[:new_edges]
+    basket = np.random.default_rng(0).permutation(data.n_users)
+    sizes = np.diff(data.test.indptr)[basket]
+    movers = basket[: int(np.searchsorted(np.cumsum(sizes), new_edges)) + 1]
+    order = np.flatnonzero(np.isin(test.row, movers))
 
     def add(rows: np.ndarray, cols: np.ndarray, tag: str) -> None:
         for n, (u, i) in enumerate(zip(rows, cols)):
@@ -213,7 +217,8 @@ def trainer_timing(data: RecData, personas, user_personas: sp.csr_matrix, device
         previous = trained
         out["model"] = trained.name
     out["valid_ndcg"] = previous.selection.valid_ndcg if previous and previous.selection else {}
-    out["new_edges_before_retrain"] = new_edges
+    out["new_edges_before_retrain"] = int(len(order))
+    out["users_changed_before_retrain"] = int(len(movers))
     return out
 
 
