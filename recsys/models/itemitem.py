@@ -14,8 +14,11 @@ gives persona cold start: a user known only by personas is the row [0 | a·Φ_u]
 known only by personas is scored for each user through W's persona columns.
 
 Memory: W is F² floats (F = items + personas), computed in `dtype` (float32 by default) on the
-solve device; a solve holds about two F² matrices at its peak (see `ease_weights`): 59 MB for
-OnlineRetail's 3,846 items, 20 GB for a 50,000-item catalogue (fits an H200, or a 32 GB host).
+solve device; a solve holds about two F² matrices there at its peak (see `ease_weights`), after
+the Gram matrix is assembled on the host (one F² array, from sparse products F × 4,096 columns at
+a time): 59 MB per matrix for OnlineRetail's 3,846 items, 10 GB for a 50,000-item catalogue, so
+20 GB on the device and 10 GB on the host (fits an H200 with a 32 GB host, or a 32 GB CPU box).
+An incremental EASE update (`EASE.solve_from`) works on a copy of W: one more F² matrix.
 Scoring multiplies sparse history rows by W, batch by batch, so users do not add to the peak.
 """
 from __future__ import annotations
