@@ -277,6 +277,7 @@ class Selection:
     params: dict[str, dict[str, float]]
     valid_ndcg: dict[str, float]
     version: int
+    solves: int = 0  # closed-form solves the search took
 
 
 @dataclass
@@ -336,6 +337,7 @@ def _select(names: tuple[str, ...], fit_m: sp.csr_matrix, valid: sp.csr_matrix, 
     plain counterpart chose and searches only its persona weights (4 solves, not 11+)."""
     params: dict[str, dict[str, float]] = {}
     scores: dict[str, float] = {}
+    solves = 0
     for name in names:
         model = _closed_form(name, fit_m, personas, config, {})
         space = model.search_space()
@@ -343,9 +345,10 @@ def _select(names: tuple[str, ...], fit_m: sp.csr_matrix, valid: sp.csr_matrix, 
         space = {k: ((plain[k],) if k in plain else v) for k, v in space.items()}
         result = select(model, fit_m, valid, _train_config(config), space=space)
         params[name], scores[name] = result.best_params, result.best_valid_ndcg
+        solves += result.epochs_run + 1  # the search's solves and select's final re-solve
     winner = max(names, key=scores.__getitem__)
     log.info("selection: %s on validation NDCG@10 %s", winner, {n: round(v, 4) for n, v in scores.items()})
-    return Selection(names, winner, params, scores, version)
+    return Selection(names, winner, params, scores, version, solves)
 
 
 def train_model(state: GraphState, config: TrainerConfig, version: int,
@@ -389,7 +392,7 @@ def _train_closed_form(names: tuple[str, ...], known: sp.csr_matrix, personas: s
         model.solve_from(previous.model, known)
     else:
         model.solve(known)
-    solves = len(names) * 8 if fresh else 1  # a rough count for the epochs gauge
+    solves = selection.solves + 1 if fresh else 1
     cold_model, cold_name = None, None
     persona_only = personas is not None and bool(np.any((np.diff(known.indptr) == 0) & (np.diff(personas.indptr) > 0)))
     if persona_only and not MODELS[winner].personas:
