@@ -20,35 +20,38 @@ import torch
 from recsys.graph import RecGraph
 from recsys.models.itemitem import ItemItemModel, design_matrix, weighted_gram
 
-__all__ = ["EASE", "ease_weights", "changed_rows", "woodbury_update"]
+__all__ = ["EASE", "ease_weights", "ease_solution", "changed_rows", "woodbury_update"]
 
 
 def ease_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
-    """W from the Gram matrix AᵀA, consumed in place (its buffer is reused for P).
+    """W from the Gram matrix AᵀA (see `ease_solution`)."""
+    return ease_solution(gram, lam)[0]
 
-    Peak memory two F² matrices (the Gram/P buffer and the Cholesky factor): float32 at
+
+def ease_solution(gram: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, diag P) from the Gram matrix AᵀA, which is overwritten by its Cholesky factor.
+
+    Peak memory two F² matrices (the Gram/factor buffer and P, which becomes W): float32 at
     50,000 features is 2 × 10 GB.
     """
     if lam <= 0:
         raise ValueError(f"EASE needs λ > 0, got {lam}")
     gram.diagonal().add_(lam)
-    factor = torch.linalg.cholesky(gram)
-    del gram  # the caller's reference is all that is left; P takes its place
-    p = torch.cholesky_inverse(factor)
-    del factor
+    factor = torch.linalg.cholesky(gram, out=gram)  # in place: the Gram buffer becomes L
+    p = torch.cholesky_inverse(factor)  # reads L's lower triangle only
     return inverse_to_weights(p)
 
 
-def inverse_to_weights(p: torch.Tensor) -> torch.Tensor:
-    """W = −P / diag(P) column-wise, zero diagonal, in place; diag(P) is kept on W as `.pdiag`."""
+def inverse_to_weights(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, diag P): W = −P / diag(P) column-wise with a zero diagonal, in place on P."""
     d = torch.diagonal(p).clone()
     p.div_(-d)
     p.diagonal().zero_()
-    p.pdiag = d  # type: ignore[attr-defined]
-    return p
+    return p, d
 
 
-def woodbury_update(w: torch.Tensor, pdiag: torch.Tensor, added: sp.csr_matrix, removed: sp.csr_matrix) -> torch.Tensor:
+def woodbury_update(w: torch.Tensor, pdiag: torch.Tensor, added: sp.csr_matrix, removed: sp.csr_matrix
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The W of Gram + AᵀA − RᵀR from the W (and diag P) of Gram, in place on a copy of `w`:
 
         P' = P − P V (S + Vᵀ P V)⁻¹ Vᵀ P,   V = [Aᵀ Rᵀ],  S = diag(+1 for A, −1 for R).
@@ -87,21 +90,22 @@ class EASE(ItemItemModel):
     def __init__(self, graph: RecGraph, lam: float = 200.0, **kwargs) -> None:
         super().__init__(graph, **kwargs)
         self.lam = lam
+        self.pdiag: torch.Tensor | None = None  # diag of P = (AᵀA + λI)⁻¹, for incremental updates
 
     def search_space(self) -> dict[str, tuple[float, ...]]:
         return {"lam": (200.0, 50.0, 100.0, 400.0, 800.0, 1600.0, 25.0), **self.persona_space()}
 
     def weights(self, design: sp.csr_matrix) -> torch.Tensor:
         gram = weighted_gram(design, dtype=self.dtype).to(self.solve_device)
-        w = ease_weights(gram, self.lam)
-        self.pdiag = w.pdiag  # type: ignore[attr-defined]
+        w, self.pdiag = ease_solution(gram, self.lam)
         return w
 
     def solve_from(self, previous: "EASE | None", interactions: sp.spmatrix, max_rank: float = 0.125) -> "EASE":
         """`solve(interactions)`, by a Woodbury update of `previous` (same hyper-parameters and
         features, users only added) when fewer than `max_rank`·F design rows changed."""
         design, history = design_matrix(interactions, self.graph, self.persona_weight, self.pseudo_weight)
-        usable = (previous is not None and previous.design is not None and previous.params() == self.params()
+        usable = (previous is not None and previous.pdiag is not None and previous.design is not None
+                  and previous.params() == self.params()
                   and previous.design.shape[1] == design.shape[1])
         rows = changed_rows(previous.design, previous.graph.n_users, design, self.graph.n_users) if usable else None
         if rows is None or sum(r.shape[0] for r in rows) > max_rank * design.shape[1]:
@@ -111,6 +115,5 @@ class EASE(ItemItemModel):
         if rows[0].shape[0] == 0:
             self.weights_, self.pdiag = previous.weights_, previous.pdiag
         else:
-            self.weights_ = woodbury_update(previous.weights_, previous.pdiag, *rows)
-            self.pdiag = self.weights_.pdiag  # type: ignore[attr-defined]
+            self.weights_, self.pdiag = woodbury_update(previous.weights_, previous.pdiag, *rows)
         return self
