@@ -40,7 +40,8 @@ def _add_train_recsys(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--purchases", type=Path, help="purchases CSV/Parquet (split per user at random)")
     add_data_options(p)  # --columns / --schema for --purchases
     p.add_argument("--model", default="lgcn",
-                   help="mf, lightgcn, lgcn, afd-lightgcn, lightgcn3, lgcn3 or a-lgcn3 (default lgcn)")
+                   help="mf, lightgcn, lgcn, afd-lightgcn, lightgcn3, lgcn3, a-lgcn3, ease, ease-persona, "
+                        "rp3beta or rp3beta-persona (default lgcn)")
     p.add_argument("--personas", type=Path, help="persona set JSON (persona models)")
     p.add_argument("--user-labels", type=Path,
                    help="user personas: `gplr label`/`gplr export` output (.jsonl/.csv) or a recorded CSV "
@@ -232,7 +233,7 @@ def _add_trainer(sub: argparse._SubParsersAction) -> None:
                                    "GPLR_TRAIN_AFTER_EDGES new edges, publish top-K recommendations for "
                                    "changed users. Settings: recsys/trainer.py and streams/config.py.")
     p.add_argument("--once", action="store_true", help="read the backlog, train and publish once, exit")
-    p.add_argument("--model", help="override GPLR_TRAINER_MODEL (auto, lgcn3, lightgcn, ...)")
+    p.add_argument("--model", help="override GPLR_TRAINER_MODEL (auto, ease, ease-persona, lgcn3, lightgcn, ...)")
     p.add_argument("--epochs", type=int, help="override GPLR_TRAINER_EPOCHS")
     p.add_argument("--k", type=int, help="override GPLR_RECS_K")
     p.set_defaults(func=cmd_trainer)

@@ -5,7 +5,7 @@ over seeds or compared with a paired t-test. Test data is only ever passed in he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from recsys.metrics import f1_at_k, hit_matrix, ndcg_at_k
-from recsys.models.base import Recommender
+from recsys.models.base import RankingModel
 
 __all__ = ["KS", "Evaluation", "topk_items", "evaluate", "paired_ttest", "aggregate"]
 
@@ -31,24 +31,28 @@ class Evaluation:
         return {k: float(v.mean()) if len(v) else 0.0 for k, v in self.per_user.items()}
 
 
-def topk_items(model: Recommender, users: np.ndarray, mask: sp.csr_matrix, k: int,
-               batch_size: int = 1024) -> np.ndarray:
-    """Indices of the k best-scored items per user, excluding the user's entries in `mask`."""
+def topk_items(model: RankingModel, users: np.ndarray, mask: sp.csr_matrix, k: int,
+               batch_size: int = 1024, with_scores: bool = False) -> Any:
+    """Indices of the k best-scored items per user, excluding the user's entries in `mask`
+    (and, `with_scores`, their scores alongside)."""
     mask = sp.csr_matrix(mask)
     k = min(k, mask.shape[1])
     model.eval()
     out = np.empty((len(users), k), dtype=np.int64)
+    values = np.empty((len(users), k), dtype=np.float64)
     with torch.no_grad():
         for lo in range(0, len(users), batch_size):
             batch = np.asarray(users[lo:lo + batch_size])
             scores = model.full_sort_scores(torch.as_tensor(batch, dtype=torch.long))
             seen = torch.as_tensor(mask[batch].toarray() > 0, device=scores.device)
             scores = scores.masked_fill(seen, float("-inf"))
-            out[lo:lo + len(batch)] = torch.topk(scores, k, dim=1).indices.cpu().numpy()
-    return out
+            best = torch.topk(scores, k, dim=1)
+            out[lo:lo + len(batch)] = best.indices.cpu().numpy()
+            values[lo:lo + len(batch)] = best.values.cpu().numpy()
+    return (out, values) if with_scores else out
 
 
-def evaluate(model: Recommender, truth: sp.csr_matrix, mask: sp.csr_matrix,
+def evaluate(model: RankingModel, truth: sp.csr_matrix, mask: sp.csr_matrix,
              ks: Iterable[int] = KS, users: np.ndarray | None = None) -> Evaluation:
     """NDCG@K and F1@K for every user with at least one `truth` item (or the given `users`)."""
     truth = sp.csr_matrix(truth)

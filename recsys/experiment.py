@@ -19,7 +19,7 @@ from core.personas import PersonaSet
 from recsys.data import RecData, persona_matrix
 from recsys.evaluate import KS, Evaluation, evaluate
 from recsys.graph import RecGraph, build_graph
-from recsys.models import MODELS, Recommender, make_model
+from recsys.models import MODELS, ItemItemModel, RankingModel, make_model
 from recsys.train import TrainConfig, TrainResult, fit
 
 __all__ = ["ModelConfig", "RunResult", "GraphCache", "gplr_user_personas", "embedding_item_personas",
@@ -40,6 +40,9 @@ class ModelConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def kwargs_for(self, name: str) -> dict[str, Any]:
+        """Closed-form models take none of these (their own are searched on validation)."""
+        if not MODELS[name.lower()].cls.trainable:
+            return {}
         cls = MODELS[name.lower()].cls.__name__
         extra = {"LightGCN": {"n_layers": self.n_layers}, "LGCN": {"n_eigen": self.n_eigen}}.get(cls, {})
         return {"dim": self.dim, "reg": self.reg, "afd_weight": self.afd_weight, **extra}
@@ -51,7 +54,7 @@ class RunResult:
     seed: int
     train: TrainResult
     test: Evaluation
-    recommender: Recommender = field(repr=False)
+    recommender: RankingModel = field(repr=False)
 
 
 class GraphCache:
@@ -86,8 +89,12 @@ def embedding_item_personas(names: list[str], personas: PersonaSet, **options: A
 
 def run_model(name: str, data: RecData, graph: RecGraph, config: ModelConfig = ModelConfig(),
               seed: int = 0, ks: tuple[int, ...] = KS) -> RunResult:
-    """Build `name` on `graph`, train with early stopping on validation, evaluate on test once."""
+    """Build `name` on `graph`, train with early stopping on validation (closed form: choose the
+    hyper-parameters on validation, then re-solve on all of train — a cheap refit the trained
+    models do not get), evaluate on test once."""
     model = make_model(name, graph, seed=seed, **config.kwargs_for(name))
     trained = fit(model, data.fit, data.valid, replace(config.train, seed=seed))
+    if isinstance(model, ItemItemModel):
+        model.solve(data.train)
     test = evaluate(model, data.test, data.train, ks=ks)
     return RunResult(name.lower(), seed, trained, test, model)

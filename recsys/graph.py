@@ -24,6 +24,10 @@ class RecGraph:
     n_items: int
     n_personas: int
     norm_adj: sp.csr_matrix
+    # The binary persona blocks (users × personas, items × personas) the item–item models widen
+    # their design matrix with; None on a plain graph.
+    user_personas: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
+    item_personas: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
     _spectra: dict[int, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -100,7 +104,8 @@ def build_graph(
     n = n_u + n_i + n_r
     upper = sp.coo_matrix((data, (rows, cols)), shape=(n, n))
     adj = (upper + upper.T).tocsr()
-    return RecGraph(n_u, n_i, n_r, normalised_adjacency(adj))
+    kept = (_binary(user_personas, (n_u, n_r)), _binary(item_personas, (n_i, n_r))) if n_r else (None, None)
+    return RecGraph(n_u, n_i, n_r, normalised_adjacency(adj), *kept)
 
 
 def _binary(m: sp.spmatrix | None, shape: tuple[int, int]) -> sp.csr_matrix:

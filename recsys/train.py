@@ -1,5 +1,7 @@
-"""One BPR training loop for every recommender: vectorised negative sampling, Adam, early
-stopping on validation NDCG@10 (never on test), best weights restored at the end."""
+"""One entry point, `fit`, for every recommender. Trained models: a BPR loop with vectorised
+negative sampling, Adam, early stopping on validation NDCG@10 (never on test), best weights
+restored at the end. Closed-form models: a coordinate search of their hyper-parameters on the
+same validation NDCG@10, the best solution kept."""
 from __future__ import annotations
 
 import copy
@@ -14,9 +16,10 @@ import torch
 
 from recsys.evaluate import evaluate
 from recsys.metrics import contains_pairs
-from recsys.models.base import BPRBatch, Recommender, pick_device
+from recsys.models.base import BPRBatch, RankingModel, Recommender, pick_device
+from recsys.models.itemitem import ItemItemModel
 
-__all__ = ["TrainConfig", "TrainResult", "sample_negatives", "bpr_batches", "fit"]
+__all__ = ["TrainConfig", "TrainResult", "sample_negatives", "bpr_batches", "fit", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ class TrainConfig:
 class TrainResult:
     best_epoch: int = 0
     best_valid_ndcg: float = -1.0
-    epochs_run: int = 0
+    epochs_run: int = 0  # closed-form models: solves run
+    best_params: dict[str, float] = field(default_factory=dict)  # closed-form models
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -74,11 +78,61 @@ def bpr_batches(fit: sp.csr_matrix, batch_size: int, rng: np.random.Generator
         yield u, items[idx], sample_negatives(fit, u, rng)
 
 
-def fit(model: Recommender, fit_matrix: sp.csr_matrix, valid: sp.csr_matrix,
+def _valid_ndcg(model: RankingModel, valid: sp.csr_matrix, fit_matrix: sp.csr_matrix, k: int) -> float:
+    return float(evaluate(model, valid, fit_matrix, ks=(k,)).mean()[f"ndcg@{k}"])
+
+
+def select(model: ItemItemModel, fit_matrix: sp.csr_matrix, valid: sp.csr_matrix,
+           config: TrainConfig = TrainConfig(), passes: int = 2,
+           space: dict[str, tuple[float, ...]] | None = None) -> TrainResult:
+    """Coordinate search on validation NDCG@K: sweep one hyper-parameter at a time over its
+    candidates (the others at their best so far), up to `passes` rounds or until nothing moves.
+    Each candidate is one solve; repeated points are not re-solved. Ends solved at the best.
+    `space` narrows the model's own `search_space()` (the trainer's cheaper search)."""
+    start = time.perf_counter()
+    model.solve_device = pick_device(config.device)
+    space = model.search_space() if space is None else space
+    best = {k: v[0] for k, v in space.items()}
+    seen: dict[tuple, float] = {}
+    result = TrainResult()
+
+    def score(point: dict[str, float]) -> float:
+        key = tuple(sorted(point.items()))
+        if key not in seen:
+            model.configure(**point).solve(fit_matrix)
+            seen[key] = _valid_ndcg(model, valid, fit_matrix, config.valid_k)
+            result.history.append({**point, "valid_ndcg": seen[key]})
+            log.debug("%s %s: valid NDCG@%d %.4f", model.name, point, config.valid_k, seen[key])
+        return seen[key]
+
+    best_score = score(best)
+    for _ in range(passes):
+        moved = False
+        for name, values in space.items():
+            for v in values:
+                point = {**best, name: v}
+                s = score(point)
+                if s > best_score:
+                    best, best_score, moved = point, s, True
+        if not moved:
+            break
+    model.configure(**best).solve(fit_matrix)
+    result.best_valid_ndcg, result.best_params, result.epochs_run = best_score, best, len(seen)
+    result.seconds = time.perf_counter() - start
+    log.info("%s: best valid NDCG@%d %.4f at %s (%d solves, %.1fs)", model.name, config.valid_k,
+             best_score, best, len(seen), result.seconds)
+    return result
+
+
+def fit(model: RankingModel, fit_matrix: sp.csr_matrix, valid: sp.csr_matrix,
         config: TrainConfig = TrainConfig()) -> TrainResult:
-    """Train `model` on `fit_matrix`; select the epoch by NDCG@K on `valid` (masking fit items)."""
+    """Train `model` on `fit_matrix`; select the epoch (or, closed form, the hyper-parameters) by
+    NDCG@K on `valid` (masking fit items)."""
     if fit_matrix.nnz == 0:
         raise ValueError("no training interactions")
+    if isinstance(model, ItemItemModel):
+        return select(model, fit_matrix, valid, config)
+    assert isinstance(model, Recommender)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = pick_device(config.device)
@@ -103,7 +157,7 @@ def fit(model: Recommender, fit_matrix: sp.csr_matrix, valid: sp.csr_matrix,
         row = {"epoch": epoch, "loss": total / max(steps, 1)}
         over_time = config.max_seconds is not None and time.perf_counter() - start > config.max_seconds
         if epoch % config.eval_every == 0 or epoch == config.epochs or over_time:
-            score = float(evaluate(model, valid, fit_matrix, ks=(config.valid_k,)).mean()[f"ndcg@{config.valid_k}"])
+            score = _valid_ndcg(model, valid, fit_matrix, config.valid_k)
             row["valid_ndcg"] = score
             if score > result.best_valid_ndcg:
                 result.best_valid_ndcg, result.best_epoch, stale = score, epoch, 0

@@ -5,17 +5,22 @@ It runs as its own process (`gplr trainer`), never inside the stream worker: tra
 heavy and would stall the worker's event loop. State is rebuilt from the start of `purchases` and
 `persona-updates` on every start (the topics are the truth; no consumer group offsets are kept),
 then the service keeps consuming. A cycle is due after `GPLR_TRAIN_AFTER_EDGES` new edges or
-`GPLR_TRAIN_INTERVAL_S` seconds with any change. Each cycle trains LGCN3 (user–item–persona
-graph) when any user has personas, LightGCN otherwise, with the recommender package's BPR loop,
-and publishes `{user_id, items: [{item_id, item_name, score}], model, model_version, ts}` keyed by
-user to `recommendations`. Users known only by personas (no purchase yet) are ranked through the
-persona nodes (`Recommender.cold_user_scores`).
+`GPLR_TRAIN_INTERVAL_S` seconds with any change. By default (`auto`) each cycle fits EASE and,
+when any user has personas, EASE-persona (persona columns), chooses their hyper-parameters on a
+validation carve-out, keeps the better of the two on validation and re-solves it on every
+purchase; the choice is cached and a cycle in between costs one closed-form solve
+(`GPLR_TRAINER_RESELECT_EVERY`). A named model (`GPLR_TRAINER_MODEL`, e.g. lgcn3) is trained
+with the BPR loop instead. Each cycle publishes `{user_id, items: [{item_id, item_name, score}],
+model, model_version, ts}` keyed by user to `recommendations`, `model` naming the model that
+ranked that user. Users known only by personas (no purchase yet) are ranked through the persona
+nodes or columns (`cold_user_scores`) of the persona model.
 
 | variable | default | meaning |
 |---|---|---|
 | `GPLR_TRAIN_INTERVAL_S` | 600 | seconds between cycles while anything changed |
 | `GPLR_TRAIN_AFTER_EDGES` | 1000 | new user–item edges that trigger a cycle at once |
-| `GPLR_TRAINER_MODEL` | `auto` | `auto` (lgcn3 with personas, else lightgcn) or a `recsys.models` name |
+| `GPLR_TRAINER_MODEL` | `auto` | `auto` (best of ease / ease-persona on validation) or a `recsys.models` name |
+| `GPLR_TRAINER_RESELECT_EVERY` | 10 | cycles between hyper-parameter/model selections (closed-form models) |
 | `GPLR_TRAINER_EPOCHS` | 30 | most BPR epochs per cycle (early stopping on validation NDCG) |
 | `GPLR_TRAINER_DIM` | 32 | embedding size |
 | `GPLR_TRAINER_LR` | 0.005 | Adam learning rate |
@@ -46,8 +51,8 @@ from recsys.data import carve_validation, interactions, persona_matrix
 from recsys.evaluate import topk_items
 from recsys.experiment import ModelConfig
 from recsys.graph import build_graph
-from recsys.models import MODELS, Recommender, make_model
-from recsys.train import TrainConfig, fit
+from recsys.models import EASE, MODELS, PLAIN_OF, ItemItemModel, RankingModel, make_model
+from recsys.train import TrainConfig, fit, select
 from streams import metrics
 from core.settings import ConfigError, EnvReader, check_all
 from streams.config import StreamConfig
@@ -57,8 +62,10 @@ __all__ = [
     "TrainerConfig",
     "GraphState",
     "TrainedModel",
+    "Selection",
     "TrainerService",
-    "choose_model",
+    "AUTO_CANDIDATES",
+    "choose_models",
     "train_model",
     "recommend",
     "recommendation_record",
@@ -92,6 +99,7 @@ class TrainerConfig:
     top_k: int = 10
     metrics_port: int = 9108
     seed: int = 0
+    reselect_every: int = 10
 
     def __post_init__(self) -> None:
         checks = [
@@ -107,6 +115,7 @@ class TrainerConfig:
             (self.top_k >= 1, "GPLR_RECS_K", self.top_k, "must be >= 1"),
             (0 <= self.metrics_port <= 65535, "GPLR_TRAINER_METRICS_PORT", self.metrics_port, "must be a port"),
             (0.0 < self.valid_frac < 1.0, "valid_frac", self.valid_frac, "must be in (0, 1)"),
+            (self.reselect_every >= 1, "GPLR_TRAINER_RESELECT_EVERY", self.reselect_every, "must be >= 1"),
         ]
         check_all(checks)
 
@@ -130,6 +139,7 @@ class TrainerConfig:
             device=get("GPLR_TRAINER_DEVICE", d.device, str),
             top_k=get("GPLR_RECS_K", d.top_k, int),
             metrics_port=get("GPLR_TRAINER_METRICS_PORT", port, int),
+            reselect_every=get("GPLR_TRAINER_RESELECT_EVERY", d.reselect_every, int),
         )
 
 
@@ -254,58 +264,146 @@ class GraphState:
 
 
 # -- one training cycle ------------------------------------------------------------------------
+AUTO_CANDIDATES = ("ease", "ease-persona")  # `auto`: the plain strong model and its persona variant
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the last selection chose: the winner, every candidate's hyper-parameters and
+    validation NDCG. Cycles in between reuse it (one solve per cycle instead of a search)."""
+
+    names: tuple[str, ...]
+    winner: str
+    params: dict[str, dict[str, float]]
+    valid_ndcg: dict[str, float]
+    version: int
+    solves: int = 0  # closed-form solves the search took
+
+
 @dataclass
 class TrainedModel:
-    model: Recommender
+    model: RankingModel
     name: str
     version: int
     valid_ndcg: float
-    epochs: int
+    epochs: int  # BPR epochs, or closed-form solves
     seconds: float
     known: sp.csr_matrix = field(repr=False)  # every purchase at training time: never recommended
-    user_personas: sp.csr_matrix | None = field(default=None, repr=False)
+    user_personas: sp.csr_matrix | None = field(default=None, repr=False)  # rows for the persona model
+    # the persona model that ranks users known only by personas, when `model` has none
+    cold_model: RankingModel | None = field(default=None, repr=False)
+    cold_name: str | None = None
+    selection: Selection | None = field(default=None, repr=False)
+
+    def persona_model(self) -> tuple[RankingModel, str] | None:
+        """The model (and its name) that ranks persona-only users, if any."""
+        if self.cold_model is not None:
+            return self.cold_model, str(self.cold_name)
+        return (self.model, self.name) if MODELS[self.name].personas else None
 
 
-def choose_model(config: TrainerConfig, has_personas: bool) -> str:
-    """`auto`: LGCN3 when personas are present, LightGCN otherwise; a named persona model
-    without personas falls back to its plain counterpart rather than failing."""
+def choose_models(config: TrainerConfig, has_personas: bool) -> tuple[str, ...]:
+    """The candidates to compare on validation. `auto`: EASE, plus EASE-persona when personas
+    are present; a named model alone, a persona model without personas falling back to its plain
+    counterpart rather than failing."""
     if config.model == "auto":
-        return "lgcn3" if has_personas else "lightgcn"
+        return AUTO_CANDIDATES if has_personas else AUTO_CANDIDATES[:1]
     if MODELS[config.model].personas and not has_personas:
-        plain = {"lgcn3": "lgcn", "a-lgcn3": "lgcn", "lightgcn3": "lightgcn"}[config.model]
+        plain = PLAIN_OF[config.model]
         log.warning("%s needs personas and none arrived yet; training %s", config.model, plain)
-        return plain
+        return (plain,)
     if not MODELS[config.model].personas and has_personas:
         log.info("%s ignores personas", config.model)
-    return config.model
+    return (config.model,)
 
 
-def train_model(state: GraphState, config: TrainerConfig, version: int) -> TrainedModel:
-    """Train the configured model on a snapshot of `state` (validation carved out per user)."""
+def _train_config(config: TrainerConfig) -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, patience=config.patience,
+                       seed=config.seed, max_seconds=config.max_seconds, device=config.device)
+
+
+def _closed_form(name: str, matrix: sp.csr_matrix, personas: sp.csr_matrix | None, config: TrainerConfig,
+                 params: dict[str, float]) -> ItemItemModel:
+    """`name` on the graph of `matrix`, configured with `params` (not yet solved)."""
+    graph = build_graph(matrix, personas if MODELS[name].personas else None)
+    model = make_model(name, graph, device=config.device)
+    assert isinstance(model, ItemItemModel)
+    return model.configure(**params)
+
+
+def _select(names: tuple[str, ...], fit_m: sp.csr_matrix, valid: sp.csr_matrix, personas: sp.csr_matrix | None,
+            config: TrainerConfig, version: int) -> Selection:
+    """Each candidate's hyper-parameters on validation. A persona variant starts from what its
+    plain counterpart chose and searches only its persona weights (4 solves, not 11+)."""
+    params: dict[str, dict[str, float]] = {}
+    scores: dict[str, float] = {}
+    solves = 0
+    for name in names:
+        model = _closed_form(name, fit_m, personas, config, {})
+        space = model.search_space()
+        plain = params.get(PLAIN_OF.get(name, ""), {})
+        space = {k: ((plain[k],) if k in plain else v) for k, v in space.items()}
+        result = select(model, fit_m, valid, _train_config(config), space=space)
+        params[name], scores[name] = result.best_params, result.best_valid_ndcg
+        solves += result.epochs_run + 1  # the search's solves and select's final re-solve
+    winner = max(names, key=scores.__getitem__)
+    log.info("selection: %s on validation NDCG@10 %s", winner, {n: round(v, 4) for n, v in scores.items()})
+    return Selection(names, winner, params, scores, version, solves)
+
+
+def train_model(state: GraphState, config: TrainerConfig, version: int,
+                previous: TrainedModel | None = None) -> TrainedModel:
+    """Train on a snapshot of `state` (validation carved out per user). Closed-form candidates:
+    select on validation unless `previous`'s selection still holds (same candidates, fewer than
+    `reselect_every` cycles ago), then solve the winner on every known purchase — as a low-rank
+    update of the previous EASE when only a few users changed."""
+    start = time.perf_counter()
     known = state.interactions()
     if known.nnz == 0:
         raise ValueError("no purchases yet: nothing to train on")
     personas = state.persona_matrix()
-    name = choose_model(config, personas is not None)
+    names = choose_models(config, personas is not None)
+    if all(not MODELS[n].cls.trainable for n in names):
+        return _train_closed_form(names, known, personas, config, version, previous, start)
+    (name,) = names
     fit_m, valid = carve_validation(known, config.valid_frac, config.seed)
     graph = build_graph(fit_m, personas if MODELS[name].personas else None)
     model_cfg = ModelConfig(dim=config.dim, n_eigen=config.n_eigen)
     model = make_model(name, graph, seed=config.seed, **model_cfg.kwargs_for(name))
-    train_cfg = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, patience=config.patience, seed=config.seed,
-                            max_seconds=config.max_seconds, device=config.device)
-    result = fit(model, fit_m, valid, train_cfg)
+    result = fit(model, fit_m, valid, _train_config(config))
     return TrainedModel(model, name, version, max(result.best_valid_ndcg, 0.0), result.epochs_run,
                         result.seconds, known, personas if MODELS[name].personas else None)
 
 
-def _scores(model: Recommender, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Score of each (users[r], items[r, j]) pair from the final embeddings."""
-    final = model.final_embeddings()
-    n_u = model.graph.n_users
-    with torch.no_grad():
-        u = final[torch.as_tensor(users, dtype=torch.long, device=final.device)]
-        i = final[n_u + torch.as_tensor(items, dtype=torch.long, device=final.device)]
-        return (u[:, None, :] * i).sum(-1).cpu().numpy()
+def _train_closed_form(names: tuple[str, ...], known: sp.csr_matrix, personas: sp.csr_matrix | None,
+                       config: TrainerConfig, version: int, previous: TrainedModel | None,
+                       start: float) -> TrainedModel:
+    last = None if previous is None else previous.selection
+    fresh = last is None or last.names != names or version - last.version >= config.reselect_every
+    if fresh:
+        fit_m, valid = carve_validation(known, config.valid_frac, config.seed)
+        selection = _select(names, fit_m, valid, personas, config, version)
+    else:
+        assert last is not None
+        selection = last
+    winner = selection.winner
+    model = _closed_form(winner, known, personas, config, selection.params[winner])
+    if not fresh and isinstance(model, EASE) and previous is not None and isinstance(previous.model, EASE):
+        model.solve_from(previous.model, known)
+    else:
+        model.solve(known)
+    solves = selection.solves + 1 if fresh else 1
+    cold_model, cold_name = None, None
+    persona_only = personas is not None and bool(np.any((np.diff(known.indptr) == 0) & (np.diff(personas.indptr) > 0)))
+    if persona_only and not MODELS[winner].personas:
+        cold_name = next((n for n in names if MODELS[n].personas), None)
+        if cold_name is not None:
+            cold_model = _closed_form(cold_name, known, personas, config, selection.params[cold_name]).solve(known)
+            solves += 1
+    uses_personas = MODELS[winner].personas or cold_model is not None
+    return TrainedModel(model, winner, version, max(selection.valid_ndcg[winner], 0.0), solves,
+                        time.perf_counter() - start, known, personas if uses_personas else None,
+                        cold_model, cold_name, selection)
 
 
 def recommend(trained: TrainedModel, users: np.ndarray, k: int) -> dict[int, list[tuple[int, float]]]:
@@ -318,20 +416,21 @@ def recommend(trained: TrainedModel, users: np.ndarray, k: int) -> dict[int, lis
     out: dict[int, list[tuple[int, float]]] = {}
     warm = users[degree[users] > 0]
     if len(warm):
-        top = topk_items(trained.model, warm, known, min(k, n_items))
-        scores = _scores(trained.model, warm, top)
+        top, scores = topk_items(trained.model, warm, known, min(k, n_items), with_scores=True)
         for r, u in enumerate(warm):
             left = n_items - degree[u]
             out[int(u)] = [(int(i), float(s)) for i, s in zip(top[r][:left], scores[r][:left])]
     cold = users[degree[users] == 0]
-    if len(cold) and trained.user_personas is not None:
-        trained.model.eval()
+    persona_model = trained.persona_model()
+    if len(cold) and persona_model is not None and trained.user_personas is not None:
+        model, _ = persona_model
+        model.eval()
         with torch.no_grad():
             for u in cold:
                 row = trained.user_personas[int(u)]
                 if row.nnz == 0:
                     continue
-                scores = trained.model.cold_user_scores(row.indices.tolist()).cpu().numpy()
+                scores = model.cold_user_scores(row.indices.tolist()).cpu().numpy()
                 best = np.argsort(-scores, kind="stable")[:k]
                 out[int(u)] = [(int(i), float(scores[i])) for i in best]
     return out
@@ -339,12 +438,16 @@ def recommend(trained: TrainedModel, users: np.ndarray, k: int) -> dict[int, lis
 
 def recommendation_record(state: GraphState, user: int, items: list[tuple[int, float]],
                           trained: TrainedModel) -> dict[str, Any]:
-    """Body of a recommendations record (key: user id)."""
+    """Body of a recommendations record (key: user id); `model` names the model that ranked
+    this user (the persona model for a user known only by personas)."""
+    warm = trained.known.shape[0] > user and trained.known.indptr[user + 1] > trained.known.indptr[user]
+    persona_model = trained.persona_model()
+    name = trained.name if warm or persona_model is None else persona_model[1]
     return {
         "user_id": state.user_ids[user],
         "items": [{"item_id": state.item_ids[i], "item_name": state.item_names[i], "score": round(s, 6)}
                   for i, s in items],
-        "model": trained.name,
+        "model": name,
         "model_version": trained.version,
         "ts": time.time(),
     }
@@ -456,7 +559,7 @@ class TrainerService:
         new_edges = self.state.new_edges
         self.state.new_edges = 0
         try:
-            trained = train_model(self.state, self.config, self.version)
+            trained = train_model(self.state, self.config, self.version, self.trained)
         except Exception:  # a bad cycle must not kill the service; the next one retries
             self.state.new_edges += new_edges
             self._retry_at = time.monotonic() + self.config.interval_s

@@ -1,8 +1,10 @@
-"""The contract every recommender follows (RecBole-like): `calculate_loss(batch)` for training,
-`full_sort_scores(users)` for ranking all items, plus persona cold start for graphs with
-persona nodes.
+"""The contract every recommender follows (RecBole-like): `full_sort_scores(users)` for ranking
+all items, plus persona cold start for graphs with persona nodes (`RankingModel`). Trained models
+(`Recommender`, `trainable = True`) add `calculate_loss(batch)` for the BPR loop; closed-form
+models (`recsys.models.itemitem`, `trainable = False`) are solved instead, their
+hyper-parameters chosen on validation by the same `recsys.train.fit`.
 
-A model owns one embedding table over all graph nodes (users, items, personas) and defines
+A trained model owns one embedding table over all graph nodes (users, items, personas) and defines
 `layers()` — the per-layer node embeddings — and `combine(layers)`, the final representation.
 Scores are dot products of final user and item embeddings.
 """
@@ -19,7 +21,7 @@ from torch.nn import functional as F
 from recsys.graph import RecGraph
 from recsys.models.afd import afd_loss
 
-__all__ = ["BPRBatch", "Recommender", "pick_device"]
+__all__ = ["BPRBatch", "RankingModel", "Recommender", "pick_device", "check_personas"]
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,42 @@ class BPRBatch:
     neg: torch.Tensor
 
 
-class Recommender(nn.Module):
-    """Embedding-table recommender over a `RecGraph`; subclasses define `layers` and `combine`."""
+def check_personas(personas: Sequence[int], n_personas: int, model: str) -> torch.Tensor:
+    """The chosen persona indices as a LongTensor; one clear error for a model without persona
+    nodes, an empty choice or an index out of range."""
+    if n_personas == 0:
+        raise ValueError(f"{model} was built without persona nodes: no persona cold start")
+    idx = torch.as_tensor(list(personas), dtype=torch.long)
+    if idx.numel() == 0:
+        raise ValueError("cold start needs at least one persona")
+    if idx.min() < 0 or idx.max() >= n_personas:
+        raise ValueError(f"persona index out of range [0, {n_personas})")
+    return idx
+
+
+class RankingModel(nn.Module):
+    """What evaluation, the benchmark and the trainer use: all-item scores per user, and (on a
+    graph with persona nodes) scores for a user or an item known only by personas."""
 
     name = "base"
+    trainable = True  # False: closed form, see recsys.models.itemitem
+    graph: RecGraph
+
+    def full_sort_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each user in `users` (rows aligned with `users`)."""
+        raise NotImplementedError
+
+    def cold_user_scores(self, personas: Sequence[int]) -> torch.Tensor:
+        """Item scores for a new user known only by chosen personas (no purchases yet)."""
+        raise NotImplementedError
+
+    def cold_item_scores(self, personas: Sequence[int]) -> torch.Tensor:
+        """User scores for a new item known only by its personas: who should see it first."""
+        raise NotImplementedError
+
+
+class Recommender(RankingModel):
+    """Embedding-table recommender over a `RecGraph`; subclasses define `layers` and `combine`."""
 
     def __init__(self, graph: RecGraph, dim: int = 64, reg: float = 1e-4, afd_weight: float = 0.0,
                  seed: int = 0) -> None:
@@ -101,7 +135,6 @@ class Recommender(nn.Module):
         return loss
 
     def full_sort_scores(self, users: torch.Tensor) -> torch.Tensor:
-        """Scores of every item for each user in `users` (rows aligned with `users`)."""
         final = self.final_embeddings()
         n_u, n_i = self.graph.n_users, self.graph.n_items
         return final[users.to(self.device)] @ final[n_u:n_u + n_i].T
@@ -114,22 +147,14 @@ class Recommender(nn.Module):
         so without the centring every persona would recommend the same best-sellers.
         """
         g = self.graph
-        if g.n_personas == 0:
-            raise ValueError(f"{self.name} was built without persona nodes: no persona cold start")
-        idx = torch.as_tensor(list(personas), dtype=torch.long)
-        if idx.numel() == 0:
-            raise ValueError("cold start needs at least one persona")
-        if idx.min() < 0 or idx.max() >= g.n_personas:
-            raise ValueError(f"persona index out of range [0, {g.n_personas})")
+        idx = check_personas(personas, g.n_personas, self.name)
         table = self.final_embeddings()[g.persona_offset:g.persona_offset + g.n_personas]
         vec = table[idx.to(self.device)].mean(dim=0)
         return vec - table.mean(dim=0) if g.n_personas > 1 else vec
 
     def cold_user_scores(self, personas: Sequence[int]) -> torch.Tensor:
-        """Item scores for a new user known only by chosen personas (no purchases yet)."""
         g = self.graph
         return self.final_embeddings()[g.n_users:g.n_users + g.n_items] @ self._persona_vector(personas)
 
     def cold_item_scores(self, personas: Sequence[int]) -> torch.Tensor:
-        """User scores for a new item known only by its personas: who should see it first."""
         return self.final_embeddings()[: self.graph.n_users] @ self._persona_vector(personas)

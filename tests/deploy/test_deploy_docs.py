@@ -20,7 +20,8 @@ _LLM_FIELDS = {"OPENAI_BASE_URL": "base_url", "OPENAI_API_KEY": "api_key", "GPLR
 _TRAINER_FIELDS = {"GPLR_TRAIN_INTERVAL_S": "interval_s", "GPLR_TRAIN_AFTER_EDGES": "after_edges",
                    "GPLR_TRAINER_MODEL": "model", "GPLR_TRAINER_EPOCHS": "epochs", "GPLR_TRAINER_DIM": "dim",
                    "GPLR_TRAINER_LR": "lr", "GPLR_TRAINER_MAX_SECONDS": "max_seconds",
-                   "GPLR_TRAINER_DEVICE": "device", "GPLR_RECS_K": "top_k"}
+                   "GPLR_TRAINER_DEVICE": "device", "GPLR_RECS_K": "top_k",
+                   "GPLR_TRAINER_RESELECT_EVERY": "reselect_every"}
 _COMPOSE_DEFAULT = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 

@@ -9,15 +9,24 @@ import torch
 from recsys.graph import build_graph
 from recsys.models import MODELS, BPRBatch, make_model
 from recsys.models.afd import afd_loss, dimension_correlation
+from recsys.models.ease import ease_weights
+from recsys.train import TrainConfig, fit
+
+TRAINED = sorted(n for n, s in MODELS.items() if s.cls.trainable)
+CLOSED = sorted(n for n, s in MODELS.items() if not s.cls.trainable)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     rng = np.random.default_rng(0)
+    return _tiny(rng)
+
+
+def _tiny(rng):
     ui = sp.csr_matrix((rng.random((12, 9)) < 0.35).astype(float))
     up = sp.csr_matrix((rng.random((12, 4)) < 0.4).astype(float))
     ip = sp.csr_matrix((rng.random((9, 4)) < 0.4).astype(float))
-    return build_graph(ui), build_graph(ui, up, ip)
+    return build_graph(ui), build_graph(ui, up, ip), ui, up, ip
 
 
 SMALL = {"LightGCN": {"n_layers": 2}, "LGCN": {"n_eigen": 6}}
@@ -26,6 +35,8 @@ SMALL = {"LightGCN": {"n_layers": 2}, "LGCN": {"n_eigen": 6}}
 def _model(name: str, tiny, seed: int = 0):
     spec = MODELS[name]
     graph = tiny[1] if spec.personas else tiny[0]
+    if not spec.cls.trainable:
+        return make_model(name, graph, seed=seed, device="cpu").solve(tiny[2])
     return make_model(name, graph, dim=8, seed=seed, **SMALL.get(spec.cls.__name__, {}))
 
 
@@ -33,7 +44,7 @@ def _batch() -> BPRBatch:
     return BPRBatch(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINED)
 def test_contract(name: str, tiny) -> None:
     model = _model(name, tiny)
     loss = model.calculate_loss(_batch())
@@ -49,7 +60,7 @@ def test_contract(name: str, tiny) -> None:
     assert float(other) != pytest.approx(float(loss.detach()))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINED)
 def test_eval_cache_follows_training(name: str, tiny) -> None:
     model = _model(name, tiny)
     model.eval()
@@ -62,7 +73,7 @@ def test_eval_cache_follows_training(name: str, tiny) -> None:
 
 
 def test_lightgcn_is_mean_of_propagated_layers(tiny) -> None:
-    plain, _ = tiny
+    plain = tiny[0]
     model = make_model("lightgcn", plain, dim=4, n_layers=3)
     a = torch.tensor(plain.norm_adj.toarray(), dtype=torch.float32)
     e = model.embedding.detach()
@@ -74,7 +85,7 @@ def test_lightgcn_is_mean_of_propagated_layers(tiny) -> None:
 
 
 def test_lgcn_is_a_low_pass_filter(tiny) -> None:
-    _, personas = tiny
+    personas = tiny[1]
     model = make_model("lgcn3", personas, dim=4, n_eigen=5)
     with torch.no_grad():
         model.kernel.copy_(torch.linspace(0.5, 1.5, 5))
@@ -89,7 +100,7 @@ def test_lgcn_is_a_low_pass_filter(tiny) -> None:
 
 
 def test_plain_and_persona_models_need_the_right_graph(tiny) -> None:
-    plain, personas = tiny
+    plain, personas = tiny[:2]
     with pytest.raises(ValueError, match="persona nodes"):
         make_model("lgcn3", plain)
     with pytest.raises(ValueError, match="without personas"):
@@ -126,7 +137,7 @@ def test_afd_weights_are_detached_and_proportional() -> None:
 
 def test_afd_penalty_reduces_correlation(tiny) -> None:
     """Training on the penalty alone de-correlates the propagated dimensions."""
-    plain, _ = tiny
+    plain = tiny[0]
     model = make_model("afd-lightgcn", plain, dim=6, afd_weight=1.0, n_layers=2)
     with torch.no_grad():
         before = sum(float(dimension_correlation(e[:12])) for e in model.layers())
@@ -139,3 +150,128 @@ def test_afd_penalty_reduces_correlation(tiny) -> None:
     with torch.no_grad():
         after = sum(float(dimension_correlation(e[:12])) for e in model.layers())
     assert after < 0.5 * before
+
+
+# -- closed-form (item–item) models ------------------------------------------------------------
+def _dense_ease(a: np.ndarray, lam: float) -> np.ndarray:
+    """Steck's closed form in float64 numpy: B = I − P diag(1/diag P), P = (AᵀA + λI)⁻¹."""
+    p = np.linalg.inv(a.T @ a + lam * np.eye(a.shape[1]))
+    return np.eye(a.shape[1]) - p / np.diag(p)[None, :]
+
+
+@pytest.mark.parametrize("name", CLOSED)
+def test_closed_form_contract(name: str, tiny) -> None:
+    model = make_model(name, tiny[1] if MODELS[name].personas else tiny[0], device="cpu")
+    assert not model.trainable
+    with pytest.raises(RuntimeError, match="not solved"):
+        model.full_sort_scores(torch.tensor([0]))
+    model.solve(tiny[2])
+    scores = model.full_sort_scores(torch.tensor([0, 5]))
+    assert scores.shape == (2, 9) and torch.isfinite(scores).all()
+    # the weights never let an item recommend itself
+    assert float(model.weights_.diagonal().abs().max()) == 0.0
+    with pytest.raises(ValueError, match="no hyper-parameters"):
+        model.configure(dim=3)
+    if MODELS[name].personas:
+        assert model.cold_user_scores([1, 2]).shape == (9,)
+        assert model.cold_item_scores([0]).shape == (12,)
+        with pytest.raises(ValueError, match="out of range"):
+            model.cold_user_scores([4])
+    else:
+        with pytest.raises(ValueError, match="without persona nodes"):
+            model.cold_user_scores([0])
+
+
+def test_ease_matches_dense_closed_form(tiny) -> None:
+    plain, _, ui, _, _ = tiny
+    model = make_model("ease", plain, lam=3.0, device="cpu").solve(ui)
+    x = ui.toarray()
+    expected = _dense_ease(x, 3.0)
+    np.testing.assert_allclose(model.weights_.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(model.full_sort_scores(torch.arange(12)).numpy(), x @ expected, atol=1e-5)
+
+
+def test_ease_weights_of_a_larger_random_matrix_match_numpy() -> None:
+    x = (np.random.default_rng(3).random((300, 120)) < 0.05).astype(np.float64)
+    got = ease_weights(torch.as_tensor(x.T @ x, dtype=torch.float64), 10.0)
+    np.testing.assert_allclose(got.numpy(), _dense_ease(x, 10.0), atol=1e-10)
+    with pytest.raises(ValueError, match="λ > 0"):
+        ease_weights(torch.eye(3), 0.0)
+
+
+def test_ease_persona_solves_the_augmented_matrix(tiny) -> None:
+    """Persona EASE = dense EASE on [[X, a·Φu], [b·Φiᵀ, b·I]], scored from [X | a·Φu]."""
+    _, personas, ui, up, ip = tiny
+    a, b, lam = 0.5, 2.0, 4.0
+    model = make_model("ease-persona", personas, lam=lam, persona_weight=a, pseudo_weight=b, device="cpu").solve(ui)
+    history = np.hstack([ui.toarray(), a * up.toarray()])
+    design = np.vstack([history, np.hstack([b * ip.toarray().T, b * np.eye(4)])])
+    expected = _dense_ease(design, lam)
+    np.testing.assert_allclose(model.weights_.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(model.full_sort_scores(torch.arange(12)).numpy(), history @ expected[:, :9], atol=1e-5)
+    np.testing.assert_allclose(model.cold_user_scores([1, 3]).numpy(), a * expected[[9 + 1, 9 + 3], :9].sum(0), atol=1e-5)
+    np.testing.assert_allclose(model.cold_item_scores([0, 2]).numpy(), history @ expected[:, [9, 11]].mean(1), atol=1e-5)
+    # with b = 0 the pseudo-users are gone: the design matrix is the history alone
+    model.configure(pseudo_weight=0.0).solve(ui)
+    np.testing.assert_allclose(model.weights_.numpy(), _dense_ease(history, lam), atol=1e-5)
+
+
+def test_rp3beta_matches_the_random_walk(tiny) -> None:
+    plain, _, ui, _, _ = tiny
+    alpha, beta = 0.8, 0.4
+    model = make_model("rp3beta", plain, alpha=alpha, beta=beta, device="cpu").solve(ui)
+    x = ui.toarray()
+    du, di = x.sum(1), x.sum(0)
+    p_ui = np.divide(x, du[:, None], out=np.zeros_like(x), where=du[:, None] > 0) ** alpha
+    p_iu = np.divide(x.T, di[:, None], out=np.zeros_like(x.T), where=di[:, None] > 0) ** alpha
+    w = p_iu @ p_ui
+    w = w * np.divide(1.0, di ** beta, out=np.zeros_like(di), where=di > 0)[None, :]
+    np.fill_diagonal(w, 0.0)
+    np.testing.assert_allclose(model.weights_.numpy(), w, atol=1e-6)
+
+
+def test_selection_keeps_the_best_validation_point(tiny) -> None:
+    """`fit` on a closed-form model: the chosen λ scores best on validation among those tried,
+    and the model is left solved at it."""
+    rng = np.random.default_rng(5)
+    x = sp.csr_matrix((rng.random((80, 30)) < 0.2).astype(float))
+    valid = sp.csr_matrix((rng.random((80, 30)) < 0.05).astype(float))
+    valid = (valid - valid.multiply(x)).tocsr()
+    valid.eliminate_zeros()
+    graph = build_graph(x)
+    model = make_model("ease", graph, device="cpu")
+    result = fit(model, x, valid, TrainConfig(valid_k=5))
+    tried = {row["lam"]: row["valid_ndcg"] for row in result.history}
+    assert set(tried) == set(model.search_space()["lam"])
+    assert result.best_valid_ndcg == max(tried.values()) == tried[result.best_params["lam"]]
+    assert model.lam == result.best_params["lam"]
+    expected = _dense_ease(x.toarray(), model.lam)
+    np.testing.assert_allclose(model.weights_.numpy(), expected, atol=1e-5)
+
+
+def test_ease_update_equals_a_fresh_solve() -> None:
+    """Changed and new users' rows through Woodbury give the W of a full re-solve."""
+    rng = np.random.default_rng(8)
+    x = (rng.random((40, 15)) < 0.25).astype(float)
+    up = (rng.random((40, 3)) < 0.4).astype(float)
+    ip = (rng.random((15, 3)) < 0.4).astype(float)
+    old = make_model("ease-persona", build_graph(sp.csr_matrix(x), sp.csr_matrix(up), sp.csr_matrix(ip)),
+                     lam=2.0, device="cpu", dtype=torch.float64).solve(sp.csr_matrix(x))
+    grown = np.vstack([x, (rng.random((3, 15)) < 0.3).astype(float)])  # 3 new users
+    grown[[1, 7], [2, 4]] = 1.0 - grown[[1, 7], [2, 4]]                  # two users changed
+    up2 = np.vstack([up, np.eye(3)])
+    graph = build_graph(sp.csr_matrix(grown), sp.csr_matrix(up2), sp.csr_matrix(ip))
+    updated = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64)
+    updated.solve_from(old, sp.csr_matrix(grown), max_rank=1.0)
+    assert updated.weights_ is not old.weights_
+    fresh = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64).solve(sp.csr_matrix(grown))
+    np.testing.assert_allclose(updated.weights_.numpy(), fresh.weights_.numpy(), atol=1e-9)
+    np.testing.assert_allclose(updated.full_sort_scores(torch.arange(43)).numpy(),
+                               fresh.full_sort_scores(torch.arange(43)).numpy(), atol=1e-9)
+    # nothing changed: the weights are reused as they are; another λ: a full solve
+    same = make_model("ease-persona", graph, lam=2.0, device="cpu", dtype=torch.float64)
+    assert same.solve_from(updated, sp.csr_matrix(grown)).weights_ is updated.weights_
+    other = make_model("ease-persona", graph, lam=3.0, device="cpu", dtype=torch.float64)
+    other.solve_from(updated, sp.csr_matrix(grown))
+    np.testing.assert_allclose(other.weights_.numpy(), _dense_ease(
+        np.vstack([np.hstack([grown, up2]), np.hstack([ip.T, np.eye(3)])]), 3.0), atol=1e-9)

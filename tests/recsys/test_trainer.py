@@ -19,7 +19,8 @@ from recsys.graph import build_graph
 from recsys.models import make_model
 from recsys.train import TrainConfig, fit
 from recsys.trainer import (
-    GraphState, TrainerConfig, TrainerService, choose_model, recommend, start_trainer_metrics,
+    AUTO_CANDIDATES, GraphState, TrainerConfig, TrainerService, choose_models, recommend, recommendation_record,
+    start_trainer_metrics,
     train_model, trainer_metric_names,
 )
 from streams import metrics
@@ -111,18 +112,24 @@ def test_config_from_env() -> None:
         TrainerConfig(top_k=0)
 
 
-def test_choose_model() -> None:
+def test_choose_models() -> None:
     auto = TrainerConfig()
-    assert choose_model(auto, True) == "lgcn3" and choose_model(auto, False) == "lightgcn"
-    assert choose_model(replace(auto, model="lgcn3"), False) == "lgcn"
-    assert choose_model(replace(auto, model="mf"), True) == "mf"
+    assert choose_models(auto, True) == ("ease", "ease-persona") and choose_models(auto, False) == ("ease",)
+    assert choose_models(replace(auto, model="lgcn3"), False) == ("lgcn",)
+    assert choose_models(replace(auto, model="ease-persona"), False) == ("ease",)
+    assert choose_models(replace(auto, model="mf"), True) == ("mf",)
+    with pytest.raises(ConfigError, match="GPLR_TRAINER_RESELECT_EVERY"):
+        TrainerConfig(reselect_every=0)
 
 
 # -- ranking -----------------------------------------------------------------------------------
 def test_recommendations_match_brute_force(state: GraphState) -> None:
     torch.set_num_threads(1)
     trained = train_model(state, FAST, version=1)
-    assert trained.name == "lgcn3" and trained.epochs >= 1 and 0.0 <= trained.valid_ndcg <= 1.0
+    assert trained.name in AUTO_CANDIDATES and trained.epochs >= 1 and 0.0 < trained.valid_ndcg <= 1.0
+    # the winner is the better of the two on validation
+    sel = trained.selection
+    assert sel.valid_ndcg[trained.name] == max(sel.valid_ndcg.values()) and set(sel.valid_ndcg) == set(AUTO_CANDIDATES)
     users = np.arange(state.n_users)
     recs = recommend(trained, users, k=5)
     scores = trained.model.full_sort_scores(torch.as_tensor(users)).detach().numpy()
@@ -135,22 +142,49 @@ def test_recommendations_match_brute_force(state: GraphState) -> None:
         assert not any(known[u, i] for i, _ in recs[int(u)])  # never an item already bought
 
 
-def test_cold_user_known_only_by_personas(shop, state: GraphState) -> None:
+def _with_newcomer(shop, persona: int) -> GraphState:
+    """Every purchase, personas for half the users, and a newcomer known only by `persona`."""
     st = GraphState(shop.personas)
     for event in iter_events(shop.frame):
         st.add_purchase(event.to_json())
     for u in sorted(shop.user_truth)[:60]:
         st.set_personas(_update(u, shop, shop.user_truth[u]))
-    st.set_personas(_update("newcomer", shop, (2,)))
+    st.set_personas(_update("newcomer", shop, (persona,)))
+    return st
+
+
+def test_cold_user_known_only_by_personas(shop, state: GraphState) -> None:
+    st = _with_newcomer(shop, 2)
     trained = train_model(st, FAST, version=1)
     new = st.user_ids.index("newcomer")
     recs = recommend(trained, np.array([new]), k=5)[new]
     assert len(recs) == 5
-    expected = trained.model.cold_user_scores([2]).detach().numpy()
+    expected = trained.persona_model()[0].cold_user_scores([2]).detach().numpy()
     assert [i for i, _ in recs] == list(np.argsort(-expected, kind="stable")[:5])
     # the persona's own items rank above the rest on average
     own = np.array([2 in shop.item_personas[st.item_ids[i]] for i in range(st.n_items)])
     assert expected[own].mean() > expected[~own].mean()
+
+
+def test_cached_selection_costs_one_solve_and_a_plain_winner_leaves_cold_users_to_the_persona_model(
+        shop, state: GraphState) -> None:
+    first = train_model(state, FAST, version=1)
+    again = train_model(state, FAST, version=2, previous=first)
+    assert again.selection is first.selection and again.name == first.name and again.epochs == 1
+    assert again.model.weights_ is first.model.weights_  # nothing changed: nothing recomputed
+    # reselected after `reselect_every` cycles
+    assert train_model(state, replace(FAST, reselect_every=2), version=3, previous=first).selection.version == 3
+    # a plain winner: persona-only users are ranked (and named) by the persona variant
+    st = _with_newcomer(shop, 3)
+    plain_wins = replace(first, selection=replace(first.selection, winner="ease"))
+    trained = train_model(st, FAST, version=2, previous=plain_wins)
+    assert trained.name == "ease" and trained.cold_name == "ease-persona"
+    new = st.user_ids.index("newcomer")
+    recs = recommend(trained, np.array([0, new]), k=5)
+    expected = trained.cold_model.cold_user_scores([3]).numpy()
+    assert [i for i, _ in recs[new]] == list(np.argsort(-expected, kind="stable")[:5])
+    assert recommendation_record(st, new, recs[new], trained)["model"] == "ease-persona"
+    assert recommendation_record(st, 0, recs[0], trained)["model"] == "ease"
 
 
 def test_new_item_with_labeled_personas_gets_recommended(shop) -> None:
@@ -221,7 +255,8 @@ def test_one_cycle_through_the_broker(broker, tmp_path: Path) -> None:  # noqa: 
     bought = shop.frame.groupby("user_id")["item_id"].agg(set).to_dict()
     names = dict(zip(shop.frame["item_id"], shop.frame["item_name"]))
     for user, rec in by_user.items():
-        assert rec["model"] == "lgcn3" and rec["model_version"] == 1
+        ranked_by = service.trained.persona_model()[1] if user == "newcomer" else service.trained.name
+        assert rec["model"] == ranked_by and rec["model_version"] == 1
         items = [it["item_id"] for it in rec["items"]]
         assert len(items) == FAST.top_k == len(set(items))
         assert not set(items) & bought.get(user, set())
@@ -249,7 +284,7 @@ def test_service_retrains_after_new_edges_and_publishes_only_changed_users(broke
     try:
         n_users = shop.frame["user_id"].nunique()
         first = consume(stream.kafka_bootstrap, topics.recommendations, until=lambda r: len(r) >= n_users)
-        assert len(first) == n_users and {r["model"] for r in first} == {"lightgcn"}  # no personas yet
+        assert len(first) == n_users and {r["model"] for r in first} == {"ease"}  # no personas yet
         bought = shop.frame.groupby("user_id")["item_id"].agg(set).to_dict()
         movers = sorted(bought)[:3]
         new = []
