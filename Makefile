@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch lies on disk; installing it first keeps pip from fetching CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# bench: cornac, the reference recommenders (tests/recsys/test_references.py checks our EASE against it).
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
