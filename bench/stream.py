@@ -45,7 +45,7 @@ from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
 from streams.broker import bootstrap_or_embedded, free_port  # noqa: E402
-from streams.cli import publish_events  # noqa: E402
+from streams.topic_io import publish_events  # noqa: E402
 from streams.config import StreamConfig, faust_settings  # noqa: E402
 from streams.demo import LagWatcher, UpdateLog, WorkerProcess  # noqa: E402
 from streams.records import label_record  # noqa: E402
