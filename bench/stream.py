@@ -60,10 +60,10 @@ def noop_worker(count: int) -> None:
     """(subprocess) A Faust app with one agent that only counts the purchases topic's records."""
     import faust
 
-    from streams.fetch_pacing import install_fetch_pacing
+    from streams._compat import configure_fetch_pacing
 
-    install_fetch_pacing()  # the same consumer behaviour as the GPLR worker (streams.app)
     config = StreamConfig.from_env()
+    configure_fetch_pacing(config.kafka_bootstrap)  # the same consumer behaviour as the GPLR worker
     config.faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(config.app_id, **faust_settings(config))
     topic = app.topic(Topics(config.topic_prefix).purchases, key_type=bytes, key_serializer="raw",
