@@ -45,7 +45,7 @@ from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
 from streams.broker import bootstrap_or_embedded, free_port  # noqa: E402
-from streams.cli import publish_events  # noqa: E402
+from streams.topic_io import publish_events  # noqa: E402
 from streams.config import StreamConfig, faust_settings  # noqa: E402
 from streams.demo import LagWatcher, UpdateLog, WorkerProcess  # noqa: E402
 from streams.records import label_record  # noqa: E402
@@ -60,10 +60,10 @@ def noop_worker(count: int) -> None:
     """(subprocess) A Faust app with one agent that only counts the purchases topic's records."""
     import faust
 
-    from streams.fetch_pacing import install_fetch_pacing
+    from streams._compat import configure_fetch_pacing
 
-    install_fetch_pacing()  # the same consumer behaviour as the GPLR worker (streams.app)
     config = StreamConfig.from_env()
+    configure_fetch_pacing(config.kafka_bootstrap)  # the same consumer behaviour as the GPLR worker
     config.faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(config.app_id, **faust_settings(config))
     topic = app.topic(Topics(config.topic_prefix).purchases, key_type=bytes, key_serializer="raw",

@@ -116,7 +116,7 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
                timeout: float, rate: float | None = None) -> dict[str, Any]:
     """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
     from streams.broker import bootstrap_or_embedded, free_port
-    from streams.cli import publish_events
+    from streams.topic_io import publish_events
     from streams.config import StreamConfig
     from streams.demo import LagWatcher, WorkerProcess
     from streams.quality import worker_metrics

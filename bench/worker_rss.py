@@ -42,7 +42,7 @@ def main() -> int:
     from core.data import iter_events
     from core.synthetic import make_shop
     from streams.broker import EmbeddedBroker
-    from streams.cli import publish_events
+    from streams.topic_io import publish_events
     from streams.config import StreamConfig
     from streams.demo import LagWatcher, WorkerProcess
     from streams.records import label_record

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["register", "cmd_train_recsys", "cmd_segment", "cmd_trainer"]
+__all__ = ["register", "cmd_train_recsys", "cmd_segment"]
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the recsys commands to the `gplr` parser."""
     _add_train_recsys(subparsers)
     _add_segment(subparsers)
-    _add_trainer(subparsers)
 
 
 # -- gplr train-recsys -------------------------------------------------------------------------
@@ -222,44 +221,4 @@ def cmd_segment(args: argparse.Namespace) -> int:
         table.add_row(str(k), f"{persona_seg.silhouette[k]:.3f}", f"{rfm.silhouette[k]:.3f}" if rfm else "-")
     Console(stderr=True).print(table)
     print(seg.summary_json(persona_seg, rfm, consistent_persona, consistent_rfm))
-    return 0
-
-
-# -- gplr trainer ------------------------------------------------------------------------------
-def _add_trainer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trainer", help="recommender trainer service: topics in, recommendations out",
-                       description="Rebuild the graph and personas from the purchases and persona-updates "
-                                   "topics, retrain on a schedule (GPLR_TRAIN_INTERVAL_S) or after "
-                                   "GPLR_TRAIN_AFTER_EDGES new edges, publish top-K recommendations for "
-                                   "changed users. Settings: recsys/trainer.py and streams/config.py.")
-    p.add_argument("--once", action="store_true", help="read the backlog, train and publish once, exit")
-    p.add_argument("--model", help="override GPLR_TRAINER_MODEL (auto, ease, ease-persona, lgcn3, lightgcn, ...)")
-    p.add_argument("--epochs", type=int, help="override GPLR_TRAINER_EPOCHS")
-    p.add_argument("--k", type=int, help="override GPLR_RECS_K")
-    p.set_defaults(func=cmd_trainer)
-
-
-def cmd_trainer(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from recsys.trainer import service_from_env, start_trainer_metrics
-    from streams.config import ConfigError
-
-    overrides = {k: v for k, v in (("model", args.model and args.model.lower()), ("epochs", args.epochs),
-                                   ("top_k", args.k)) if v is not None}
-    try:
-        service = service_from_env(**overrides)
-        server = None if args.once else start_trainer_metrics(service.config.metrics_port)
-    except (ConfigError, OSError, ValueError) as exc:
-        raise SystemExit(f"gplr trainer: {exc}") from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        published = service.run(once=args.once, stop=stop)
-    finally:
-        if server is not None:
-            server.shutdown()
-    log.info("trainer stopped: %d recommendation lists published", published)
     return 0

@@ -9,7 +9,7 @@ import faust
 
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
-from streams.fetch_pacing import install_fetch_pacing
+from streams._compat import check_hooks, configure_fetch_pacing, widen_producer_buffer
 from streams.labelling import LabelPolicy, register_labelling
 from streams.tables import define_tables
 
@@ -44,7 +44,8 @@ def create_app(config: StreamConfig) -> faust.App:
     if config.hops != 1:
         logger.warning("GPLR_HOPS=%d ignored: the stream propagates exactly one hop (ℓ̂ = 1)", config.hops)
     config.faust_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    install_fetch_pacing()  # an embedded broker answers empty fetches at once (see the module)
+    check_hooks()  # fail at start-up, not mid-stream, when a library changed a private hook
+    configure_fetch_pacing(config.kafka_bootstrap)  # the embedded broker answers empty fetches at once
     settings = faust_settings(config)
     settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))
     settings.update(PRODUCER_SETTINGS)
@@ -60,7 +61,7 @@ def create_app(config: StreamConfig) -> faust.App:
         # Table writes queue their changelog records in Faust's producer buffer; over 100 queued
         # the conductor stops delivering and flushes them one by one (asyncio.wait_for per
         # record). A batch writes hundreds of rows at once, so allow a batch's worth.
-        app.producer.buffer.max_messages = PRODUCER_BUFFER_MESSAGES
+        widen_producer_buffer(app, PRODUCER_BUFFER_MESSAGES)
 
     @app.on_partitions_revoked.connect
     async def _forget_revoked(sender: faust.App, revoked: object, **kwargs: object) -> None:

@@ -1,7 +1,8 @@
-"""Stream subcommands of `gplr`: worker, produce, watch, export, demo and broker.
+"""Stream subcommands of `gplr`: worker, produce, watch, export, demo, broker and trainer.
 
 Settings come from the environment (`StreamConfig.from_env()`); flags only choose what to do.
-`publish_events` is the one producer loop, shared by `produce`, the demo and the benchmark.
+The producer loop and the topic reader they share with the demo and the benchmarks live in
+`streams.topic_io`.
 """
 from __future__ import annotations
 
@@ -18,133 +19,14 @@ from typing import Iterable, Iterator
 
 from core.events import PurchaseEvent
 from streams.config import ConfigError, StreamConfig
+from streams.topic_io import latest_personas, publish_events, read_topic
 
-__all__ = ["register", "main", "publish_events", "read_topic", "latest_personas", "synthetic_events",
-           "run_worker", "format_update"]
+__all__ = ["register", "main", "synthetic_events", "run_worker", "format_update"]
 
 logger = logging.getLogger(__name__)
 
 
 # -- shared pieces ----------------------------------------------------------------------------
-def publish_events(
-    bootstrap: str,
-    topic: str,
-    events: Iterable[PurchaseEvent],
-    rate: float | None = None,
-    total: int | None = None,
-    progress: bool = False,
-    stamp_now: bool = False,
-    stop: threading.Event | None = None,
-    timeout: float = 30.0,
-) -> int:
-    """Publish events keyed by user_id, at most `rate` per second; returns how many were delivered.
-
-    `stamp_now` replaces each event's `ts` by the send time, so purchase-to-update latency can be
-    read off the persona updates. Raises RuntimeError if any record was not delivered within
-    `timeout` seconds.
-    """
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "log_level": 2,
-                         "message.timeout.ms": int(timeout * 1000)})
-    failed: list[str] = []
-
-    def on_delivery(err, _msg) -> None:
-        if err is not None:
-            failed.append(str(err))
-
-    bar = _progress(total) if progress else None
-    start = time.monotonic()
-    sent = 0
-    try:
-        for event in events:
-            if stop is not None and stop.is_set():
-                break
-            if rate:
-                ahead = start + sent / rate - time.monotonic()
-                if ahead > 0.002:
-                    time.sleep(ahead)
-            if stamp_now:
-                event = dataclasses.replace(event, ts=time.time())
-            while True:
-                try:
-                    producer.produce(topic, value=event.to_json(), key=event.user_id, on_delivery=on_delivery)
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    producer.poll(0.05)
-            producer.poll(0)
-            sent += 1
-            if bar is not None and sent % 200 == 0:
-                bar[0].update(bar[1], completed=sent)
-    finally:
-        remaining = producer.flush(timeout + 5)
-        if bar is not None:
-            bar[0].update(bar[1], completed=sent)
-            bar[0].stop()
-    if remaining or failed:
-        raise RuntimeError(f"{remaining + len(failed)} of {sent} records not delivered"
-                           f"{': ' + failed[0] if failed else ''}")
-    return sent
-
-
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:
-    """Every JSON record now in `topic` (start to the end offsets at call time), in offset order
-    per partition; unreadable records are skipped. An absent topic reads as empty."""
-    import uuid
-
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3})
-    records: list[dict] = []
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return records
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        consumer.assign(parts)
-        done = {p for p, end in ends.items() if end == 0}
-        deadline = time.monotonic() + timeout
-        while len(done) < len(ends):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"reading {topic} did not reach its end within {timeout:.0f}s")
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
-            try:
-                record = json.loads(msg.value())
-            except (TypeError, ValueError):
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    finally:
-        consumer.close()
-    return records
-
-
-def latest_personas(updates: Iterable[dict]) -> dict[str, dict]:
-    """The last persona update of each user (updates are keyed by user, so one partition holds
-    all of a user's updates in order)."""
-    latest: dict[str, dict] = {}
-    for update in updates:
-        if "user" in update:
-            latest[str(update["user"])] = update
-    return latest
-
-
-def _progress(total: int | None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        transient=False)
-    task = progress.add_task("publish", total=total)
-    progress.start()
-    return progress, task
-
-
 def synthetic_events(n_users: int, seed: int = 0):
     """(SyntheticShop, its events in time order) for `n_users` users."""
     from core.data import iter_events
@@ -408,6 +290,43 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- gplr trainer ------------------------------------------------------------------------------
+def _add_trainer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trainer", help="recommender trainer service: topics in, recommendations out",
+                       description="Rebuild the graph and personas from the purchases and persona-updates "
+                                   "topics, retrain on a schedule (GPLR_TRAIN_INTERVAL_S) or after "
+                                   "GPLR_TRAIN_AFTER_EDGES new edges, publish top-K recommendations for "
+                                   "changed users. Settings: recsys/trainer.py and streams/config.py; "
+                                   "service: streams/trainer_service.py.")
+    p.add_argument("--once", action="store_true", help="read the backlog, train and publish once, exit")
+    p.add_argument("--model", help="override GPLR_TRAINER_MODEL (auto, ease, ease-persona, lgcn3, lightgcn, ...)")
+    p.add_argument("--epochs", type=int, help="override GPLR_TRAINER_EPOCHS")
+    p.add_argument("--k", type=int, help="override GPLR_RECS_K")
+    p.set_defaults(func=_cmd_trainer)
+
+
+def _cmd_trainer(args: argparse.Namespace) -> int:
+    from streams.trainer_service import service_from_env, start_trainer_metrics
+
+    overrides = {k: v for k, v in (("model", args.model and args.model.lower()), ("epochs", args.epochs),
+                                   ("top_k", args.k)) if v is not None}
+    try:
+        service = service_from_env(**overrides)
+        server = None if args.once else start_trainer_metrics(service.config.metrics_port)
+    except (ConfigError, OSError, ValueError) as exc:
+        raise SystemExit(f"gplr trainer: {exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        published = service.run(once=args.once, stop=stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    logger.info("trainer stopped: %d recommendation lists published", published)
+    return 0
+
+
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     import socket
 
@@ -489,6 +408,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--data-dir", default=None, help="default: GPLR_DATA_DIR/broker")
     p.set_defaults(func=_cmd_broker)
+
+    _add_trainer(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,7 +290,7 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
     from rich.live import Live
 
     from streams.broker import bootstrap_or_embedded, free_port
-    from streams.cli import publish_events
+    from streams.topic_io import publish_events
     from streams.topics import create_topics, topics_for
 
     console = Console()
@@ -447,7 +447,7 @@ def _counting(events: Iterable, counter: list[int]):
 
 def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
     """Users with a successful label on the labels topic (the prototypes) and their personas."""
-    from streams.cli import read_topic
+    from streams.topic_io import read_topic
 
     users: dict[str, list[int]] = {}
     for record in read_topic(cfg.kafka_bootstrap, topic, timeout=10):

@@ -12,7 +12,6 @@ import json
 import logging
 import pickle
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Iterator, TypeVar
@@ -21,6 +20,7 @@ import faust
 import numpy as np
 
 from core.incremental import ItemState, UserItem, UserState
+from streams._compat import current_event
 
 __all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_state", "decode_state", "label_counts",
            "changelog_topic", "read_table"]
@@ -130,13 +130,8 @@ def in_partition(event: faust.EventT) -> Iterator[None]:
     from `stream.take_events` is processed outside that iteration, so the agent sets it itself
     for each source partition's group of events.
     """
-    from faust.streams import _current_event  # no public setter in faust-streaming 0.15
-
-    token = _current_event.set(weakref.ref(event))
-    try:
+    with current_event(event):
         yield
-    finally:
-        _current_event.reset(token)
 
 
 class StateTable(Generic[S]):

@@ -1,6 +1,6 @@
-"""The trainer service: state rebuilt from topic records, configuration, ranking against brute
-force, persona cold start (users and items), its own metrics endpoint, and one full cycle
-through the embedded broker."""
+"""The trainer (recsys.trainer) and its service (streams.trainer_service): state rebuilt from
+topic records, configuration, ranking against brute force, persona cold start (users and
+items), its own metrics endpoint, and one full cycle through the embedded broker."""
 from __future__ import annotations
 
 import json
@@ -19,14 +19,13 @@ from recsys.graph import build_graph
 from recsys.models import make_model
 from recsys.train import TrainConfig, fit
 from recsys.trainer import (
-    AUTO_CANDIDATES, GraphState, TrainerConfig, TrainerService, choose_models, recommend, recommendation_record,
-    start_trainer_metrics,
-    train_model, trainer_metric_names,
+    AUTO_CANDIDATES, GraphState, TrainerConfig, choose_models, recommend, recommendation_record, train_model,
 )
 from streams import metrics
 from streams.broker import free_port
 from streams.config import ConfigError
 from streams.topics import Topics, create_topics
+from streams.trainer_service import TrainerService, start_trainer_metrics, trainer_metric_names
 from tests.kafka_fixtures import consume, make_config, produce
 
 FAST = TrainerConfig(epochs=15, dim=16, n_eigen=32, top_k=5, metrics_port=0, patience=5, batch_size=256, lr=0.01)
@@ -319,7 +318,7 @@ def test_trainer_command_refuses_without_a_broker(monkeypatch: pytest.MonkeyPatc
 
 
 def test_failed_cycle_keeps_changes_and_backs_off(monkeypatch: pytest.MonkeyPatch, shop) -> None:
-    from recsys import trainer as trainer_module
+    from streams import trainer_service as trainer_module
     from streams.config import StreamConfig
 
     service = TrainerService(StreamConfig(kafka_bootstrap="127.0.0.1:9"), replace(FAST, after_edges=1))

@@ -6,7 +6,6 @@ partition to a batch boundary or earlier (Faust acks a batch only after its body
 loses part of what the rewound batches sent."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
@@ -16,7 +15,6 @@ from core.data import iter_events
 from core.events import PurchaseEvent
 from core.incremental import ItemState, UserItem, UserState, psi_raw
 from streams.agents import Out
-from streams.fetch_pacing import install_fetch_pacing
 from streams.records import (
     ItemOp,
     UserOp,
@@ -229,32 +227,3 @@ def test_state_cache_is_write_through_and_clears():
     assert table.get("u").events == 0
     table.clear_cache()
     assert table.get("u").events == 5
-
-
-def test_fetch_pacing_delays_only_empty_fetches(monkeypatch):
-    from aiokafka.consumer import fetcher
-
-    import streams.fetch_pacing as pacing
-
-    answers = iter([False, True])
-
-    async def fake(self, assignment, node_id, request):
-        return next(answers)
-
-    monkeypatch.setattr(fetcher.Fetcher, "_proc_fetch_request", fetcher.Fetcher._proc_fetch_request)  # restored after
-    monkeypatch.setattr(pacing, "_ORIGINAL", fake)
-    try:
-        install_fetch_pacing(0.05)
-
-        async def timed() -> tuple[bool, float]:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            got = await fetcher.Fetcher._proc_fetch_request(None, None, 0, None)
-            return got, loop.time() - start
-
-        empty, full = asyncio.run(timed()), asyncio.run(timed())
-        assert empty[0] is False and empty[1] >= 0.045
-        assert full[0] is True and full[1] < 0.04
-    finally:
-        install_fetch_pacing(0)
-    assert fetcher.Fetcher._proc_fetch_request is fake

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from core.events import parse_purchase
-from streams import cli
+from streams import cli, topic_io
 from streams.topics import Topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def test_publish_events_raises_when_the_broker_is_gone(tmp_path) -> None:
 
     event = PurchaseEvent("e", "u", "i", "I", 1, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="not delivered"):
-        cli.publish_events(f"127.0.0.1:{free_port()}", "t", [event], timeout=1.0)
+        topic_io.publish_events(f"127.0.0.1:{free_port()}", "t", [event], timeout=1.0)
 
 
 @pytest.mark.slow

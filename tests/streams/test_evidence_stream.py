@@ -118,7 +118,7 @@ def test_persona_updates_carry_evidence_through_the_broker(stream_config, worker
     customer bought, shares of the score, largest first), and `gplr explain USER` without --from
     prints the latest record from the topic."""
     from core.cli import main
-    from streams.cli import latest_personas, read_topic
+    from streams.topic_io import latest_personas, read_topic
     from streams.topics import Topics
     from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check
 

@@ -1,0 +1,137 @@
+"""Every use of a private attribute of faust, mode or aiokafka, fenced in one module.
+
+The stream needs three things the libraries do not offer publicly:
+
+- **Fetch pacing** (aiokafka `Fetcher._proc_fetch_request`). Kafka long-polls an empty fetch (the
+  broker holds it up to `fetch_max_wait_ms`), but the embedded broker (noida-db 0.2.3) answers at
+  once, and aiokafka's fetcher then sends the next fetch immediately: an idle consumer spins at
+  ~85% of a core (measured), and a busy worker spends a large share of its CPU on empty fetches of
+  quiet partitions. Making every fetch cycle that woke nobody last at least `min_cycle_s` bounds
+  that to a few dozen requests per second, at the cost of at most `min_cycle_s` extra latency
+  when data arrives during the pause. The method returns aiokafka's `needs_wakeup`: True when the
+  response buffered records *or* an error for the consumer to raise; neither is delayed. It is
+  installed only when the bootstrap names the embedded broker (loopback addresses only): an
+  external Kafka long-polls and is left alone.
+- **The current event** (`faust.streams._current_event`): a table files each write under the
+  partition of the event being processed; a batch from `stream.take_events` is processed outside
+  `async for`, so the agent sets it itself (`current_event`).
+- **The producer buffer** (`app.producer.buffer.max_messages`): Faust's default of 100 queued
+  changelog records makes a batch's writes flush one by one (`widen_producer_buffer`).
+
+`check_hooks()` verifies at start-up that each hook still has the shape this module was written
+against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import ipaddress
+import logging
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from aiokafka.consumer.fetcher import Fetcher
+
+__all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
+           "current_event", "widen_producer_buffer", "DEFAULT_MIN_CYCLE_S"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MIN_CYCLE_S = 0.01
+#: The parameters of `Fetcher._proc_fetch_request` the pacing wrapper forwards.
+FETCH_PARAMETERS = ("self", "assignment", "node_id", "request")
+_ORIGINAL = Fetcher._proc_fetch_request
+
+
+class CompatError(RuntimeError):
+    """An installed faust/mode/aiokafka no longer has the private hook this project relies on."""
+
+
+def check_hooks() -> None:
+    """Raise CompatError unless every private hook has the expected shape."""
+    method = _ORIGINAL
+    if not inspect.iscoroutinefunction(method):
+        raise CompatError("aiokafka Fetcher._proc_fetch_request is no longer a coroutine function: "
+                          "fetch pacing (streams/_compat.py) needs updating")
+    params = tuple(inspect.signature(method).parameters)
+    if params != FETCH_PARAMETERS:
+        raise CompatError(f"aiokafka Fetcher._proc_fetch_request{params} differs from {FETCH_PARAMETERS}: "
+                          "fetch pacing (streams/_compat.py) needs updating")
+    import faust.streams
+
+    if not isinstance(getattr(faust.streams, "_current_event", None), contextvars.ContextVar):
+        raise CompatError("faust.streams._current_event is gone or not a ContextVar: "
+                          "batch table writes (streams/_compat.py current_event) need updating")
+
+
+def is_embedded_bootstrap(bootstrap: str) -> bool:
+    """True when every `host:port` of `bootstrap` is a loopback address (where the embedded
+    broker listens); a named or remote host is taken to be a real Kafka."""
+    hosts = [part.strip().rsplit(":", 1)[0].strip("[]") for part in bootstrap.split(",") if part.strip()]
+    if not hosts:
+        return False
+    for host in hosts:
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def install_fetch_pacing(min_cycle_s: float = DEFAULT_MIN_CYCLE_S) -> None:
+    """Patch `aiokafka.consumer.fetcher.Fetcher` process-wide (idempotent; 0 restores it)."""
+    check_hooks()
+    if min_cycle_s <= 0:
+        Fetcher._proc_fetch_request = _ORIGINAL  # type: ignore[method-assign]
+        return
+
+    async def _paced(self: Any, assignment: Any, node_id: int, request: Any) -> bool:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        woke = await _ORIGINAL(self, assignment, node_id, request)
+        if not woke:
+            rest = min_cycle_s - (loop.time() - start)
+            if rest > 0:
+                try:
+                    await asyncio.sleep(rest)
+                except asyncio.CancelledError:  # closing or unassigned: as the original does
+                    return False
+        return bool(woke)
+
+    _paced.min_cycle_s = min_cycle_s  # type: ignore[attr-defined]
+    Fetcher._proc_fetch_request = _paced  # type: ignore[method-assign]
+    logger.debug("aiokafka empty fetches paced to >= %.3fs", min_cycle_s)
+
+
+def configure_fetch_pacing(bootstrap: str, min_cycle_s: float = DEFAULT_MIN_CYCLE_S) -> bool:
+    """Pace fetches for the embedded broker, restore aiokafka's own loop otherwise; returns
+    whether pacing is on."""
+    embedded = is_embedded_bootstrap(bootstrap)
+    install_fetch_pacing(min_cycle_s if embedded else 0)
+    return embedded
+
+
+@contextmanager
+def current_event(event: Any) -> Iterator[None]:
+    """Make `event` Faust's current event for the block (no public setter in faust-streaming 0.15)."""
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def widen_producer_buffer(app: Any, max_messages: int) -> None:
+    """Let Faust's producer queue `max_messages` changelog records before it flushes them one
+    by one (its default is 100)."""
+    buffer = getattr(app.producer, "buffer", None)
+    if buffer is None or not hasattr(buffer, "max_messages"):
+        raise CompatError("faust producer has no buffer.max_messages: streams/_compat.py needs updating")
+    buffer.max_messages = max_messages

@@ -1,0 +1,133 @@
+"""Records in and out of a topic for the commands, the demo and the benchmarks: `publish_events`
+is the one producer loop (paced, delivery-checked), `read_topic` reads a topic start to end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import Iterable
+
+from core.events import PurchaseEvent
+
+__all__ = ["publish_events", "read_topic", "latest_personas"]
+
+
+def publish_events(
+    bootstrap: str,
+    topic: str,
+    events: Iterable[PurchaseEvent],
+    rate: float | None = None,
+    total: int | None = None,
+    progress: bool = False,
+    stamp_now: bool = False,
+    stop: threading.Event | None = None,
+    timeout: float = 30.0,
+) -> int:
+    """Publish events keyed by user_id, at most `rate` per second; returns how many were delivered.
+
+    `stamp_now` replaces each event's `ts` by the send time, so purchase-to-update latency can be
+    read off the persona updates. Raises RuntimeError if any record was not delivered within
+    `timeout` seconds.
+    """
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "log_level": 2,
+                         "message.timeout.ms": int(timeout * 1000)})
+    failed: list[str] = []
+
+    def on_delivery(err, _msg) -> None:
+        if err is not None:
+            failed.append(str(err))
+
+    bar = _progress(total) if progress else None
+    start = time.monotonic()
+    sent = 0
+    try:
+        for event in events:
+            if stop is not None and stop.is_set():
+                break
+            if rate:
+                ahead = start + sent / rate - time.monotonic()
+                if ahead > 0.002:
+                    time.sleep(ahead)
+            if stamp_now:
+                event = dataclasses.replace(event, ts=time.time())
+            while True:
+                try:
+                    producer.produce(topic, value=event.to_json(), key=event.user_id, on_delivery=on_delivery)
+                    break
+                except BufferError:  # local queue full: let deliveries drain
+                    producer.poll(0.05)
+            producer.poll(0)
+            sent += 1
+            if bar is not None and sent % 200 == 0:
+                bar[0].update(bar[1], completed=sent)
+    finally:
+        remaining = producer.flush(timeout + 5)
+        if bar is not None:
+            bar[0].update(bar[1], completed=sent)
+            bar[0].stop()
+    if remaining or failed:
+        raise RuntimeError(f"{remaining + len(failed)} of {sent} records not delivered"
+                           f"{': ' + failed[0] if failed else ''}")
+    return sent
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:
+    """Every JSON record now in `topic` (start to the end offsets at call time), in offset order
+    per partition; unreadable records are skipped. An absent topic reads as empty."""
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "log_level": 3})
+    records: list[dict] = []
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return records
+        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        consumer.assign(parts)
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + timeout
+        while len(done) < len(ends):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reading {topic} did not reach its end within {timeout:.0f}s")
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                done.add(msg.partition())
+            try:
+                record = json.loads(msg.value())
+            except (TypeError, ValueError):
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    finally:
+        consumer.close()
+    return records
+
+
+def latest_personas(updates: Iterable[dict]) -> dict[str, dict]:
+    """The last persona update of each user (updates are keyed by user, so one partition holds
+    all of a user's updates in order)."""
+    latest: dict[str, dict] = {}
+    for update in updates:
+        if "user" in update:
+            latest[str(update["user"])] = update
+    return latest
+
+
+def _progress(total: int | None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=False)
+    task = progress.add_task("publish", total=total)
+    progress.start()
+    return progress, task

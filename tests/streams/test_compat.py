@@ -1,0 +1,171 @@
+"""streams._compat: the private hooks of faust/aiokafka, checked and exercised against the real
+installed classes (aiokafka's own `Fetcher._proc_fetch_request` answers the fetches)."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiokafka.consumer.fetcher import Fetcher, FetchError
+from aiokafka.errors import TopicAuthorizationFailedError
+from aiokafka.structs import TopicPartition
+
+from streams import _compat
+from streams._compat import CompatError, check_hooks, configure_fetch_pacing, install_fetch_pacing, is_embedded_bootstrap
+
+PACE = 0.05
+
+
+class _Client:
+    """The one call the real method makes on its client for these responses: `send`."""
+
+    def __init__(self, response: object) -> None:
+        self.response = response
+
+    async def send(self, node_id: int, request: object) -> object:
+        return self.response
+
+
+def _fetcher(error_code: int) -> Fetcher:
+    """A real Fetcher (its real methods) with the attributes `_proc_fetch_request` reads; built
+    without __init__, which would start the fetch loop against a live cluster."""
+    fetcher = Fetcher.__new__(Fetcher)
+    response = SimpleNamespace(API_VERSION=0, topics=[("t", [(0, error_code, 10, b"")])])
+    fetcher._client = _Client(response)  # noqa: SLF001
+    fetcher._client_rack = None  # noqa: SLF001
+    fetcher._rack_warning_logged = False  # noqa: SLF001
+    fetcher._records = {}  # noqa: SLF001
+    fetcher._preferred_read_replica = {}  # noqa: SLF001
+    fetcher._prefetch_backoff = 0.1  # noqa: SLF001
+    return fetcher
+
+
+def _fetch(fetcher: Fetcher) -> tuple[bool, float]:
+    request = SimpleNamespace(topics=[("t", [(0, 5, 1 << 20)])])
+    position = SimpleNamespace(has_valid_position=True, position=5, highwater=None, lso=None, timestamp=None)
+    assignment = SimpleNamespace(active=True, state_value=lambda tp: position)
+
+    async def timed() -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got = await Fetcher._proc_fetch_request(fetcher, assignment, 0, request)
+        return got, loop.time() - start
+
+    return asyncio.run(timed())
+
+
+@pytest.fixture
+def paced():
+    install_fetch_pacing(PACE)
+    try:
+        yield
+    finally:
+        install_fetch_pacing(0)
+    assert Fetcher._proc_fetch_request is _compat._ORIGINAL  # noqa: SLF001 - restored
+
+
+def test_installed_libraries_have_the_hooks() -> None:
+    check_hooks()
+
+
+def test_empty_fetch_is_paced_by_the_real_fetcher(paced) -> None:
+    woke, took = _fetch(_fetcher(error_code=0))  # no error, no records: aiokafka's empty answer
+    assert woke is False and took >= PACE * 0.9
+
+
+def test_fetch_that_wakes_the_consumer_is_not_delayed(paced) -> None:
+    fetcher = _fetcher(error_code=TopicAuthorizationFailedError.errno)
+    woke, took = _fetch(fetcher)
+    assert woke is True and took < PACE * 0.8
+    assert isinstance(fetcher._records[TopicPartition("t", 0)], FetchError)  # noqa: SLF001 - the error waits for the consumer
+
+
+def test_unpaced_fetcher_answers_at_once() -> None:
+    install_fetch_pacing(0)
+    woke, took = _fetch(_fetcher(error_code=0))
+    assert woke is False and took < PACE * 0.8
+
+
+def test_a_changed_signature_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def changed(self, assignment, node_id, request, extra):  # a future aiokafka
+        return False
+
+    monkeypatch.setattr(_compat, "_ORIGINAL", changed)
+    with pytest.raises(CompatError, match=r"_proc_fetch_request.*extra.*streams/_compat.py"):
+        install_fetch_pacing()
+
+    def not_async(self, assignment, node_id, request):
+        return False
+
+    monkeypatch.setattr(_compat, "_ORIGINAL", not_async)
+    with pytest.raises(CompatError, match="coroutine"):
+        check_hooks()
+
+
+@pytest.mark.parametrize("bootstrap, embedded", [
+    ("127.0.0.1:9092", True), ("localhost:1234", True), ("127.0.0.1:1,[::1]:2", True),
+    ("kafka:9092", False), ("10.0.0.5:9092", False), ("127.0.0.1:1,kafka.prod:9092", False), ("", False),
+])
+def test_pacing_only_for_the_embedded_broker(bootstrap: str, embedded: bool) -> None:
+    try:
+        assert configure_fetch_pacing(bootstrap, PACE) is embedded
+        assert is_embedded_bootstrap(bootstrap) is embedded
+        assert (Fetcher._proc_fetch_request is not _compat._ORIGINAL) is embedded  # noqa: SLF001
+    finally:
+        install_fetch_pacing(0)
+
+
+def test_producer_buffer_is_widened_on_a_real_faust_app(tmp_path) -> None:
+    import faust
+
+    app = faust.App("compat-test", broker="kafka://127.0.0.1:1", datadir=str(tmp_path))  # nothing connects
+    assert app.producer.buffer.max_messages < 20_000
+    _compat.widen_producer_buffer(app, 20_000)
+    assert app.producer.buffer.max_messages == 20_000
+    with pytest.raises(CompatError, match="buffer.max_messages"):
+        _compat.widen_producer_buffer(SimpleNamespace(producer=SimpleNamespace()), 1)
+
+
+THIRD_PARTY = ("faust", "mode", "aiokafka")
+PRIVATE_ATTRIBUTES = {"max_messages"}  # private in spirit: Faust's producer buffer has no setter
+
+
+def _private_uses(path) -> list[str]:
+    """Private names of faust/mode/aiokafka a module imports or reads off an imported name."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    bound: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in THIRD_PARTY:
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if alias.name.startswith("_"):
+                    found.append(f"{node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in THIRD_PARTY:
+                    bound.add((alias.asname or alias.name).split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            private = node.attr.startswith("_") and not node.attr.startswith("__")
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if (private and isinstance(root, ast.Name) and root.id in bound) or node.attr in PRIVATE_ATTRIBUTES:
+                found.append(node.attr)
+    return found
+
+
+def test_private_hooks_live_only_in_compat(tmp_path) -> None:
+    from pathlib import Path
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("from faust.streams import _current_event\nfrom aiokafka.consumer.fetcher import Fetcher\n"
+                     "Fetcher._proc_fetch_request = None\napp.producer.buffer.max_messages = 1\n")
+    assert _private_uses(probe) == ["faust.streams._current_event", "_proc_fetch_request", "max_messages"]
+    repo = Path(__file__).resolve().parents[2]
+    offenders = {str(p.relative_to(repo)): _private_uses(p) for package in ("core", "streams", "recsys")
+                 for p in sorted((repo / package).rglob("*.py")) if p.name != "_compat.py"}
+    assert not {k: v for k, v in offenders.items() if v}
