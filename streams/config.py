@@ -1,4 +1,4 @@
-"""Every stream setting, read from the environment in one place and validated once.
+r"""Every stream setting, read from the environment in one place and validated once.
 
 Commands, the Faust app and the tests all build a `StreamConfig` (`from_env()`, then
 `dataclasses.replace` for variations), so a setting has exactly one name, one default and one
