@@ -45,8 +45,10 @@ def publish_events(
     """
     from confluent_kafka import Producer
 
+    # murmur2 (Kafka's Java default, = streams.records.partition_for): a user's purchases land on
+    # its own user partition, so each user partition sees them in one order (reproducible labelling)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "log_level": 2,
-                         "message.timeout.ms": int(timeout * 1000)})
+                         "message.timeout.ms": int(timeout * 1000), "partitioner": "murmur2_random"})
     failed: list[str] = []
 
     def on_delivery(err, _msg) -> None:
