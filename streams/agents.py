@@ -286,10 +286,10 @@ class StreamLogic:
         """The version of a final refit (`streams.refit`) when one is due, else 0: the user side
         has been idle for IDLE_REFIT_S and the labels or purchases it applied changed since the
         last request. Asked once per change (the fingerprint), so a quiet shop costs nothing."""
-        from streams.refit import IDLE_REFIT_S
+        from streams.refit import FIRST_MILESTONE, IDLE_REFIT_S
 
         mark = (float(self.q_counts.sum()), self.applied_ops)
-        if (self.config.decoder != "model" or not self.q_counts.any() or mark == self._final_mark
+        if (self.config.decoder != "model" or mark[0] < FIRST_MILESTONE or mark == self._final_mark
                 or now - self.last_applied < IDLE_REFIT_S):
             return 0
         self._final_mark = mark

@@ -6,7 +6,7 @@ so the model must be fitted on the stream's own prototypes and reach every worke
 * Milestones: a refit is due whenever the number of persona labels (the label-count table, Q̂'s
   numerator) reaches ⌊FIRST_MILESTONE × GROWTH^k⌋ (16, 24, 36, 54, 81, ...); any worker that sees one sends a request to the
   `refit` topic (always partition 0, so one worker serves them all, in order).
-* Final refit: once a worker's user side has been idle for IDLE_REFIT_S after the labels or the
+* Final refit: once there are FIRST_MILESTONE labels or more and a worker's user side has been idle for IDLE_REFIT_S after the labels or the
   purchases it applied changed since its last request, it asks for one more refit on everything
   (version: the label count, or the current version + 1 if that is not higher). A fit is a
   function of its input, so when the input ends, every deployment fed the same input (with

@@ -174,7 +174,9 @@ def _final_state(config, consume, n_users: int, timeout: float = 150.0):
     wait_model(config, body["version"], n_users, timeout=max(10.0, deadline - time.monotonic()))
     time.sleep(1.5)  # the refreshed users' last updates
     updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
-    last = {u["user"]: tuple(u["personas"]) for u in updates if isinstance(u, dict) and "user" in u}
+    # personas and scores; not the evidence, a snapshot of Ψ̂'s top items when the update was sent
+    last = {u["user"]: tuple((p["idx"], round(p["score"], 6)) for p in u["personas"])
+            for u in updates if isinstance(u, dict) and "user" in u}
     prototypes = {u: tuple(s.label_personas) for u, s in users.items() if s.label is not None}
     return sorted((r["user"], str(r["history"])) for r in requests), prototypes, last
 
