@@ -153,26 +153,23 @@ def _deployment(broker, make_config, tmp_path, tag: str, shop, **overrides):
 
 
 def _final_state(config, consume, n_users: int, timeout: float = 150.0):
-    """(prototypes, last persona-updates personas per user) once the stream has settled: every
-    request answered, the final refit shipped (version ≥ label mentions) and applied to everyone."""
-    from streams.tables import read_table
+    """(requests, prototypes, last persona-updates personas per user) once the stream has settled:
+    every request answered, drained, and the final refit (streams.refit) applied to everyone."""
     from streams.topics import Topics
-    from tests.streams.test_invariant import wait_drained, wait_model
+    from tests.streams.test_invariant import wait_drained, wait_settled
 
     names = Topics(config.topic_prefix)
     deadline = time.monotonic() + timeout
     while True:
         requests = consume(config.kafka_bootstrap, names.label_requests, timeout=10)
         labels = consume(config.kafka_bootstrap, names.labels, timeout=10)
-        users = wait_drained(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
-        mentions = sum(len(s.label_personas) for s in users.values() if s.label is not None)
-        body = read_table(config.kafka_bootstrap, config.app_id, "persona-model").get("current")
-        if requests and len(labels) >= len(requests) and body and body["version"] >= mentions:
+        if requests and len(labels) >= len(requests):
             break
-        assert time.monotonic() < deadline, f"no final refit: {len(requests)} requests, {len(labels)} labels"
+        assert time.monotonic() < deadline, f"{len(requests)} requests, {len(labels)} labels"
         time.sleep(1.0)
-    wait_model(config, body["version"], n_users, timeout=max(10.0, deadline - time.monotonic()))
-    time.sleep(1.5)  # the refreshed users' last updates
+    wait_drained(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
+    model, users = wait_settled(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
+    assert model is not None  # the final refit shipped
     updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
     # personas and scores; not the evidence, a snapshot of Ψ̂'s top items when the update was sent
     last = {u["user"]: tuple((p["idx"], round(p["score"], 6)) for p in u["personas"])
