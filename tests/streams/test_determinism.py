@@ -206,3 +206,29 @@ def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_per
     assert set(last_a) == set(last_b) and len(last_a) == n_users
     differ = sorted(u for u in last_a if last_a[u] != last_b[u])
     assert not differ, f"{len(differ)} users end with other personas, e.g. {differ[:3]}"
+
+
+# -- the refit: a function of its input, trained only on applied labels ---------------------------
+def test_refit_ignores_read_order_and_rows_without_an_applied_label():
+    from core.data import iter_events
+    from core.synthetic import make_shop
+    from core.decoder import DEFAULT_RULE
+    from streams.refit import applied_labels, fit_stream_model
+
+    shop = make_shop(n_users=60, n_items=40, n_personas=5, seed=2, mean_purchases=5)
+    raw = [e.to_json() for e in iter_events(shop.frame)]
+    rows = {}
+    for i, (user, personas) in enumerate(sorted(shop.user_truth.items())[:24]):
+        state = UserState(5)
+        state.label_personas = tuple(personas)
+        if i % 4:  # a labelled row; every fourth only names personas (no label applied): ignored
+            state.label = np.ones(5)
+        rows[user] = state
+    prototypes = applied_labels(rows, 5)
+    assert len(prototypes) == 18 and all(rows[u].label is not None for u in prototypes)
+    first = fit_stream_model(raw, prototypes, 5, DEFAULT_RULE, 3)
+    shuffled = list(raw)
+    np.random.default_rng(0).shuffle(shuffled)
+    assert fit_stream_model(shuffled + raw[:50], dict(reversed(list(prototypes.items()))), 5, DEFAULT_RULE, 3) == first
+    fewer = dict(list(prototypes.items())[:12])
+    assert fit_stream_model(raw, fewer, 5, DEFAULT_RULE, 3) != first  # the labels do matter
