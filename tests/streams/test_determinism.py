@@ -232,3 +232,13 @@ def test_refit_ignores_read_order_and_rows_without_an_applied_label():
     assert fit_stream_model(shuffled + raw[:50], dict(reversed(list(prototypes.items()))), 5, DEFAULT_RULE, 3) == first
     fewer = dict(list(prototypes.items())[:12])
     assert fit_stream_model(raw, fewer, 5, DEFAULT_RULE, 3) != first  # the labels do matter
+
+
+def test_sampling_setting_is_read_and_checked():
+    from streams.config import ConfigError
+
+    assert StreamConfig.from_env({}).sampling == "random"
+    assert StreamConfig.from_env({"GPLR_SAMPLING": "DU"}).sampling == "du"
+    with pytest.raises(ConfigError, match="GPLR_SAMPLING"):
+        StreamConfig.from_env({"GPLR_SAMPLING": "clock"}).validate()
+    assert StreamConfig(sampling="du").as_env()["GPLR_SAMPLING"] == "du"
