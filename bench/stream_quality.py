@@ -107,9 +107,9 @@ def score(pred_sets: Mapping[str, Sequence[int]], truth: Mapping[str, Sequence[i
 # -- the stream ------------------------------------------------------------------------------------
 def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every JSON record of `topic` from the beginning to its current end."""
-    from streams.refit import read_topic
+    from streams.topic_io import read_topic
 
-    return [json.loads(raw) for raw in read_topic(bootstrap, topic)]
+    return read_topic(bootstrap, topic, timeout=120.0)
 
 
 def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,

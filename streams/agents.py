@@ -222,6 +222,8 @@ class StreamLogic:
         self.model: Any = None  # core.decoder.PersonaModel once the first refit shipped
         self.model_version = 0
         self._vectors: dict[str, np.ndarray] = {}  # item name → s(v) under the current model
+        self.applied_ops, self.last_applied = 0, 0.0  # user-side changes (final refit, streams.refit)
+        self._final_mark: tuple[float, int] = (0.0, 0)
 
     # -- helpers -------------------------------------------------------------------------------
     def _user_part(self, user: str) -> int:
@@ -279,6 +281,19 @@ class StreamLogic:
 
         due = milestone(float(self.q_counts.sum())) if self.config.decoder == "model" else 0
         return due if due > self.model_version else 0
+
+    def final_refit_due(self, now: float) -> int:
+        """The version of a final refit (`streams.refit`) when one is due, else 0: the user side
+        has been idle for IDLE_REFIT_S and the labels or purchases it applied changed since the
+        last request. Asked once per change (the fingerprint), so a quiet shop costs nothing."""
+        from streams.refit import FIRST_MILESTONE, IDLE_REFIT_S
+
+        mark = (float(self.q_counts.sum()), self.applied_ops)
+        if (self.config.decoder != "model" or mark[0] < FIRST_MILESTONE or mark == self._final_mark
+                or now - self.last_applied < IDLE_REFIT_S):
+            return 0
+        self._final_mark = mark
+        return max(int(mark[0]), self.model_version + 1, getattr(self, "_refit_asked", 0) + 1)
 
     def snapshot(self, state: UserState, psi: np.ndarray) -> tuple[PersonaSnapshot, bool]:
         """The user's decided personas, and whether real evidence (not the prior) decided them:
@@ -344,7 +359,7 @@ class StreamLogic:
         that changed it); the replay test uses the row's offset from before the batch, so several
         messages of one batch for one user all count. Persona updates and label requests are
         decided once per changed user, memberships sent once per (user, item)."""
-        work = _UserBatch(self)
+        work = _UserBatch(self, partition)
         for op, offset in batch:
             if op.kind == "purchase":
                 self._user_purchases(work, op, offset)
@@ -374,12 +389,17 @@ class StreamLogic:
                 continue
             state.seen[eid] = offset
             if state.events == 0:  # (a label may have created the row before any purchase)
-                work.new_users += 1
+                work.stats()["seen"] += 1
             new_edge = user_purchase(state, item, quantity, name)
             work.applied(user, offset)
+            self._note_applied()
             if new_edge:
                 metrics.EDGES.inc()
                 work.membership(user, item, ts)
+                # `random` sampling decides here, at this offset, on the counters as they stand
+                request = self.policy.consider_purchase(user, state, work.stats())
+                if request is not None:
+                    work.request(user, state, request)
 
     def _user_values(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
         for item, seq, raw, users, ts in op_pushes(op):
@@ -394,6 +414,10 @@ class StreamLogic:
                     work.changed(user, ts)
                 elif work.replay(user, offset) and state.published:
                     work.replayed.add(user)
+
+    def _note_applied(self) -> None:
+        self.applied_ops += 1
+        self.last_applied = time.monotonic()
 
     def _user_label(self, work: "_UserBatch", op: UserOp, partition: int, offset: int) -> None:
         user = op.users[0]
@@ -420,6 +444,7 @@ class StreamLogic:
         memberships = user_set_label(state, user, label_vector(personas, self.m))
         state.label_personas = personas
         work.applied(user, offset)
+        self._note_applied()
         previous = self._published(state)
         scores = list(op.scores or [])
         scores = scores if len(scores) == len(personas) else [1.0] * len(personas)
@@ -459,7 +484,7 @@ class StreamLogic:
         metrics.PERSONA_CHANGES.inc()
         return Out("persona_updates", user, body)
 
-    def _after_change(self, user: str, state: UserState, partition: int, reason: str,
+    def _after_change(self, user: str, state: UserState, work: "_UserBatch", reason: str,
                       source_ts: float) -> list[Out]:
         """Ψ̂[u] moved: publish on a (hysteresis-filtered) change; maybe ask for a label."""
         if state.label is not None:  # prototypes keep their own labels
@@ -477,14 +502,10 @@ class StreamLogic:
         frozen_now = _frozen(state)
         self.frozen.observe(first and state.publishes == 1, frozen_now and not frozen_before,
                             frozen_before and not frozen_now)
-        if not state.requested:
-            stats = self._stats(partition)
-            request = self.policy.consider(user, state, psi, self.q_hat(), stats)
+        if not state.requested and self.config.sampling == "du":  # not reproducible (see labelling)
+            request = self.policy.consider(user, state, psi, self.q_hat(), work.stats())
             if request is not None:
-                state.requested = True
-                stats["requested"] += 1
-                self.tables.stats.put(f"p{partition}", stats)
-                out.append(Out("label_requests", user, request))
+                work.request(user, state, request)
         return out
 
     # -- item side -------------------------------------------------------------------------------
@@ -572,8 +593,9 @@ def _frozen(state: UserState) -> bool:
 class _UserBatch:
     """The rows one user-side batch touches, and what it will send once they are written."""
 
-    def __init__(self, logic: StreamLogic) -> None:
-        self.logic = logic
+    def __init__(self, logic: StreamLogic, partition: int) -> None:
+        self.logic, self.partition = logic, partition
+        self._stats: dict[str, int] | None = None  # the partition's budget row, read once
         self.rows: dict[str, UserState] = {}
         self.base: dict[str, int] = {}  # each row's applied_offset before the batch
         self.dirty: dict[str, int] = {}  # rows to write → last offset applied
@@ -582,8 +604,20 @@ class _UserBatch:
         self.replayed: set[str] = set()
         self.replays = 0
         self.labels: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
-        self.new_users = 0
         self.out: list[Out] = []
+
+    def stats(self) -> dict[str, int]:
+        """The partition's budget counters ({"seen", "requested"}), changed in offset order and
+        written once by `finish`."""
+        if self._stats is None:
+            self._stats = dict(self.logic._stats(self.partition))
+        return self._stats
+
+    def request(self, user: str, state: UserState, body: dict[str, Any]) -> None:
+        """Send a label request for u (sent after the rows are written, with the batch's records)."""
+        state.requested = True
+        self.stats()["requested"] += 1
+        self.out.append(Out("label_requests", user, body))
 
     def state(self, user: str, create: bool = True) -> UserState | None:
         state = self.rows.get(user)
@@ -621,19 +655,14 @@ class _UserBatch:
     def finish(self, partition: int) -> list[Out]:
         """Decide updates, write each dirty row once, then list the sends."""
         logic, out = self.logic, self.out
-        if self.new_users:  # before the label policy reads the budget
-            stats = logic._stats(partition)
-            stats["seen"] += self.new_users
-            logic.tables.stats.put(f"p{partition}", stats)
         for user, source_ts in self.ts.items():
-            out.extend(logic._after_change(user, self.rows[user], partition, "propagated", source_ts))
+            out.extend(logic._after_change(user, self.rows[user], self, "propagated", source_ts))
         for user in self.replayed - set(self.ts):
             state = self.rows[user]
             out.append(logic._update(user, state, logic._published(state), None,
                                    replay_reason(state, logic.model is not None), 0.0))
-        if self.replays and not self.new_users:  # rewrite the budget row too (see `replay`)
-            key = f"p{partition}"
-            logic.tables.stats.put(key, logic._stats(partition))
+        if self._stats is not None or self.replays:  # replays rewrite the budget row too (see `replay`)
+            logic.tables.stats.put(f"p{partition}", self.stats())
         for user, offset in self.dirty.items():
             state = self.rows[user]
             state.applied_offset = offset
@@ -730,7 +759,7 @@ async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics
     decide again (refresh user-ops, so the rows change under the user-ops agent as always)."""
     import time as _time
 
-    due = logic.refit_due()
+    due = logic.refit_due() or logic.final_refit_due(_time.monotonic())
     if due and due > getattr(logic, "_refit_asked", 0):
         logic._refit_asked = due  # type: ignore[attr-defined]
         await topics.refit.send(key="refit", value={"milestone": due}, partition=0)
@@ -749,7 +778,9 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     """Fit the persona model for a milestone in a thread and ship it (`streams.refit`)."""
     import asyncio
 
-    from streams.refit import decode_model, encode_model, fit_stream_model, read_topic
+    from streams.refit import applied_labels, decode_model, encode_model, fit_stream_model
+    from streams.topic_io import read_values
+    from streams.tables import read_table
     from streams.topics import Topics
 
     try:
@@ -763,9 +794,9 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     names, cfg = Topics(logic.config.topic_prefix), logic.config
 
     def fit() -> dict[str, Any] | None:
-        purchases = read_topic(cfg.kafka_bootstrap, names.purchases)
-        labels = read_topic(cfg.kafka_bootstrap, names.labels)
-        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k)
+        purchases = read_values(cfg.kafka_bootstrap, names.purchases, timeout=120.0)
+        rows = read_table(cfg.kafka_bootstrap, cfg.app_id, "users", timeout=120.0)
+        return fit_stream_model(purchases, applied_labels(rows, logic.m), logic.m, REFIT_RULE, cfg.top_k)
 
     started = time.monotonic()
     try:

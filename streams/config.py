@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 LABELERS = ("embedding", "openai", "replay", "none")
 DECODERS = ("model", "graph")
+SAMPLINGS = ("random", "du")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -88,6 +89,7 @@ class StreamConfig:
     label_min_purchases: int = 3
     label_exclude: Path | None = None
     du_quantile: float = 0.8
+    sampling: str = "random"  # who is labelled: "random" (reproducible) or "du" (streams.labelling)
     hysteresis: float = 0.02
     top_k: int = 5
     decoder: str = "model"
@@ -137,6 +139,7 @@ class StreamConfig:
             label_min_purchases=get("GPLR_LABEL_MIN_PURCHASES", d.label_min_purchases, int),
             label_exclude=Path(exclude) if exclude else None,
             du_quantile=get("GPLR_DU_QUANTILE", d.du_quantile, float),
+            sampling=get("GPLR_SAMPLING", d.sampling, str).lower(),
             hysteresis=get("GPLR_HYSTERESIS", d.hysteresis, float),
             top_k=get("GPLR_TOP_K", d.top_k, int),
             decoder=get("GPLR_DECODER", d.decoder, str).lower(),
@@ -168,6 +171,7 @@ class StreamConfig:
             (0.0 <= self.du_quantile <= 1.0, "GPLR_DU_QUANTILE", self.du_quantile, "must be in [0, 1]"),
             (self.hysteresis >= 0.0, "GPLR_HYSTERESIS", self.hysteresis, "must be >= 0"),
             (self.top_k >= 1, "GPLR_TOP_K", self.top_k, "must be >= 1"),
+            (self.sampling in SAMPLINGS, "GPLR_SAMPLING", self.sampling, f"must be one of {SAMPLINGS}"),
             (self.decoder in DECODERS, "GPLR_DECODER", self.decoder, f"must be one of {DECODERS}"),
             (bool(self.app_id.strip()), "GPLR_APP_ID", self.app_id, "must not be empty"),
             (self.log_level in _LOG_LEVELS, "GPLR_LOG_LEVEL", self.log_level, f"must be one of {_LOG_LEVELS}"),
@@ -218,7 +222,7 @@ class StreamConfig:
             "personas_path": "GPLR_PERSONAS", "labeler": "GPLR_LABELER",
             "replay_labels": "GPLR_REPLAY_LABELS",
             "label_budget": "GPLR_LABEL_BUDGET", "label_rate_per_min": "GPLR_LABEL_RATE_PER_MIN",
-            "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE",
+            "label_min_purchases": "GPLR_LABEL_MIN_PURCHASES", "du_quantile": "GPLR_DU_QUANTILE", "sampling": "GPLR_SAMPLING",
             "label_exclude": "GPLR_LABEL_EXCLUDE",
             "hysteresis": "GPLR_HYSTERESIS", "top_k": "GPLR_TOP_K", "log_level": "GPLR_LOG_LEVEL",
             "metrics_bind": "GPLR_METRICS_BIND", "metrics_max_connections": "GPLR_METRICS_MAX_CONNECTIONS",

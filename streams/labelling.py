@@ -1,11 +1,20 @@
-"""Online DU sampling and the labeller agent: which users the LLM labels, and calling it safely.
+"""Online label sampling and the labeller agent: which users the LLM labels, and calling it safely.
 
-Trigger (on the user side, whenever Ψ̂[u] moves): u is not labelled or requested yet, has bought
-at least `label_min_purchases` distinct items, its DU score (core.du.du_scores, Eq. 1 against the
-current Q̂) is at or above the `du_quantile` of recently seen scores, the partition has budget
+Two samplings (GPLR_SAMPLING). `random` (the default, and the only reproducible one): when a
+purchase gives u a new distinct item (in the user partition's offset order), u is not labelled or
+requested yet, has bought at least `label_min_purchases` distinct items, a seeded hash of
+(u, its item count) is at or above `du_quantile` (so each such point admits 1 − du_quantile of the
+candidates, spreading the budget over the stream), and the partition has budget left (below).
+Every input of that decision evolves in the partition's offset order, so the same input chooses
+the same users in every deployment; and the request carries u's history at that point, so a
+deterministic labeler gives the same label. (bench/persona_quality.py: random beats DU for the
+persona model, which is why `gplr label` defaults to it too.)
+
+`du` (whenever Ψ̂[u] moves): the same eligibility, then u's DU score (core.du.du_scores, Eq. 1
+against the current Q̂) is at or above the `du_quantile` of recently seen scores, the partition has budget
 left (requests ≤ `label_budget` × users seen in that partition, rounded half up; per partition so
-the count is kept in the partition's own table and survives restarts), and the worker-wide call
-rate allows it. Rounding half up, not down: a floor lost about half a label per partition, a third
+the count is kept in the partition's own table and survives restarts); the call rate
+only delays calls (RateLimiter.wait), it never decides. Rounding half up, not down: a floor lost about half a label per partition, a third
 of the budget on a small shop (5 instead of 7 prototypes for 145 users on 4 partitions), while
 rounding keeps the total within partitions/2 of budget × users, as batch GPLR spends it.
 
@@ -18,6 +27,7 @@ unlabelled), so an outage degrades labelling without stalling propagation.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -40,7 +50,7 @@ from streams import metrics
 from streams.config import StreamConfig
 from streams.records import error_summary, label_op, label_record, label_request, partition_for
 
-__all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "build_labeler", "label_batch",
+__all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "seeded_unit", "build_labeler", "label_batch",
            "register_labelling"]
 
 logger = logging.getLogger(__name__)
@@ -117,22 +127,48 @@ class LabelPolicy:
         """Requests the partition's budget allows so far: budget × users seen, rounded half up."""
         return math.floor(self.config.label_budget * stats["seen"] + 0.5 + 1e-9)
 
+    def _eligible(self, user: str, state: UserState) -> bool:
+        return (self.enabled and not state.requested and state.label is None and user not in self.excluded
+                and len(state.items) >= self.config.label_min_purchases)
+
+    def _within_budget(self, stats: dict[str, int]) -> bool:
+        remaining = self.allowed(stats) - stats["requested"]
+        metrics.LABEL_BUDGET_REMAINING.set(max(remaining, 0))
+        return remaining > 0  # (the call rate is enforced by the labeller, which delays calls)
+
+    def consider_purchase(self, user: str, state: UserState, stats: dict[str, int]) -> dict[str, Any] | None:
+        """`random` sampling: a label-requests body when u should be labelled now, else None.
+
+        Called when a purchase gives u a new distinct item, in the partition's offset order, with
+        that partition's counters as they stand at that offset: the decision is a function of the
+        partition's purchase sequence alone (reproducible), never of Ψ̂ or the clock."""
+        if self.config.sampling != "random" or not self._eligible(user, state):
+            return None
+        if seeded_unit(user, len(state.items)) < self.config.du_quantile or not self._within_budget(stats):
+            return None
+        metrics.LABEL_REQUESTS.inc()
+        return label_request(user, user_history(state), 0.0)
+
     def consider(self, user: str, state: UserState, psi: np.ndarray, q_hat: np.ndarray,
                  stats: dict[str, int]) -> dict[str, Any] | None:
-        """A label-requests body when u should be labelled now, else None."""
-        if not self.enabled or state.requested or state.label is not None or user in self.excluded:
-            return None
-        if len(state.items) < self.config.label_min_purchases:
+        """`du` sampling: a label-requests body when u should be labelled now (Ψ̂[u] moved), else None."""
+        if not self._eligible(user, state):
             return None
         score = float(du_scores(psi[None, :], q_hat)[0])
         if not self.quantile(user).observe(score):
             return None
-        remaining = self.allowed(stats) - stats["requested"]
-        metrics.LABEL_BUDGET_REMAINING.set(max(remaining, 0))
-        if remaining <= 0:  # (the call rate is enforced by the labeller, which delays calls)
+        if not self._within_budget(stats):
             return None
         metrics.LABEL_REQUESTS.inc()
         return label_request(user, user_history(state), score)
+
+
+def seeded_unit(user: str, n_items: int) -> float:
+    """A uniform number in [0, 1) fixed by (user, distinct items): `random` sampling's coin, the
+    same in every deployment and on every replay (blake2b, not Python's salted `hash`)."""
+    digest = hashlib.blake2b(f"{user}\x00{n_items}".encode("utf-8", "surrogatepass"), digest_size=8,
+                             person=b"gplr-sampling").digest()
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 def build_labeler(config: StreamConfig, personas: PersonaSet) -> Labeler | None:

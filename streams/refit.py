@@ -6,7 +6,14 @@ so the model must be fitted on the stream's own prototypes and reach every worke
 * Milestones: a refit is due whenever the number of persona labels (the label-count table, Q̂'s
   numerator) reaches ⌊FIRST_MILESTONE × GROWTH^k⌋ (16, 24, 36, 54, 81, ...); any worker that sees one sends a request to the
   `refit` topic (always partition 0, so one worker serves them all, in order).
-* Refit: that worker reads the purchases and labels topics to their current end, rebuilds the
+* Final refit: once there are FIRST_MILESTONE labels or more and a worker's user side has been idle for IDLE_REFIT_S after the labels or the
+  purchases it applied changed since its last request, it asks for one more refit on everything
+  (version: the label count, or the current version + 1 if that is not higher). A fit is a
+  function of its input, so when the input ends, every deployment fed the same input (with
+  `random` sampling, see `streams.labelling`) ships the same last model and ends with the same
+  personas, whatever the milestone fits in between read.
+* Refit: that worker reads the purchases topic and the users table's changelog (only labels the
+  worker applied: see `applied_labels`) to their current end, rebuilds the
   purchase graph and the prototypes, and calls `core.decoder.fit_persona_model` — the batch
   function, with the same decision rule as `gplr label` — in a thread. A request for a milestone
   at or below the current model's version is skipped, so duplicates cost nothing.
@@ -22,14 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIRST_MILESTONE", "milestone", "read_topic", "build_graph", "fit_stream_model",
+__all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "applied_labels", "fit_stream_model",
            "encode_model", "decode_model"]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 #: (so the model in use always has at least 1/GROWTH of the labels; a refit reads the purchases
 #: topic once, so their number grows only logarithmically with the labels).
 FIRST_MILESTONE, GROWTH = 16, 1.5
+#: Seconds without user-side activity before a worker asks for the final refit (see above).
+IDLE_REFIT_S = 3.0
 
 
 def milestone(labels: float) -> int:
@@ -54,37 +61,6 @@ def milestone(labels: float) -> int:
     return int(FIRST_MILESTONE * GROWTH ** k)
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list[bytes]:
-    """Every record value of `topic`, all partitions, from the beginning to the current end."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3})
-    out: list[bytes] = []
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return out
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        todo = {p for p, end in ends.items() if end > 0}
-        consumer.assign(parts)
-        deadline = time.monotonic() + timeout
-        while todo and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 0.5):
-                if msg.error() or msg.offset() >= ends[msg.partition()]:
-                    continue
-                if msg.value() is not None:
-                    out.append(msg.value())
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    todo.discard(msg.partition())
-        if todo:
-            raise TimeoutError(f"{topic}: partitions {sorted(todo)} not read within {timeout}s")
-    finally:
-        consumer.close()
-    return out
-
-
 def build_graph(purchases: list[bytes]):
     """The purchase graph of the valid, de-duplicated purchase records (as the worker counts them)."""
     from core.data import CANONICAL_COLUMNS
@@ -98,30 +74,37 @@ def build_graph(purchases: list[bytes]):
         except InvalidEvent:
             continue
     frame = pd.DataFrame(rows, columns=list(CANONICAL_COLUMNS)).drop_duplicates("event_id")
+    frame = frame.sort_values("event_id", kind="stable").reset_index(drop=True)  # not the read order
     return BipartiteGraph.from_frame(frame)
 
 
-def fit_stream_model(purchases: list[bytes], labels: list[bytes], n_personas: int, rule: str, k: int
-                     ) -> dict[str, Any] | None:
-    """Fit the persona model on the stream's prototypes (last successful label per user); its
-    JSON-able dict, or None when no labelled user has bought anything yet."""
+def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[int, ...]]:
+    """The prototypes: user → label personas of every user row that carries a label.
+
+    Read from the users table (its changelog), not from the `labels` topic: a row carries only
+    labels the worker applied, so a forged or refused record on `labels` (unknown `labelled_by`,
+    unrequested user, see `streams.agents.label_rejection`) never trains the model."""
+    out: dict[str, tuple[int, ...]] = {}
+    for user, state in rows.items():
+        personas = tuple(p for p in getattr(state, "label_personas", ()) if 0 <= int(p) < n_personas)
+        if getattr(state, "label", None) is not None and personas:
+            out[str(user)] = personas
+    return out
+
+
+def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[int]], n_personas: int,
+                     rule: str, k: int) -> dict[str, Any] | None:
+    """Fit the persona model on the stream's prototypes (`applied_labels`); its JSON-able dict,
+    or None when no labelled user has bought anything yet. Deterministic given its input (the
+    purchases are ordered by event id first), so fits on the same input ship the same model."""
     from core.decoder import fit_persona_model
 
     graph = build_graph(purchases)
     index = {str(u): i for i, u in enumerate(graph.user_ids)}
-    prototypes: dict[int, tuple[int, ...]] = {}
-    for raw in labels:
-        try:
-            record = json.loads(raw)
-            user, personas = str(record["user"]), [int(p) for p in record.get("personas") or []]
-        except (ValueError, KeyError, TypeError):
-            continue
-        personas = [p for p in dict.fromkeys(personas) if 0 <= p < n_personas]
-        if user in index and personas and not record.get("error"):
-            prototypes[index[user]] = tuple(personas)
-    if not prototypes:
+    rows = {index[u]: tuple(p) for u, p in prototypes.items() if u in index and p}
+    if not rows:
         return None
-    model = fit_persona_model(graph, dict(sorted(prototypes.items())), n_personas, rule=rule, max_personas=k)
+    model = fit_persona_model(graph, dict(sorted(rows.items())), n_personas, rule=rule, max_personas=k)
     return model.to_dict()
 
 

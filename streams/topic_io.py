@@ -1,5 +1,5 @@
 """Records in and out of a topic for the commands, the demo and the benchmarks: `publish_events`
-is the one producer loop (paced, delivery-checked), `read_topic` reads a topic start to end.
+is the one producer loop (paced, delivery-checked), `read_values`/`read_topic` read a topic start to end.
 """
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ def publish_events(
     """
     from confluent_kafka import Producer
 
+    # murmur2 (Kafka's Java default, = streams.records.partition_for): a user's purchases land on
+    # its own user partition, so each user partition sees them in one order (reproducible labelling)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all", "log_level": 2,
-                         "message.timeout.ms": int(timeout * 1000)})
+                         "message.timeout.ms": int(timeout * 1000), "partitioner": "murmur2_random"})
     failed: list[str] = []
 
     def on_delivery(err, _msg) -> None:
@@ -75,41 +77,50 @@ def publish_events(
     return sent
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:
-    """Every JSON record now in `topic` (start to the end offsets at call time), in offset order
-    per partition; unreadable records are skipped. An absent topic reads as empty."""
+def read_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes]:
+    """Every record value now in `topic` (start to the end offsets at call time), in offset order
+    per partition. An absent topic reads as empty; TimeoutError if the end is not reached in time."""
     import uuid
 
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "log_level": 3})
-    records: list[dict] = []
+    out: list[bytes] = []
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
-            return records
+            return out
         parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
         ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
         consumer.assign(parts)
-        done = {p for p, end in ends.items() if end == 0}
         deadline = time.monotonic() + timeout
-        while len(done) < len(ends):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"reading {topic} did not reach its end within {timeout:.0f}s")
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
-            try:
-                record = json.loads(msg.value())
-            except (TypeError, ValueError):
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error() or msg.offset() >= ends[msg.partition()]:
+                    continue
+                if msg.value() is not None:
+                    out.append(msg.value())
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    todo.discard(msg.partition())
+        if todo:
+            raise TimeoutError(f"reading {topic}: partitions {sorted(todo)} did not reach their end within {timeout:.0f}s")
     finally:
         consumer.close()
+    return out
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:
+    """Every JSON object now in `topic` (see `read_values`); unreadable records are skipped."""
+    records: list[dict] = []
+    for value in read_values(bootstrap, topic, timeout):
+        try:
+            record = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 

@@ -1,17 +1,21 @@
-"""Issue 9, failure 4 (the part that is fixed): who is asked for a label does not depend on the
-wall clock or on how partitions interleave in a worker.
+"""Issue 9, failure 4: reproducible labelling.
 
+* `random` sampling (the default) decides at purchases, in each user partition's offset order, with
+  a seeded coin: the same input chooses the same users whatever the batching or the clock;
 * the call-rate limit delays labeller calls, it never decides who is labelled;
-* each partition's DU quantile window sees only that partition's users, so the decisions of a
-  partition are a function of that partition's own sequence of Ψ̂ changes.
-
-(What is not fixed: Ψ̂ at the moment of a decision still depends on when item values arrive,
-see docs/operations.md, "Reproducibility".)
+* `du` sampling: each partition's DU quantile window sees only that partition's users (still
+  timing-dependent through Ψ̂, see docs/operations.md, "Reproducibility");
+* end to end: the same events replayed into two fresh deployments (fake LLM in keyword mode)
+  choose the same prototypes and end with the same personas (the final refit, streams.refit).
 """
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
 from core.incremental import UserState, user_purchase
 from streams import labelling
@@ -72,3 +76,169 @@ def test_rate_limiter_wait_delays_but_never_refuses(monkeypatch):
     limiter = RateLimiter(600, clock=lambda: now[0])  # 10/s, burst 50
     asyncio.run(limiter.wait(55))  # all 55 granted: 50 at once, 5 more at 10/s
     assert 0.45 <= now[0] <= 0.6
+
+
+# -- random sampling ---------------------------------------------------------------------------
+def _purchase_stream(seed: int, n_users: int = 300, n_events: int = 2000) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(seed)
+    return [(f"u{rng.integers(n_users)}", f"i{rng.integers(60)}") for _ in range(n_events)]
+
+
+def _random_decisions(config: StreamConfig, events: list[tuple[str, str]]) -> list[str]:
+    """Replay purchases through `consider_purchase` as the user side does (per partition, in order)."""
+    policy = LabelPolicy(config)
+    rows: dict[str, UserState] = {}
+    stats = {p: {"seen": 0, "requested": 0} for p in range(config.partitions)}
+    chosen = []
+    for user, item in events:
+        st = stats[partition_for(user, config.partitions)]
+        state = rows.get(user)
+        if state is None:
+            state = rows[user] = UserState(M)
+            st["seen"] += 1
+        if user_purchase(state, item, 1, f"Item {item}") and policy.consider_purchase(user, state, st):
+            state.requested = True
+            st["requested"] += 1
+            chosen.append(user)
+    return chosen
+
+
+def test_random_sampling_is_a_function_of_each_partitions_purchase_order():
+    config = StreamConfig(labeler="openai", label_budget=0.1, label_min_purchases=3, du_quantile=0.5,
+                          partitions=4, sampling="random")
+    events = _purchase_stream(1)
+    first = _random_decisions(config, events)
+    by_part: dict[int, list] = {}
+    for ev in events:
+        by_part.setdefault(partition_for(ev[0], config.partitions), []).append(ev)
+    regrouped = [e for p in sorted(by_part, reverse=True) for e in by_part[p]]  # another interleaving
+    assert sorted(first) == sorted(_random_decisions(config, regrouped))
+    users = len({u for u, _ in events})
+    assert abs(len(first) - 0.1 * users) <= config.partitions  # the budget is spent, not exceeded
+    # the coin matters: admitting everyone (quantile 0) chooses the first eligible users instead
+    greedy = _random_decisions(replace(config, du_quantile=0.0), events)
+    assert set(greedy) != set(first)
+    # a partition that sees another order of its own purchases may choose others (no hidden global state)
+    shuffled = list(events)
+    np.random.default_rng(5).shuffle(shuffled)
+    assert set(_random_decisions(config, shuffled)) != set(first)
+
+
+def test_seeded_unit_is_uniform_and_stable():
+    values = np.array([labelling.seeded_unit(f"u{i}", 3) for i in range(4000)])
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert abs(values.mean() - 0.5) < 0.03 and abs((values < 0.2).mean() - 0.2) < 0.03
+    assert labelling.seeded_unit("u1", 3) == labelling.seeded_unit("u1", 3) != labelling.seeded_unit("u1", 4)
+
+
+def test_du_sampling_is_not_asked_at_purchases():
+    config = StreamConfig(labeler="openai", label_budget=1.0, label_min_purchases=1, sampling="du", du_quantile=0.0)
+    state = UserState(M)
+    user_purchase(state, "i0", 1, "Item 0")
+    assert LabelPolicy(config).consider_purchase("u", state, {"seen": 10, "requested": 0}) is None
+    assert LabelPolicy(replace(config, sampling="random")).consider_purchase("u", state, {"seen": 10, "requested": 0})
+
+
+# -- end to end: replay twice --------------------------------------------------------------------
+def _deployment(broker, make_config, tmp_path, tag: str, shop, **overrides):
+    from streams.topics import Topics, create_topics
+
+    path = tmp_path / "personas.json"
+    path.write_text(shop.personas.to_json())
+    config = make_config(broker.bootstrap, tmp_path / f"data-{tag}", personas_path=path, worker_port=0,
+                         labeler="openai", label_budget=0.2, label_min_purchases=2, du_quantile=0.5,
+                         label_rate_per_min=0, eps=1e-6, hysteresis=0.0, sampling="random", **overrides)
+    create_topics(config.kafka_bootstrap, Topics(config.topic_prefix).all(), config.partitions)
+    return config
+
+
+def _final_state(config, consume, n_users: int, timeout: float = 150.0):
+    """(requests, prototypes, last persona-updates personas per user) once the stream has settled:
+    every request answered, drained, and the final refit (streams.refit) applied to everyone."""
+    from streams.topics import Topics
+    from tests.streams.test_invariant import wait_drained, wait_settled
+
+    names = Topics(config.topic_prefix)
+    deadline = time.monotonic() + timeout
+    while True:
+        requests = consume(config.kafka_bootstrap, names.label_requests, timeout=10)
+        labels = consume(config.kafka_bootstrap, names.labels, timeout=10)
+        if requests and len(labels) >= len(requests):
+            break
+        assert time.monotonic() < deadline, f"{len(requests)} requests, {len(labels)} labels"
+        time.sleep(1.0)
+    wait_drained(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
+    model, users = wait_settled(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
+    assert model is not None  # the final refit shipped
+    updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
+    # personas and scores; not the evidence, a snapshot of Ψ̂'s top items when the update was sent
+    last = {u["user"]: tuple((p["idx"], round(p["score"], 6)) for p in u["personas"])
+            for u in updates if isinstance(u, dict) and "user" in u}
+    prototypes = {u: tuple(s.label_personas) for u, s in users.items() if s.label is not None}
+    return sorted((r["user"], str(r["history"])) for r in requests), prototypes, last
+
+
+@pytest.mark.broker
+def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_personas(
+        broker, make_config, worker_factory, consume, fake_openai, tmp_path):
+    from core.data import iter_events
+    from core.synthetic import make_shop
+    from streams.cli import publish_events
+    from streams.topics import Topics
+
+    shop = make_shop(n_users=100, n_items=50, n_personas=6, seed=11, mean_purchases=6)
+    events = list(iter_events(shop.frame))
+    env = {"OPENAI_BASE_URL": fake_openai.base_url, "OPENAI_API_KEY": "test", "GPLR_LLM_TIMEOUT_S": "5",
+           "GPLR_LLM_MAX_RETRIES": "0"}
+    configs = [_deployment(broker, make_config, tmp_path, tag, shop) for tag in ("a", "b")]
+    workers = [worker_factory(c, **env) for c in configs]  # side by side: two fresh deployments
+    for worker in workers:
+        worker.wait_ready(90)
+    for config in configs:  # the project's publisher: keyed by user, murmur2 (each user on its own partition)
+        publish_events(config.kafka_bootstrap, Topics(config.topic_prefix).purchases, events)
+    placed = consume(configs[0].kafka_bootstrap, Topics(configs[0].topic_prefix).purchases, raw=True)
+    assert all(m.partition() == partition_for(m.key().decode(), configs[0].partitions) for m in placed)
+    n_users = shop.frame["user_id"].nunique()
+    (req_a, proto_a, last_a), (req_b, proto_b, last_b) = (_final_state(c, consume, n_users) for c in configs)
+    assert len(req_a) >= 5 and len(proto_a) >= 5  # labelling happened
+    assert req_a == req_b  # the same users asked, with the same histories ...
+    assert proto_a == proto_b  # ... hence the same prototypes and labels
+    assert set(last_a) == set(last_b) and len(last_a) == n_users
+    differ = sorted(u for u in last_a if last_a[u] != last_b[u])
+    assert not differ, f"{len(differ)} users end with other personas, e.g. {differ[:3]}"
+
+
+# -- the refit: a function of its input, trained only on applied labels ---------------------------
+def test_refit_ignores_read_order_and_rows_without_an_applied_label():
+    from core.data import iter_events
+    from core.synthetic import make_shop
+    from core.decoder import DEFAULT_RULE
+    from streams.refit import applied_labels, fit_stream_model
+
+    shop = make_shop(n_users=60, n_items=40, n_personas=5, seed=2, mean_purchases=5)
+    raw = [e.to_json() for e in iter_events(shop.frame)]
+    rows = {}
+    for i, (user, personas) in enumerate(sorted(shop.user_truth.items())[:24]):
+        state = UserState(5)
+        state.label_personas = tuple(personas)
+        if i % 4:  # a labelled row; every fourth only names personas (no label applied): ignored
+            state.label = np.ones(5)
+        rows[user] = state
+    prototypes = applied_labels(rows, 5)
+    assert len(prototypes) == 18 and all(rows[u].label is not None for u in prototypes)
+    first = fit_stream_model(raw, prototypes, 5, DEFAULT_RULE, 3)
+    shuffled = list(raw)
+    np.random.default_rng(0).shuffle(shuffled)
+    assert fit_stream_model(shuffled + raw[:50], dict(reversed(list(prototypes.items()))), 5, DEFAULT_RULE, 3) == first
+    fewer = dict(list(prototypes.items())[:12])
+    assert fit_stream_model(raw, fewer, 5, DEFAULT_RULE, 3) != first  # the labels do matter
+
+
+def test_sampling_setting_is_read_and_checked():
+    from streams.config import ConfigError
+
+    assert StreamConfig.from_env({}).sampling == "random"
+    assert StreamConfig.from_env({"GPLR_SAMPLING": "DU"}).sampling == "du"
+    with pytest.raises(ConfigError, match="GPLR_SAMPLING"):
+        StreamConfig.from_env({"GPLR_SAMPLING": "clock"}).validate()
+    assert StreamConfig(sampling="du").as_env()["GPLR_SAMPLING"] == "du"

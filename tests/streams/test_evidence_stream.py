@@ -120,12 +120,13 @@ def test_persona_updates_carry_evidence_through_the_broker(stream_config, worker
     from core.cli import main
     from streams.topic_io import latest_personas, read_topic
     from streams.topics import Topics
-    from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check
+    from tests.streams.test_invariant import _labels_for, _shop_config, run_and_check, wait_settled
 
     shop = make_shop(n_users=100, n_items=60, n_personas=6, seed=5, mean_purchases=6)
     config = _shop_config(stream_config, shop, tmp_path, eps=0.05)
     users = run_and_check(config, worker_factory, produce, shop.frame, _labels_for(shop.user_truth, 0.15, 2),
                           len(shop.personas))
+    wait_settled(config, len(users))  # the final refit's updates have been sent
     records = read_topic(config.kafka_bootstrap, Topics(config.topic_prefix).persona_updates)
     listed = 0
     for record in records:

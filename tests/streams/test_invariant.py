@@ -147,6 +147,29 @@ def wait_model(config, version: int, n_users: int, timeout: float = 120.0):
     raise AssertionError(f"model v{version} not applied in {timeout}s (table: {body and body['version']})")
 
 
+def wait_settled(config, n_users: int, timeout: float = 120.0):
+    """After the input ended (call it once drained): the final refit (streams.refit, asked once the
+    user side idled IDLE_REFIT_S) shipped and applied to every user; (PersonaModel or None, users)."""
+    from streams.agents import REFIT
+    from streams.refit import IDLE_REFIT_S
+    from tests.kafka_fixtures import consume
+
+    time.sleep(IDLE_REFIT_S + 1.5)  # the idle timer (1 s) has asked by now, if anything changed
+    asked = max((r["milestone"] for r in consume(config.kafka_bootstrap, Topics(config.topic_prefix).name(REFIT),
+                                                 timeout=10) if isinstance(r, dict)), default=0)
+    if not asked:
+        return None, read_table(config.kafka_bootstrap, config.app_id, "users")
+    deadline = time.monotonic() + timeout
+    while True:
+        body = read_table(config.kafka_bootstrap, config.app_id, "persona-model").get("current")
+        if body and body["version"] >= asked:
+            model, users = wait_model(config, body["version"], n_users, max(10.0, deadline - time.monotonic()))
+            time.sleep(1.0)  # the refreshed users' updates (sent with those rows)
+            return model, users
+        assert time.monotonic() < deadline, f"refit {asked} not shipped in {timeout}s"
+        time.sleep(1.0)
+
+
 def _second(config, i: int):
     from dataclasses import replace
 
