@@ -160,14 +160,16 @@ def _final_state(config, consume, n_users: int, timeout: float = 150.0):
 
     names = Topics(config.topic_prefix)
     deadline = time.monotonic() + timeout
-    while True:
+    seen = -1
+    while True:  # drained, every request answered, and no new request since the last look
+        wait_drained(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
         requests = consume(config.kafka_bootstrap, names.label_requests, timeout=10)
         labels = consume(config.kafka_bootstrap, names.labels, timeout=10)
-        if requests and len(labels) >= len(requests):
+        if requests and len(labels) >= len(requests) and len(requests) == seen:
             break
+        seen = len(requests)
         assert time.monotonic() < deadline, f"{len(requests)} requests, {len(labels)} labels"
         time.sleep(1.0)
-    wait_drained(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
     model, users = wait_settled(config, n_users, timeout=max(10.0, deadline - time.monotonic()))
     assert model is not None  # the final refit shipped
     updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
