@@ -52,9 +52,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
+from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
 from core.personas import PersonaSet
 
-__all__ = ["EmbeddingLabeler", "calibrate_threshold", "persona_bar", "purchase_weights", "select_personas", "tokens", "DEFAULT_THRESHOLD",
+__all__ = ["EmbeddingLabeler", "RULES", "DEFAULT_RULE", "calibrate_threshold", "persona_bar", "purchase_weights", "select_personas", "tokens", "DEFAULT_THRESHOLD",
            "DEFAULT_TEMPERATURE", "DEFAULT_CALIBRATION", "DEFAULT_NAME_WEIGHT", "DEFAULT_MAX_DF"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ DEFAULT_TEMPERATURE = 0.05  # softmax temperature in cosine units
 DEFAULT_CALIBRATION = 0.5  # strength of the per-persona standardisation
 DEFAULT_NAME_WEIGHT = 0.7  # whole-name embedding vs IDF-weighted word embeddings
 DEFAULT_MAX_DF = 0.2  # words in more than this share of names are dropped from the name text
+DEFAULT_RULE = "posterior"  # the user rule: "posterior" (set model) or "lift" (bar per persona)
+RULES = ("posterior", "lift")
 PRIOR_ITEMS = 5.0  # pseudo-items shrinking per-persona statistics towards the mean over personas
 REFIT_GROWTH = 0.1  # refit an unpinned catalogue once it has grown by this share
 
@@ -162,11 +165,15 @@ class EmbeddingLabeler:
         name_weight: float = DEFAULT_NAME_WEIGHT,
         max_df: float = DEFAULT_MAX_DF,
         catalogue: Iterable[str] | None = None,
+        rule: str = DEFAULT_RULE,
     ) -> None:
         if temperature <= 0 or max_personas < 1:
             raise ValueError("temperature must be > 0 and max_personas >= 1")
         if not (0.0 <= calibration <= 1.0 and 0.0 <= name_weight <= 1.0 and 0.0 < max_df <= 1.0):
             raise ValueError("calibration and name_weight must be in [0, 1], max_df in (0, 1]")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
         self.personas = personas
         self.threshold = float(threshold)
         self.max_personas = int(max_personas)
@@ -183,13 +190,14 @@ class EmbeddingLabeler:
         self._seen: dict[str, None] = {}  # the catalogue so far, in first-seen order
         self._calib: _Calibration | None = None
         self._pinned = False
+        self._prior: np.ndarray | None = None  # persona prior of the set model (fit_prior)
         if catalogue is not None:
             self.fit(catalogue)
 
     def __repr__(self) -> str:
         return (f"EmbeddingLabeler(n_personas={len(self.personas)}, threshold={self.threshold}, "
                 f"temperature={self.temperature}, calibration={self.calibration}, "
-                f"name_weight={self.name_weight}, max_personas={self.max_personas})")
+                f"name_weight={self.name_weight}, max_personas={self.max_personas}, rule={self.rule!r})")
 
     # -- embeddings ----------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -336,17 +344,62 @@ class EmbeddingLabeler:
         names, weights = purchase_weights(histories)
         return np.asarray(weights @ self.item_persona_scores(names))
 
+    def _evidence(self, histories: Sequence[UserHistory]) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Users × names weights (1 + log q, rows rescaled to the number of distinct items: each
+        item about one unit of evidence) and the names' likelihood ratios votes / catalogue share."""
+        names, weights = purchase_weights(histories)
+        if not names:
+            return weights, np.zeros((0, len(self.personas)))
+        votes = self.item_persona_scores(names)
+        counts = sp.diags(np.diff(weights.indptr).astype(np.float64)) @ weights
+        return sp.csr_matrix(counts), votes / np.maximum(self.persona_base(), 1e-12)[None, :]
+
+    def fit_prior(self, histories: Sequence[UserHistory]) -> np.ndarray:
+        """Fit the set model's persona prior on a shop's (unlabelled) users and keep it.
+
+        Labels then depend on each user alone, never on the batch they come in. Without this
+        every persona has prior `RHO0`.
+        """
+        counts, ratios = self._evidence(histories)
+        _, _, prior = set_posterior(counts, ratios, max_personas=self.max_personas)
+        self._prior = prior
+        return prior
+
+    def persona_prior(self) -> np.ndarray:
+        """(|R|,) the set model's prior probability of each persona (`fit_prior`, else `RHO0`)."""
+        prior = self._prior
+        return np.full(len(self.personas), RHO0) if prior is None else prior
+
+    def persona_posterior(self, histories: Sequence[UserHistory]) -> np.ndarray:
+        """(len(histories), |R|) each persona's posterior probability under the set model
+        (`core.labelers.set_posterior`) given the user's purchases and `persona_prior`."""
+        counts, ratios = self._evidence(histories)
+        if not ratios.size:
+            return np.tile(self.persona_prior(), (len(histories), 1))
+        _, prob, _ = set_posterior(counts, ratios, max_personas=self.max_personas, prior=self.persona_prior())
+        return prob
+
     def label(self, histories: Sequence[UserHistory]) -> list[LabelResult]:
+        """Personas per user by `rule`: the set-model posterior (expected-F1 set) or the lift bar."""
         self.stats.add(calls=len(histories))
-        scores = self.score_matrix(histories)
-        base = self.persona_base() if any(h.items for h in histories) else None
+        if self.rule == "posterior":
+            scores = self.persona_posterior(histories)
+            chosen = expected_f1_sets(scores, self.max_personas)
+        else:
+            scores = self.score_matrix(histories)
+            base = self.persona_base() if any(h.items for h in histories) else None
         results = []
-        for history, row in zip(histories, scores):
+        for u, (history, row) in enumerate(zip(histories, scores)):
             if not history.items:
                 self.stats.add(errors=1)
                 results.append(LabelResult(history.user_id, (), error="empty_history"))
                 continue
-            idx, vals = select_personas(row, base, self.threshold, self.max_personas)
+            if self.rule == "posterior":
+                keep = np.flatnonzero(chosen[u])
+                top = keep[np.argsort(-row[keep], kind="stable")]
+                idx, vals = tuple(int(i) for i in top), tuple(float(row[i]) for i in top)
+            else:
+                idx, vals = select_personas(row, base, self.threshold, self.max_personas)
             results.append(LabelResult(history.user_id, idx, vals))
         return results
 
