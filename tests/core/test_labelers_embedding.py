@@ -24,6 +24,7 @@ from core.labelers.embedding import (
     select_personas,
     tokens,
 )
+from core.labelers.set_posterior import EPS
 from core.personas import Persona, PersonaSet
 from core.synthetic import default_personas, make_shop
 
@@ -136,8 +137,8 @@ def test_a_persona_close_to_everything_does_not_win_everywhere(fake, monkeypatch
 
 
 def test_a_niche_persona_passes_its_own_bar(fake):
-    """One pet item among five cooking ones: a 10% share of votes, yet Pet is kept."""
-    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE)
+    """One pet item among five cooking ones: a 10% share of votes, yet Pet is kept (lift rule)."""
+    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE, rule="lift")
     history = UserHistory("u", tuple((n, 1) for n in ["Pasta", "Rice", "Flour", "Pesto Sauce", "Penne Pasta",
                                                       "Dog Kibble"]))
     [result] = labeler.label([history])
@@ -178,8 +179,8 @@ def test_scores_are_the_quantity_weighted_mean_of_item_votes(fake):
 
 def test_cut_off_bounds_and_empty_history(fake):
     history = [UserHistory("u", (("Pasta", 1), ("Dog Kibble", 1), ("Baby Nappies", 1)))]
-    loose = EmbeddingLabeler(GROCERY, threshold=0.0, max_personas=3, catalogue=CATALOGUE)
-    strict = EmbeddingLabeler(GROCERY, threshold=100.0, catalogue=CATALOGUE)
+    loose = EmbeddingLabeler(GROCERY, threshold=0.0, max_personas=3, catalogue=CATALOGUE, rule="lift")
+    strict = EmbeddingLabeler(GROCERY, threshold=100.0, catalogue=CATALOGUE, rule="lift")
     assert len(loose.label(history)[0].personas) == 3
     [one] = strict.label(history)
     lift = strict.score_matrix(history)[0] / emb.persona_bar(strict.persona_base())
@@ -188,6 +189,44 @@ def test_cut_off_bounds_and_empty_history(fake):
     assert empty.error == "empty_history" and not empty.ok
     with pytest.raises(ValueError):
         EmbeddingLabeler(GROCERY, calibration=1.5)
+    with pytest.raises(ValueError, match="rule"):
+        EmbeddingLabeler(GROCERY, rule="vote")
+
+
+def test_posterior_rule_weighs_evidence_and_ignores_the_batch(fake):
+    """The default rule: one pet item among five cooking ones is weak evidence, five are strong;
+    a user's labels do not depend on who else is in the batch."""
+    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE)
+    assert labeler.rule == "posterior"
+    cook = ["Pasta", "Basmati Rice", "Bread Flour", "Tomato Sauce", "Olive Oil"]
+    pets = ["Dog Kibble", "Cat Litter", "Organic Dog Kibble", "Dog Kibble Pack", "Cat Litter Tray"]
+    one = UserHistory("one", tuple((n, 1) for n in cook + pets[:1]))
+    many = UserHistory("many", tuple((n, 1) for n in cook + pets))
+    prob = labeler.persona_posterior([one, many])
+    assert prob[1, PET] > prob[0, PET] and prob[1, PET] > 0.5 and prob[1, COOK] > 0.5
+    # brute force of the model for "many" and persona Cook given Pet (prior RHO0, EPS)
+    names = cook + pets
+    ratios = labeler.item_persona_scores(names) / labeler.persona_base()
+    def log_post(subset):
+        mix = ratios[:, subset].mean(axis=1)
+        return np.log((1 - EPS) * mix + EPS).sum() + len(subset) * np.log(emb.RHO0 / (1 - emb.RHO0))
+    odds = log_post([PET, COOK]) - log_post([PET])
+    assert prob[1, COOK] == pytest.approx(1 / (1 + np.exp(-odds)))
+    alone = labeler.label([many])[0]
+    crowd = labeler.label([one, UserHistory("e", ()), many, UserHistory("p", (("Baby Nappies", 1),))])
+    assert alone.personas == crowd[2].personas and np.allclose(alone.scores, crowd[2].scores)
+    assert set(alone.personas) == {COOK, PET} and list(alone.scores) == sorted(alone.scores, reverse=True)
+    assert crowd[1].error == "empty_history"
+
+
+def test_fit_prior_learns_which_personas_are_common_among_users(fake):
+    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE)
+    assert np.allclose(labeler.persona_prior(), emb.RHO0)
+    cooks = [UserHistory(f"c{i}", ((STAPLES[i], 1), (STAPLES[i + 1], 2))) for i in range(12)]
+    parent = [UserHistory("p", (("Baby Nappies", 1), ("Infant Formula", 1)))]
+    prior = labeler.fit_prior(cooks + parent)
+    assert prior[COOK] > 1.5 * emb.RHO0 and max(prior[PARENT], prior[PET]) < emb.RHO0
+    assert np.array_equal(labeler.persona_prior(), prior)
 
 
 @settings(max_examples=40, deadline=None)
