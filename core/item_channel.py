@@ -49,6 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 from threadpoolctl import threadpool_limits
 
 from core.graph import BipartiteGraph
@@ -147,6 +148,40 @@ def user_word_features(graph: BipartiteGraph) -> tuple[sp.csr_matrix, np.ndarray
     return sublinear(counts), ids, words
 
 
+@njit(cache=True)
+def _add_words(text: np.ndarray, m: int, add_ids: np.ndarray, add_c: np.ndarray, w_ids: np.ndarray,
+               w_rows: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """`ItemChannel.add_text`'s merge: the sorted (id, count) pairs of `text` plus `add_c` of the
+    sorted `add_ids`, and both sums moved by each changed word's g(c_new) − g(c_old)."""
+    k = (text.size - m - 1) // 2
+    ids, counts = text[m + 1:m + 1 + k], text[m + 1 + k:]
+    merged_ids = np.empty(k + add_ids.size)
+    merged_c = np.empty(k + add_ids.size)
+    head = text[:m + 1].copy()
+    i = j = n = 0
+    while i < k or j < add_ids.size:
+        if j == add_ids.size or (i < k and ids[i] < add_ids[j]):
+            merged_ids[n], merged_c[n] = ids[i], counts[i]
+            i += 1
+        else:
+            c0 = 0.0
+            if i < k and ids[i] == add_ids[j]:
+                c0 = counts[i]
+                i += 1
+            c1 = c0 + add_c[j]
+            g0 = 1.0 + math.log(c0) if c0 > 0 else 0.0
+            g1 = 1.0 + math.log(c1)
+            head[m] += g1 * g1 - g0 * g0
+            q = np.searchsorted(w_ids, add_ids[j])
+            if q < w_ids.size and w_ids[q] == add_ids[j]:
+                for p in range(m):
+                    head[p] += (g1 - g0) * w_rows[q, p]
+            merged_ids[n], merged_c[n] = add_ids[j], c1
+            j += 1
+        n += 1
+    return np.concatenate((head, merged_ids[:n], merged_c[:n]))
+
+
 @dataclass(frozen=True)
 class ItemChannel:
     """text_logit = b + W·g(c)/‖g(c)‖ for any user's word counts c; `coef` is words × personas,
@@ -172,7 +207,8 @@ class ItemChannel:
         object.__setattr__(self, "coef", coef)
         object.__setattr__(self, "intercept", intercept)
         object.__setattr__(self, "_ids", ids[order])
-        object.__setattr__(self, "_rows", coef[order])
+        object.__setattr__(self, "_fids", ids[order].astype(np.float64))  # ids as the text state keeps them
+        object.__setattr__(self, "_rows", np.ascontiguousarray(coef[order]))
 
     @property
     def n_personas(self) -> int:
@@ -210,25 +246,24 @@ class ItemChannel:
         """A user's text state after buying the distinct items `names` (None: no item yet).
 
         The state is one float array [Σ_w W[w]·g(c_w) (personas), Σ_w g(c_w)², word ids, counts],
-        ids sorted; `text_logit` reads it in O(personas). Exact: the sums are recomputed from
-        the counts, so the state is a function of the user's item names, whatever the order."""
+        ids sorted; `text_logit` reads it in O(personas). New items update the counts of their
+        own words and add each changed word's g(c_new) − g(c_old) to the sums (a compiled merge,
+        O(words of the user)), so the state equals the batch features up to rounding (1e-15),
+        whatever the order of the items."""
         m = self.n_personas
-        if text is None:
-            old_ids, old_c = np.zeros(0, dtype=np.int64), np.zeros(0)
+        if not names and text is not None:
+            return np.asarray(text, dtype=np.float64)
+        if len(names) == 1:  # the stream's case: one new item, its ids already sorted and distinct
+            add_ids = name_word_ids(str(names[0]))
+            add_c = np.ones(add_ids.size)
         else:
-            text = np.asarray(text, dtype=np.float64)
-            k = (text.size - m - 1) // 2
-            if text.size != m + 1 + 2 * k or k < 0:
-                raise ValueError(f"text state of {text.size} values does not fit {m} personas")
-            old_ids, old_c = text[m + 1:m + 1 + k].astype(np.int64), text[m + 1 + k:]
-        new = [name_word_ids(str(n)) for n in names]
-        add_ids, add_c = np.unique(np.concatenate([old_ids, *new]), return_counts=True)
-        counts = add_c.astype(np.float64)  # every id once from each item that has it ...
-        if old_ids.size:  # ... and the old ids once from `old_ids`: replace that 1 by their counts
-            counts[np.searchsorted(add_ids, old_ids)] += old_c - 1.0
-        g = _g(counts)
-        score = g @ self._weights(add_ids)
-        return np.concatenate([score, [float(g @ g)], add_ids.astype(np.float64), counts])
+            add_ids, counted = np.unique(np.concatenate([np.zeros(0, dtype=np.int64)]
+                                                        + [name_word_ids(str(n)) for n in names]), return_counts=True)
+            add_c = counted.astype(np.float64)
+        text = np.zeros(m + 1) if text is None else np.asarray(text, dtype=np.float64)
+        if text.size < m + 1 or (text.size - m - 1) % 2:
+            raise ValueError(f"text state of {text.size} values does not fit {m} personas")
+        return _add_words(text, m, add_ids.astype(np.float64), add_c, self._fids, self._rows)
 
     def text_logit(self, text: np.ndarray | None) -> np.ndarray:
         """The user's text logits (personas) from its text state: b + Σ W·g / ‖g‖ (b when empty)."""
