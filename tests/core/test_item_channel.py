@@ -105,6 +105,11 @@ def test_text_state_counts_repeated_words_sublinearly() -> None:
     three = ch.add_text(ch.add_text(None, ["christmas star", "christmas tree"]), ["christmas bell", "garden"])
     g_c = 1 + math.log(3)  # christmas in 3 items; star, tree, bell, garden once each
     np.testing.assert_allclose(ch.text_logit(three), 0.5 + (g_c - 1) / math.sqrt(g_c ** 2 + 4))
+    # names without any token (empty, blank) add nothing; a unicode word is a word
+    np.testing.assert_allclose(ch.text_logit(ch.add_text(None, ["", "   "])), 0.5)
+    np.testing.assert_array_equal(ch.add_text(three, [""]), three)
+    crème = ch.add_text(None, ["Crème brûlée christmas"])
+    np.testing.assert_allclose(ch.text_logit(crème), 0.5 + 1 / math.sqrt(3))
     with pytest.raises(ValueError):
         ch.text_logit(np.zeros(1))
     with pytest.raises(ValueError):
