@@ -47,7 +47,7 @@ DEFAULT_DATA = Path(os.environ.get("ONLINE_RETAIL_DATA", Path(__file__).resolve(
                                    / "data" / "online_retail"))
 
 
-def _rows(graph: BipartiteGraph, values: np.ndarray, vectors: np.ndarray, users: np.ndarray) -> list[UserState]:
+def _rows(graph: BipartiteGraph, values: np.ndarray, add_text, users: np.ndarray) -> list[UserState]:  # noqa: ANN001
     """The worker's user rows after every item pushed its exact value."""
     m = values.shape[1]
     out = []
@@ -57,7 +57,7 @@ def _rows(graph: BipartiteGraph, values: np.ndarray, vectors: np.ndarray, users:
         items = {str(graph.item_ids[v]): UserItem(int(c), 1, values[v].copy(), int(q), str(graph.item_names[v]))
                  for v, c, q in zip(cols, graph.user_item.data[lo:hi], graph.quantity[lo:hi])}
         st = UserState(m, items, total=values[cols].sum(axis=0), events=int(graph.user_item.data[lo:hi].sum()))
-        st.text, st.text_items, st.text_version = vectors[cols].sum(axis=0), len(items), 1
+        st.text, st.text_items, st.text_version = add_text(None, [it.name for it in items.values()]), len(items), 1
         st.seen = {f"e{u}:{j}": j for j in range(st.events)}  # the dedup ids the row keeps
         out.append(st)
     return out
@@ -99,7 +99,7 @@ def main() -> None:
     values = item_values(graph, phi)
     vectors = model.item_vectors(list(graph.item_names))
     users = np.arange(graph.n_users) if not args.quick else rng.choice(graph.n_users, 800, replace=False)
-    rows = _rows(graph, values, vectors, users)
+    rows = _rows(graph, values, model.add_text, users)
     cache = {str(n): v for n, v in zip(graph.item_names, vectors)}  # the worker's per-name cache
 
     def item_vectors(names: list[str]) -> np.ndarray:

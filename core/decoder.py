@@ -7,7 +7,8 @@ channels into a calibrated probability
 
     p[u, m] = σ(a_m · [t[u, m], g[u, m], √g[u, m]] + b_m),
 
-with t the item channel's text logit (mean of the items' s(v), `core.item_channel`) and
+with t the item channel's text logit (sublinear counts of the words of the user's items,
+`core.item_channel`) and
 g = Ψ_raw[u, m] / Σ_m' Ψ_raw[u, m'] the user's share of graph affinity. It is fitted on the
 prototypes with leave-one-out graph scores (a prototype's own label is removed from its Ψ_raw,
 exactly, by linearity: `core.affinity.self_return`) and out-of-fold text logits, because an
@@ -23,8 +24,9 @@ A user with neither channel (no purchase and no prototype in reach) gets the pri
 prototypes' base rates — through `with_prior`, the same fallback `core.gplr.assign_personas`
 uses.
 
-Batch calls `PersonaDecoder.decide` on matrices, the stream `decide_one` on one user's
-(Ψ_raw row, text-logit mean row, degree); the fitted decoder is JSON-able (`to_dict`).
+Batch calls `PersonaDecoder.decide` on matrices, the stream `PersonaModel.decide_user` on one
+user's (Ψ_raw row, text state, degree) — the same formula on the same features; the fitted
+model is JSON-able (`to_dict`).
 """
 from __future__ import annotations
 
@@ -39,13 +41,11 @@ from core.graph import BipartiteGraph, EdgeWeight
 from core.incremental import PersonaSnapshot
 from core.item_channel import (
     DEFAULT_C,
-    SKETCH_WIDTH,
     ItemChannel,
-    user_features_matrix,
     fit_item_channel,
-    name_features,
     out_of_fold_text_logits,
     user_text_logits,
+    user_word_features,
 )
 
 __all__ = [
@@ -350,19 +350,22 @@ class PersonaModel:
     channel: ItemChannel
     decoder: PersonaDecoder
 
-    def text_logits(self, graph: BipartiteGraph) -> np.ndarray:
-        return user_text_logits(graph, self.channel)
+    def text_logits(self, graph: BipartiteGraph, features=None) -> np.ndarray:  # noqa: ANN001
+        """Every user's text logits (`core.item_channel.user_text_logits`)."""
+        return user_text_logits(graph, self.channel, features)
 
     def item_vectors(self, names: Sequence[str]) -> np.ndarray:
-        """What the stream adds to a user's running sum per new item (`ItemChannel.item_vectors`)."""
+        """Per-item text scores s(v) (`ItemChannel.item_scores`): the stream's evidence."""
         return self.channel.item_vectors(names)
 
-    def decide_user(self, psi_raw: np.ndarray, vector_sum: np.ndarray, degree: int) -> PersonaSnapshot:
-        """The stream worker's call: one user's snapshot from its Ψ_raw row, the running sum of
-        its items' `item_vectors` and its number of distinct items."""
-        vector_sum = np.asarray(vector_sum, dtype=np.float64)
-        text = self.channel.text_logits(vector_sum / max(int(degree), 1))[0]
-        return self.decoder.decide_one(psi_raw, text, degree)
+    def add_text(self, text: np.ndarray | None, names: Sequence[str]) -> np.ndarray:
+        """A user's text state after the new distinct items `names` (`ItemChannel.add_text`)."""
+        return self.channel.add_text(text, names)
+
+    def decide_user(self, psi_raw: np.ndarray, text: np.ndarray | None, degree: int) -> PersonaSnapshot:
+        """The stream worker's call: one user's snapshot from its Ψ_raw row, its text state
+        (`add_text` over its distinct items) and its number of distinct items."""
+        return self.decoder.decide_one(psi_raw, self.channel.text_logit(text), degree)
 
     def decide(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every user's (idx, scores) from the exact Ψ_raw of the graph."""
@@ -392,7 +395,6 @@ def fit_persona_model(
     folds: int = 5,
     seed: int = 0,
     text_C: float = DEFAULT_C,
-    sketch: int = SKETCH_WIDTH,
     decoder_C: float = DECODER_C,
     rule: str = DEFAULT_RULE,
     max_personas: int = MAX_PERSONAS,
@@ -408,9 +410,8 @@ def fit_persona_model(
     """
     if not prototypes:
         raise ValueError("the persona model needs at least one labelled prototype")
-    features, vocab = name_features(graph.item_names)
-    x = user_features_matrix(graph, features, sketch)
-    shared = dict(C=text_C, sketch=sketch, features=features, vocabulary=vocab, user_features=x)
+    features = user_word_features(graph)
+    shared = dict(C=text_C, features=features)
     channel = fit_item_channel(graph, prototypes, n_personas, **shared)
     text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, **shared)
     psi_loo = loo_psi_raw(graph, prototypes, n_personas, psi_raw, hops, weight)
@@ -421,7 +422,7 @@ def fit_persona_model(
         if psi_raw is None:
             psi_raw = exact_affinity(graph, prototype_matrix(graph.n_users, prototypes, n_personas), hops, weight)
         rest = np.setdiff1d(np.arange(graph.n_users), np.fromiter(prototypes, dtype=np.int64))
-        text = user_text_logits(graph, channel)
+        text = user_text_logits(graph, channel, features)
         decoder = match_prevalence(decoder, np.asarray(psi_raw)[rest], text[rest], graph.user_degree[rest],
                                    prevalence)
     return PersonaModel(channel, decoder)

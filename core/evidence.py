@@ -1,16 +1,17 @@
 """Why a customer holds a persona: the exact per-item (and per-prototype) decomposition of a score.
 
-Both channels that decide personas are sums over the items a user bought, so every persona
-score splits exactly into per-item contributions:
+The graph score is a sum over the items a user bought, so it splits exactly into per-item
+contributions; the text score is ranked per item:
 
 * graph channel: Ψ_raw[u] = Σ_{v∈N(u)} P[u, v] · M[v], with M[v] = (1/ℓ̂) Σ_ℓ P'(P P')^{ℓ-1} L
   the value item v passes on (for ℓ̂ = 1 and binary edges, (1/d_u) Σ_v S[v]/d_v — what the
   stream's user row keeps per item as the told value M̃[v]). Item v's share of persona m is
   P[u,v]·M[v,m] / Ψ_raw[u,m]; the shares of a persona sum to 1. The de-bias weight c_m scales a
   whole column, so shares of Ψ and of Ψ_raw are the same.
-* text channel (`core.item_channel`): text_logit[u] − b = Σ_v (s(v) − b) / (d_u ‖mean k‖), so
-  item v lifts persona m by a positive multiple of s(v, m) − b_m; its share is that lift over the
-  sum of the positive lifts (the common factor cancels, so the share needs only s(v)).
+* text channel (`core.item_channel`): the user's text logit reads sublinear word counts over all
+  its items, not a sum over items; item v's evidence is its own lift s(v, m) − b_m (its words
+  alone under the fitted model), its share that lift over the sum of the positive lifts — a
+  ranking of the items by what each says on its own, not an exact decomposition.
 
 A persona's evidence comes from the graph channel when some prototype reaches the user for it,
 else from the text channel (when a persona model is in use): up to `TOP_ITEMS` items, largest

@@ -148,7 +148,7 @@ class UserState:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
     publishes: int = 0  # propagated persona updates published for this user
     quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
-    text: np.ndarray | None = None  # Σ item vectors s(v) of the first `text_items` items (item channel)
+    text: np.ndarray | None = None  # text state of the first `text_items` items (core.item_channel)
     text_items: int = 0
     text_version: int = -1  # persona-model version the sum was computed with
     confirmed: int = field(default=0, init=False)  # edges whose item has answered (derived)
@@ -254,19 +254,19 @@ def user_apply_value(state: UserState, item: str, seq: int, value: np.ndarray) -
     return True
 
 
-def user_text_sum(state: UserState, item_vectors: Callable[[list[str]], np.ndarray], version: int
+def user_text_sum(state: UserState, add: Callable[[np.ndarray | None, list[str]], np.ndarray], version: int
                   ) -> np.ndarray:
-    """Σ_v item_vectors(v) over the user's distinct items, for persona-model `version`.
+    """The user's text state over its distinct items, for persona-model `version`.
 
-    The text channel's running sum (`core.item_channel`: text logit = mean_v s(v)): items are
-    never removed and `items` keeps insertion order, so a new edge adds only its own vector; a
-    new model version recomputes the user's sum once, from its item names (exact, O(d_u))."""
+    `add(text, names)` returns the state after the new items `names` (None: no state yet;
+    `core.item_channel.ItemChannel.add_text`): items are never removed and `items` keeps
+    insertion order, so a new edge adds only its own item; a new model version recomputes the
+    state once, from the user's item names (O(d_u))."""
     if state.text is None or state.text_version != version:
         state.text, state.text_items, state.text_version = None, 0, version
     names = [it.name for it in list(state.items.values())[state.text_items:]]
     if names or state.text is None:
-        add = np.asarray(item_vectors(names), dtype=np.float64).sum(axis=0)
-        state.text = add if state.text is None else state.text + add
+        state.text = np.asarray(add(state.text, names), dtype=np.float64)
         state.text_items = len(state.items)
     return state.text
 

@@ -299,7 +299,7 @@ class StreamLogic:
         """The user's decided personas, and whether real evidence (not the prior) decided them:
         the persona model (`core.decoder`, as `gplr label`) once one is shipped, else top-k of Ψ."""
         if self.model is not None:
-            text = user_text_sum(state, self.item_vectors, self.model_version)
+            text = user_text_sum(state, self.model.add_text, self.model_version)
             return self.model.decide_user(psi, text, len(state.items)), True
         reached = bool(np.any(psi > 0))
         prior = None if reached or not self.q_counts.any() else self.q_hat()

@@ -507,7 +507,7 @@ def _accuracy(scenario: _Scenario, cfg: StreamConfig, log: UpdateLog,
         labeler = build_labeler(cfg, cfg.personas())
         if labeler is not None:
             predicted, protos = batch_gplr(scenario.frame, cfg.personas(), labeler, cfg.label_budget, k,
-                                           cfg.eps, cfg.beta, cfg.hops)
+                                           cfg.eps, cfg.beta, cfg.hops, decoder=cfg.decoder, sampling=cfg.sampling)
             rows[f"F1@{k} batch GPLR, same labeler/budget ({len(protos)} prototypes)"] = f1(
                 predicted, [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in protos])
     popular = popularity_baseline(truth, k)

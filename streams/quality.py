@@ -7,7 +7,8 @@ with the paper's F1@k (`recsys.metrics.f1_at_k`) over the users the stream did n
   ranked as the stream ranks (top-k of Ψ_raw · c, positive scores only). The stream keeps
   |Ψ − Ψ̂| ≤ ε, so any gap to this number is ε, hysteresis or unfinished propagation.
 * `batch_gplr`: batch GPLR (core.gplr.run_gplr) with the same labeler, budget, ε, β and k but
-  its own DU rounds: what the offline method reaches on this data.
+  its own rounds: what the offline method reaches on this data (the paper's DU + graph decoder
+  unless told; `gplr demo` passes the stream's decoder and sampling, i.e. the persona model).
 * `popularity_baseline`: everyone gets the k most common personas, the bar any persona model
   must clear.
 
@@ -86,12 +87,15 @@ def batch_same_prototypes(frame: pd.DataFrame, prototypes: Mapping[str, Sequence
 
 
 def batch_gplr(frame: pd.DataFrame, personas, labeler, budget: float, k: int, eps: float, beta: float,
-               hops: int = 1, seed: int = 0) -> tuple[dict[str, list[int]], set[str]]:
-    """Batch GPLR (exact Ψ, 5 DU rounds) on the same purchases: (personas per user, prototypes)."""
+               hops: int = 1, seed: int = 0, decoder: str = "graph", sampling: str = "du"
+               ) -> tuple[dict[str, list[int]], set[str]]:
+    """Batch GPLR (exact Ψ, 5 rounds) on the same purchases: (personas per user, prototypes);
+    the paper's decoder and sampling unless told (the demo passes the stream's)."""
     from core.gplr import run_gplr
 
     graph = _graph(frame)
-    result = run_gplr(graph, personas, labeler, budget, hops=hops, eps=eps, beta=beta, k=k, seed=seed)
+    result = run_gplr(graph, personas, labeler, budget, hops=hops, eps=eps, beta=beta, k=k, seed=seed,
+                      decoder=decoder, sampling=sampling)
     predicted = {str(u): list(result.assignment.personas_of(i)) for i, u in enumerate(graph.user_ids)}
     return predicted, {str(graph.user_ids[i]) for i in result.prototypes}
 

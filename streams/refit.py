@@ -22,8 +22,9 @@ so the model must be fitted on the stream's own prototypes and reach every worke
   PersonaModel.to_dict()}), which every worker reads; a worker that sees a new version asks its
   users to decide again (`refresh` user-ops).
 
-The text channel needs no pushes: a user keeps Σ s(v) over its items for the model version it
-was computed with (`core.incremental.user_text_sum`) and recomputes it once per new version.
+The text channel needs no pushes: a user keeps its text state (its word counts and two running
+sums, `core.item_channel.ItemChannel.add_text`) for the model version it was computed with
+(`core.incremental.user_text_sum`) and recomputes it once per new version.
 """
 from __future__ import annotations
 

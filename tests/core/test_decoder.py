@@ -195,9 +195,13 @@ def test_one_user_equals_the_batch_row_and_survives_json() -> None:
     idx, scores = model.decide(g, psi)
     again = PersonaModel.from_dict(json.loads(json.dumps(model.to_dict())))
     dense = g.user_item.toarray() > 0
+    rng = np.random.default_rng(5)
     for u in range(0, g.n_users, 17):
-        total = again.item_vectors(g.item_names[dense[u]]).sum(axis=0)
-        snap = again.decide_user(psi[u], total, int(dense[u].sum()))
+        names = list(rng.permutation(g.item_names[dense[u]]))  # the stream's order is any order
+        text = None
+        for lo in range(0, len(names), 3):  # items arrive a few at a time
+            text = again.add_text(text, names[lo:lo + 3])
+        snap = again.decide_user(psi[u], text, int(dense[u].sum()))
         keep = idx[u] >= 0
         assert snap.personas == tuple(idx[u][keep].tolist())
         np.testing.assert_allclose(snap.scores, scores[u][keep], atol=1e-12)

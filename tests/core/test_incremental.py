@@ -325,10 +325,11 @@ def test_user_text_sum_is_incremental_and_recomputed_per_model_version():
     calls: list[list[str]] = []
 
     def vectors(scale):
-        def f(names):
+        def add(text, names):  # the state: a running sum of per-name vectors
             calls.append(list(names))
-            return np.array([[len(n) * scale, 1.0] for n in names]).reshape(-1, 2)
-        return f
+            rows = np.array([[len(n) * scale, 1.0] for n in names]).reshape(-1, 2)
+            return (0.0 if text is None else text) + rows.sum(axis=0)
+        return add
 
     state = UserState(M)
     np.testing.assert_array_equal(user_text_sum(state, vectors(1.0), 1), [0.0, 0.0])

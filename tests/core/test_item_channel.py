@@ -1,8 +1,11 @@
-"""The item–persona channel: exact mean-of-items arithmetic, sklearn-equal fits, a small JSON form."""
+"""The item–persona channel: sublinear word counts by hand, an exact incremental text state,
+sklearn-equal fits, a small JSON form."""
 from __future__ import annotations
 
 import json
 import math
+import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,17 +13,17 @@ from sklearn.linear_model import LogisticRegression
 
 from core.graph import BipartiteGraph
 from core.item_channel import (
-    SKETCH_WIDTH,
     ItemChannel,
     _fit,
     base_rate_logit,
     fit_item_channel,
-    name_features,
-    name_sketch,
+    name_word_ids,
     out_of_fold_text_logits,
     tokens,
-    user_features_matrix,
     user_text_logits,
+    user_word_features,
+    word_id,
+    word_matrix,
 )
 
 NAMES = np.array(["christmas star", "christmas bauble", "garden hose", "garden rake", "christmas tree",
@@ -37,72 +40,80 @@ def shop() -> BipartiteGraph:
 PROTOS = {0: [0], 1: [0], 4: [0, 2], 2: [1], 3: [1], 5: [1, 2]}
 
 
+def brute_features(names: list[str]) -> dict[str, float]:
+    """One user's features by hand: word → (1 + ln c_w) / ‖·‖, c_w = items whose name has w."""
+    counts = Counter(w for n in names for w in set(tokens(n)))
+    g = {w: 1 + math.log(c) for w, c in counts.items()}
+    norm = math.sqrt(sum(v * v for v in g.values()))
+    return {w: v / norm for w, v in g.items()}
+
+
 def test_tokens_words_and_code_names() -> None:
     assert tokens("Red RED christmas 12 Tin") == ["red", "christmas", "tin"]
     assert tokens(" 12 x 30cm ") == ["#12 x 30cm"]  # no word: the name is its own token
     assert tokens("   ") == []
+    assert name_word_ids("tin red Tin").tolist() == sorted({word_id("tin"), word_id("red")})
+    assert word_id("christmas") == zlib.crc32(b"christmas")
 
 
-def test_name_features_are_unit_rows_over_all_words() -> None:
-    f, vocab = name_features(NAMES)
-    norms = np.sqrt(np.asarray(f.multiply(f).sum(axis=1)).ravel())
-    np.testing.assert_allclose(norms, 1.0)
-    # a fixed vocabulary keeps the norm of the full name: unknown words still count
-    g, _ = name_features(["christmas gnome"], {"christmas": 0})
-    assert g.shape == (1, 1) and g[0, 0] == pytest.approx(1 / math.sqrt(2))
-
-
-def test_plain_mean_channel_text_logit_is_the_mean_of_item_scores_by_hand() -> None:
+def test_user_features_are_sublinear_word_counts_by_hand() -> None:
     g = shop()
-    ch = fit_item_channel(g, PROTOS, 3, C=5.0, sketch=0)
-    s = ch.item_scores(g.item_names)
-    # s(v) by hand: Σ_w coef[w] / √(#words) + b
-    col = {w: j for j, w in enumerate(ch.words)}
-    for v, name in enumerate(NAMES):
-        words = tokens(name)
-        hand = ch.intercept + sum(ch.coef[col[w]] for w in words if w in col) / math.sqrt(len(words))
-        np.testing.assert_allclose(s[v], hand, atol=1e-12)
-    text = user_text_logits(g, ch)
+    x, ids, words = user_word_features(g)
+    assert [word_id(w) for w in words] == ids.tolist() and list(ids) == sorted(ids)
+    col = {w: j for j, w in enumerate(words)}
     dense = g.user_item.toarray() > 0
     for u in range(g.n_users):
-        np.testing.assert_allclose(text[u], s[dense[u]].mean(axis=0), atol=1e-12)
-    # the stream's form: a running sum of item vectors, divided by the degree
-    total = ch.item_vectors(NAMES[dense[6]]).sum(axis=0)
-    np.testing.assert_allclose(ch.text_logits(total / dense[6].sum())[0], text[6], atol=1e-12)
+        want = np.zeros(len(words))
+        for w, v in brute_features(list(NAMES[dense[u]])).items():
+            want[col[w]] = v
+        np.testing.assert_allclose(x[u].toarray()[0], want, atol=1e-12)
+    inc, _, _ = word_matrix(NAMES)
+    assert inc.sum() == sum(len(tokens(n)) for n in NAMES)
 
 
-def test_sketched_text_logit_by_hand_and_fit_on_the_same_features() -> None:
+def test_text_logit_by_hand_and_the_stream_state_equals_batch_in_any_order() -> None:
     g = shop()
     ch = fit_item_channel(g, PROTOS, 3, C=5.0)
-    assert ch.width == 3 + SKETCH_WIDTH
-    s, k = ch.item_scores(NAMES), name_sketch(NAMES)
-    dense = g.user_item.toarray() > 0
+    weight = dict(zip(ch.words, ch.coef))
     text = user_text_logits(g, ch)
+    dense = g.user_item.toarray() > 0
+    rng = np.random.default_rng(0)
     for u in range(g.n_users):
-        norm = np.linalg.norm(k[dense[u]].mean(axis=0))
-        np.testing.assert_allclose(text[u], ch.intercept + (s[dense[u]].mean(axis=0) - ch.intercept) / norm,
-                                   atol=1e-12)
-    # what the model was fitted on: W·x_u + b with x_u = mean f / ‖mean k‖
-    f, vocab = name_features(NAMES)
-    x = user_features_matrix(g, f, SKETCH_WIDTH)
-    full = np.zeros((len(vocab), 3))
-    full[[vocab[w] for w in ch.words]] = ch.coef
-    np.testing.assert_allclose(np.asarray(x @ full) + ch.intercept, text, atol=1e-12)
-    # the stream's running sum of item vectors gives the same logits
-    total = ch.item_vectors(NAMES[dense[6]]).sum(axis=0)
-    np.testing.assert_allclose(ch.text_logits(total / dense[6].sum())[0], text[6], atol=1e-12)
-    np.testing.assert_allclose(ch.text_logits(np.zeros((1, ch.width)))[0], ch.intercept)  # no purchase
+        names = list(NAMES[dense[u]])
+        hand = ch.intercept + sum((v * weight[w] for w, v in brute_features(names).items() if w in weight),
+                                  np.zeros(3))
+        np.testing.assert_allclose(text[u], hand, atol=1e-12)
+        state = None
+        for name in rng.permutation(names):  # one purchase at a time, any order
+            state = ch.add_text(state, [name])
+        np.testing.assert_allclose(ch.text_logit(state), text[u], atol=1e-12)
+        np.testing.assert_allclose(ch.text_logit(ch.add_text(None, names)), text[u], atol=1e-12)
+    np.testing.assert_allclose(ch.text_logit(None), ch.intercept)  # no purchase
+    np.testing.assert_allclose(ch.text_logit(ch.add_text(None, [])), ch.intercept)
+    # per item: s(v) = b + Σ_w W[w] / √(#words)
+    s = ch.item_scores(NAMES)
+    for v, name in enumerate(NAMES):
+        words = tokens(name)
+        hand = ch.intercept + sum((weight[w] for w in words if w in weight), np.zeros(3)) / math.sqrt(len(words))
+        np.testing.assert_allclose(s[v], hand, atol=1e-12)
 
 
-def test_sketch_is_hashed_per_word_and_estimates_the_norm() -> None:
-    a, b = name_sketch(["christmas star"]), name_sketch(["star christmas"])
-    np.testing.assert_array_equal(a, b)  # word order does not matter
-    assert np.linalg.norm(a) == pytest.approx(1.0)  # two words in different columns, 1/√2 each
-    many = name_sketch([f"word{chr(97 + i)}{chr(97 + j)} thing" for i in range(26) for j in range(26)], 64)
-    f, _ = name_features([f"word{chr(97 + i)}{chr(97 + j)} thing" for i in range(26) for j in range(26)])
-    exact = np.linalg.norm(np.asarray(f.sum(axis=0)))
-    assert abs(np.linalg.norm(many.sum(axis=0)) / exact - 1) < 0.3
-    assert name_sketch(["x"], 0).shape == (1, 0)
+def test_text_state_counts_repeated_words_sublinearly() -> None:
+    ch = ItemChannel(("christmas", "garden"), np.array([[1.0], [-1.0]]), np.array([0.5]))
+    one = ch.text_logit(ch.add_text(None, ["christmas star"]))  # g = (1, 1) over christmas, star
+    np.testing.assert_allclose(one, 0.5 + 1 / math.sqrt(2))
+    three = ch.add_text(ch.add_text(None, ["christmas star", "christmas tree"]), ["christmas bell", "garden"])
+    g_c = 1 + math.log(3)  # christmas in 3 items; star, tree, bell, garden once each
+    np.testing.assert_allclose(ch.text_logit(three), 0.5 + (g_c - 1) / math.sqrt(g_c ** 2 + 4))
+    # names without any token (empty, blank) add nothing; a unicode word is a word
+    np.testing.assert_allclose(ch.text_logit(ch.add_text(None, ["", "   "])), 0.5)
+    np.testing.assert_array_equal(ch.add_text(three, [""]), three)
+    crème = ch.add_text(None, ["Crème brûlée christmas"])
+    np.testing.assert_allclose(ch.text_logit(crème), 0.5 + 1 / math.sqrt(3))
+    with pytest.raises(ValueError):
+        ch.text_logit(np.zeros(1))
+    with pytest.raises(ValueError):
+        ch.add_text(np.zeros(3), ["x"])  # 1 persona: sizes 2 + 2k only
 
 
 def test_fit_equals_sklearn_logistic_regression() -> None:
@@ -140,7 +151,7 @@ def test_round_trip_through_json_and_determinism() -> None:
     again = ItemChannel.from_dict(json.loads(json.dumps(ch.to_dict())))
     np.testing.assert_array_equal(again.item_scores(NAMES), ch.item_scores(NAMES))
     np.testing.assert_array_equal(fit_item_channel(g, PROTOS, 3).coef, ch.coef)
-    assert len(ch.words) <= len(name_features(NAMES)[1])  # only words with a weight are kept
+    assert len(ch.words) <= len(word_matrix(NAMES)[2])  # only words with a weight are kept
     with pytest.raises(ValueError):
         ItemChannel.from_dict({"kind": "something else"})
     for bad in ("not base64!", "AAAA"):  # garbage, and a wrong number of weights
@@ -149,7 +160,9 @@ def test_round_trip_through_json_and_determinism() -> None:
     with pytest.raises(ValueError):
         ItemChannel(("a",), np.array([[np.nan]]), np.array([0.0]))
     with pytest.raises(ValueError):
-        ch.text_logits(np.zeros((1, ch.width + 1)))
+        ItemChannel.from_dict({**ch.to_dict(), "features": "mean_of_items"})  # an older model
+    with pytest.raises(ValueError):
+        ItemChannel(("tin", "tin"), np.zeros((2, 1)), np.zeros(1))  # one word id twice
 
 
 def test_out_of_fold_logits_equal_refits_without_the_fold() -> None:

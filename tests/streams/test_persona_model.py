@@ -3,7 +3,7 @@
 Through the real broker: labels published up front cross the label milestones, the refit worker
 fits the model with the batch function and ships it through the `persona-model` table, every
 worker re-decides its users. Afterwards both channels match the batch computation: Ψ̂_raw within
-the relative bound (graph) and Σ s(v) exactly (text), and each user's published personas are
+the relative bound (graph) and the word-count text state exactly (text), and each user's published personas are
 the model's decision on those two rows.
 """
 from __future__ import annotations
@@ -38,9 +38,8 @@ def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_fa
         if state.label is not None:
             continue
         names = [it.name for it in state.items.values()]
-        np.testing.assert_allclose(state.text, model.item_vectors(names).sum(axis=0), atol=1e-9)
-        np.testing.assert_allclose(model.channel.text_logits(state.text / len(names))[0], batch_text[row],
-                                   atol=1e-9)
+        np.testing.assert_allclose(state.text, model.add_text(None, names), atol=1e-9)
+        np.testing.assert_allclose(model.channel.text_logit(state.text), batch_text[row], atol=1e-9)
         decided = model.decide_user(psi_raw(state), state.text, len(state.items))
         assert set(state.published) == set(decided.personas), uid
         checked += 1
