@@ -136,7 +136,8 @@ def main() -> None:
     }
     print(f"state per user row {summary['state_bytes_per_user']:.0f} B; storing s(v) per item would add "
           f"{summary['state_growth_if_rows_kept_s_v']:.1%} (evidence adds 0: computed from the told values)")
-    print(f"persona-updates body {summary['update_bytes_plain']:.0f} B -> {summary['update_bytes_with_evidence']:.0f} B")
+    print(f"persona-updates body {summary['update_bytes_plain']:.0f} B -> "
+          f"{summary['update_bytes_with_evidence']:.0f} B")
     print(json.dumps(summary))
 
 

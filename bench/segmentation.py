@@ -36,8 +36,17 @@ from core.labelers import make_labeler  # noqa: E402
 from core.personas import load_personas  # noqa: E402
 from recsys.data import persona_matrix  # noqa: E402
 from recsys.segmentation import (  # noqa: E402
-    KS, gplr_persona_sets, load_persona_assignments, persona_robustness, plot_segments,
-    rfm_bins, rfm_robustness, rfm_table, rfm_vectors, segment, write_segments,
+    KS,
+    gplr_persona_sets,
+    load_persona_assignments,
+    persona_robustness,
+    plot_segments,
+    rfm_bins,
+    rfm_robustness,
+    rfm_table,
+    rfm_vectors,
+    segment,
+    write_segments,
 )
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "online_retail"

@@ -26,7 +26,8 @@ Examples
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -89,7 +90,8 @@ def label_distribution(phi: np.ndarray) -> np.ndarray:
     total = counts.sum()
     if total <= 0:
         return np.full(phi.shape[1], 1.0 / phi.shape[1])
-    return counts / total
+    shares: np.ndarray = counts / total
+    return shares
 
 
 def debias_weights(q_hat: np.ndarray, beta: float) -> np.ndarray:
@@ -160,7 +162,8 @@ def revaff_affinity(
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     phi = _check_phi(graph, phi)
     seeds = sp.csc_matrix(_row_normalise_dense(phi))  # column m: prototypes with L[u,m] > 0
-    out = kernels.revaff_push(
+    push: Any = kernels.revaff_push  # a numba dispatcher: its signature is not visible to mypy
+    out = push(
         *_push_operators(graph, weight),
         *_index_arrays(seeds), seeds.data.astype(np.float64),
         graph.n_items, hops, eps / (2.0 * hops),
@@ -278,7 +281,7 @@ def _check_hops(hops: int) -> int:
 def _row_normalise_dense(phi: np.ndarray) -> np.ndarray:
     """L: each prototype's unit mass split evenly over its personas; empty rows stay zero."""
     sums = phi.sum(axis=1, keepdims=True)
-    return np.divide(phi, sums, out=np.zeros_like(phi), where=sums > 0)
+    return np.asarray(np.divide(phi, sums, out=np.zeros_like(phi), where=sums > 0))
 
 
 def _spmm(a: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["register", "cmd_explain", "find_user", "normalise", "render"]
 
@@ -97,7 +98,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("explain", help="why a customer holds each persona: evidence items and prototypes")
     p.add_argument("user", help="customer id")
     p.add_argument("--from", dest="source", metavar="FILE",

@@ -21,7 +21,7 @@ constant prototype base rate, so they are never invented from nothing.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp

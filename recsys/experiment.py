@@ -83,7 +83,10 @@ def gplr_user_personas(data: RecData, personas: PersonaSet, labels_path: str | P
 
 def embedding_item_personas(names: list[str], personas: PersonaSet, **options: Any) -> sp.csr_matrix:
     """Item personas from product names with core's embedding labeler (no LLM needed)."""
+    from core.labelers.embedding import EmbeddingLabeler
+
     labeler = make_labeler("embedding", personas, **options)
+    assert isinstance(labeler, EmbeddingLabeler)  # make_labeler's registry maps "embedding" to it
     return persona_matrix(labeler.label_items(names), len(personas))
 
 

@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,13 +32,13 @@ import torch
 
 from core.events import InvalidEvent, parse_purchase
 from core.personas import PersonaSet
+from core.settings import check_all, check_settings, lower, read_env, setting
 from recsys.data import carve_validation, interactions, persona_matrix
 from recsys.evaluate import topk_items
 from recsys.experiment import ModelConfig
 from recsys.graph import build_graph
 from recsys.models import EASE, MODELS, PLAIN_OF, ItemItemModel, RankingModel, make_model
 from recsys.train import TrainConfig, fit, select
-from core.settings import check_all, check_settings, lower, read_env, setting
 
 __all__ = [
     "TrainerConfig",

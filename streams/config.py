@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from core.settings import ConfigError, check_all, check_settings, lower, names, read_env, setting, to_env

@@ -24,9 +24,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,9 +49,9 @@ class WorkerProcess:
     config: StreamConfig
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         env = {**os.environ, **self.config.as_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         env.setdefault("HF_HUB_OFFLINE", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ class WorkerProcess:
             )
         return self
 
-    def wait_ready(self, timeout: float = 90.0) -> "WorkerProcess":
+    def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
         """Wait for Faust's "Ready" log line; raise with the log tail if the worker dies first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,22 +90,24 @@ class WorkerProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the worker's process group (kill -9 by default) and reap it."""
-        if self.is_running():
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
-            self.proc.wait(30)
+            proc.wait(30)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (Faust commits and closes its tables), SIGKILL after `timeout`."""
-        if not self.is_running():
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("worker %d did not stop in %.0fs; killing it", self.proc.pid, timeout)
+            logger.warning("worker %d did not stop in %.0fs; killing it", proc.pid, timeout)
             self.kill()
         except ProcessLookupError:
             pass
@@ -189,12 +192,11 @@ def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path
     personas_path = _persona_set_for(data, personas, config, say)
     config = dataclasses.replace(config, personas_path=personas_path)
     given, origin = (labels, "--labels") if labels else (config.replay_labels, "GPLR_REPLAY_LABELS")
-    recorded = Path(given).resolve() if given else data.parent / "user_personas_gpt4.csv.gz"
-    if given is not None and not recorded.is_file():
+    found = Path(given).resolve() if given else data.parent / "user_personas_gpt4.csv.gz"
+    if given is not None and not found.is_file():
         raise SystemExit(f"gplr demo: {origin} {given}: no such file")
-    if not recorded.is_file():
-        recorded = None
-    elif labels is None:
+    recorded = found if found.is_file() else None
+    if recorded is not None and labels is None:
         say(f"demo: labels {recorded} ({origin if given else 'found beside the data'})")
     if labeler != "replay":
         config = dataclasses.replace(config, labeler=labeler)
@@ -315,7 +317,8 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                                           app_id=f"{cfg.app_id}-demo-{tag}")
             topics = topics_for(cfg)
             create_topics(cfg.kafka_bootstrap, topics.public(), cfg.partitions)
-            console.print(f"[bold]broker[/bold] {cfg.kafka_bootstrap}  [bold]worker log[/bold] {workdir / 'worker.log'}")
+            console.print(f"[bold]broker[/bold] {cfg.kafka_bootstrap}  "
+                          f"[bold]worker log[/bold] {workdir / 'worker.log'}")
             worker = WorkerProcess(cfg, workdir / "worker.log").start()
             with console.status("starting the worker (Faust)..."):
                 worker.wait_ready()
@@ -351,7 +354,7 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                         msg = consumer.poll(0.2)
                         if msg is not None and not msg.error():
                             try:
-                                log.add(json.loads(msg.value()))
+                                log.add(json.loads(msg.value() or b""))
                             except (TypeError, ValueError):
                                 pass
                         if live:
@@ -478,7 +481,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
         rows[f"pushes / push messages per purchase (eps {cfg.eps:g})"] = (
             f"{counters.get('gplr_pushes_total', 0) / n:.2f} / {counters.get('gplr_push_messages_total', 0) / n:.2f}")
     if scenario.truth:
-        rows.update(_accuracy(scenario, cfg, log, labelled))
+        rows.update(_accuracy(scenario, scenario.truth, cfg, log, labelled))
     table = Table(title="demo summary", show_header=False)
     for key, value in rows.items():
         table.add_row(key, str(value))
@@ -486,13 +489,13 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
     return rows
 
 
-def _accuracy(scenario: _Scenario, cfg: StreamConfig, log: UpdateLog,
+def _accuracy(scenario: _Scenario, truth: Mapping[str, Sequence[int]], cfg: StreamConfig, log: UpdateLog,
               labelled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """F1@k of the streamed personas beside the batch yardsticks and the popularity baseline."""
     from streams.labelling import build_labeler
     from streams.quality import batch_gplr, batch_same_prototypes, popularity_baseline
 
-    k, truth = cfg.top_k, scenario.truth
+    k = cfg.top_k
     users = [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in labelled]
 
     def f1(predicted: Mapping[str, Sequence[int]], who: Sequence[str] = users) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd

@@ -114,7 +114,8 @@ class PlantedLabeler:
         return [LabelResult(h.user_id, self.truth[h.user_id]) for h in histories]
 
 
-def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import core.labelers
     import core.synthetic
 

@@ -44,8 +44,8 @@ def dense_walk(g: BipartiteGraph, hops: int, weight: str) -> np.ndarray:
 def test_self_return_is_the_walk_diagonal(hops: int, weight: str) -> None:
     g = random_graph(25, 10, seed=hops)
     users = np.array([0, 3, 7, 24])
-    np.testing.assert_allclose(self_return(g, users, hops, weight, chunk=3), np.diag(dense_walk(g, hops, weight))[users],
-                               atol=1e-12)
+    np.testing.assert_allclose(self_return(g, users, hops, weight, chunk=3),
+                               np.diag(dense_walk(g, hops, weight))[users], atol=1e-12)
 
 
 @pytest.mark.parametrize("hops", [1, 2])

@@ -6,13 +6,14 @@ import socket
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.labelers.base import UserHistory
 from core.labelers.openai_labeler import LLMConfig, OpenAILabeler
-from core.settings import ConfigError
 from core.labelers.prompts import CHARS_PER_TOKEN
 from core.personas import Persona, PersonaSet
+from core.settings import ConfigError
 
 PERSONAS = PersonaSet([Persona("Tea Lover", "tea"), Persona("Gardener", "garden"), Persona("Baker", "cakes")])
 KEY = "sk-test-SECRET-7f3a9c"

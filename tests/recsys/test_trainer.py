@@ -19,7 +19,13 @@ from recsys.graph import build_graph
 from recsys.models import make_model
 from recsys.train import TrainConfig, fit
 from recsys.trainer import (
-    AUTO_CANDIDATES, GraphState, TrainerConfig, choose_models, recommend, recommendation_record, train_model,
+    AUTO_CANDIDATES,
+    GraphState,
+    TrainerConfig,
+    choose_models,
+    recommend,
+    recommendation_record,
+    train_model,
 )
 from streams import metrics
 from streams.broker import free_port

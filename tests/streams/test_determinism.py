@@ -213,8 +213,8 @@ def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_per
 # -- the refit: a function of its input, trained only on applied labels ---------------------------
 def test_refit_ignores_read_order_and_rows_without_an_applied_label():
     from core.data import iter_events
-    from core.synthetic import make_shop
     from core.decoder import DEFAULT_RULE
+    from core.synthetic import make_shop
     from streams.refit import applied_labels, fit_stream_model
 
     shop = make_shop(n_users=60, n_items=40, n_personas=5, seed=2, mean_purchases=5)

@@ -25,8 +25,7 @@ from core.labelers import make_labeler
 from core.synthetic import make_shop
 from streams.config import StreamConfig
 from streams.demo import write_truth_csv
-from streams.quality import (batch_gplr, batch_same_prototypes, f1_against_truth, popularity_baseline,
-                             worker_metrics)
+from streams.quality import batch_gplr, batch_same_prototypes, f1_against_truth, popularity_baseline, worker_metrics
 from streams.topics import Topics, create_topics
 from tests.streams.test_invariant import wait_drained, wait_group_stable
 
