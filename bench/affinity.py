@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hops", type=int, default=1, help="walk length ℓ̂ (default 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3, quick 1)")
     ap.add_argument("--personas", type=int, default=51)
-    ap.add_argument("--prototypes", type=float, default=0.05, help="share of users labelled")
+    ap.add_argument("--prototypes", type=float, default=0.05, help="share of users labeled")
     ap.add_argument("--weight", choices=("binary", "count", "log"), default="binary")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

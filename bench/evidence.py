@@ -1,6 +1,6 @@
 """What evidence costs: stream state, persona-updates size and compute, on Online Retail.
 
-Setup: the paper's Online Retail graph, 5% of the customers (seeded) labelled with the recorded
+Setup: the paper's Online Retail graph, 5% of the customers (seeded) labeled with the recorded
 GPT-4 personas, the persona model `gplr label` fits (`core.decoder`), and for every customer the
 user row the stream worker would hold once every item has pushed its exact value (told value
 M̃[v] = M[v] per item, the text-channel sum, the published personas). Measured side by side:

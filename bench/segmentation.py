@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("exact", "revaff"), default="exact")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--k", type=int, default=5, help="personas per unlabelled customer")
+    ap.add_argument("--k", type=int, default=5, help="personas per unlabeled customer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/gplr-segmentation"))
     args = ap.parse_args(argv)

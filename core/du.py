@@ -4,7 +4,7 @@
 
 Q̂ is the persona distribution of the labels gathered so far and Q_u is user u's affinity row
 normalised to sum to one. A high KL term means u's propagated personas look unlike what has
-been labelled (under-represented personas); a high entropy means propagation is unsure about
+been labeled (under-represented personas); a high entropy means propagation is unsure about
 u. Both make u worth an LLM call.
 
 Smoothing (why: the KL term is infinite whenever Q_u has a zero where Q̂ does not):
@@ -76,7 +76,7 @@ def du_scores(
 def select_du(scores: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
     """Indices of the `n` highest-scoring candidates, best first; ties go to the lower index.
 
-    `candidates` is a boolean mask over users (True = may be labelled) or an array of user
+    `candidates` is a boolean mask over users (True = may be labeled) or an array of user
     indices. Fewer than `n` candidates returns them all.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()

@@ -70,7 +70,7 @@ def render(view: Mapping[str, Any]) -> str:
             lines.append("    items:      none (no prototype or item name points to it: the prior)")
         for j, w in enumerate(p["prototypes"]):
             head = "prototypes:" if j == 0 else ""
-            lines.append(f"    {head:<11} {w['share']:6.1%}  customer {w['user_id']}, labelled "
+            lines.append(f"    {head:<11} {w['share']:6.1%}  customer {w['user_id']}, labeled "
                          f"{', '.join(w['labels'])}")
     return "\n".join(lines)
 

@@ -63,7 +63,7 @@ def word_persona_scores(
 ) -> np.ndarray:
     """P(persona | purchases) for every user (users × personas), learned from the prototypes."""
     if not prototypes:
-        raise ValueError("the word decoder needs at least one labelled prototype")
+        raise ValueError("the word decoder needs at least one labeled prototype")
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
     x = word_features(graph) if features is None else features

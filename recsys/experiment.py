@@ -77,7 +77,7 @@ def gplr_user_personas(data: RecData, personas: PersonaSet, labels_path: str | P
     (DU sampling) on the fit graph and propagate to the rest (paper Algorithm 1)."""
     labeler = make_labeler("replay", personas, path=labels_path)
     result = run_gplr(data.fit_graph(), personas, labeler, budget=budget, seed=seed, **gplr_options)
-    log.info("GPLR: %d prototypes labelled, %d failed", len(result.prototypes), len(result.failed))
+    log.info("GPLR: %d prototypes labeled, %d failed", len(result.prototypes), len(result.failed))
     return sp.csr_matrix(result.assignment.as_matrix(len(personas)), dtype="float32")
 
 

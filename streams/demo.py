@@ -203,7 +203,7 @@ def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path
     elif recorded is not None:
         config = dataclasses.replace(config, labeler="replay", replay_labels=recorded)
     else:
-        say("demo: no recorded labels (--labels) to replay; labelling with the offline embedding labeler")
+        say("demo: no recorded labels (--labels) to replay; labeling with the offline embedding labeler")
         config = dataclasses.replace(config, labeler="embedding", replay_labels=None)
     truth = None
     if recorded is not None:
@@ -372,12 +372,12 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                 stop.set()
                 consumer.close()
                 drained.close()
-            labelled = _labelled_users(cfg, topics.labels)
+            labeled = _labeled_users(cfg, topics.labels)
             from streams.quality import worker_metrics
 
             counters = worker_metrics(cfg.metrics_port)
             worker.stop(timeout=20)
-            _summary(console, scenario, cfg, log, published[0], t_publish, t_done, labelled, counters)
+            _summary(console, scenario, cfg, log, published[0], t_publish, t_done, labeled, counters)
             if not log.count:
                 console.print(f"[red]no persona updates; worker log tail:[/red]\n{worker.log()[-3000:]}")
             return 0 if log.count else 1
@@ -448,7 +448,7 @@ def _counting(events: Iterable, counter: list[int]):
         yield event
 
 
-def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
+def _labeled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
     """Users with a successful label on the labels topic (the prototypes) and their personas."""
     from streams.topic_io import read_topic
 
@@ -460,7 +460,7 @@ def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
 
 
 def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, sent: int, t_publish: float,
-             t_done: float | None, labelled: Mapping[str, Sequence[int]],
+             t_done: float | None, labeled: Mapping[str, Sequence[int]],
              counters: Mapping[str, float] | None = None) -> dict[str, Any]:
     from rich.table import Table
 
@@ -472,7 +472,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
         "publish rate (events/s)": round(sent / span, 1) if span > 0 else None,
         "persona updates": log.count,
         "users with personas": f"{len(log.latest)} / {n_users}",
-        "prototype users labelled": f"{len(labelled)} (budget {cfg.label_budget:.0%})",
+        "prototype users labeled": f"{len(labeled)} (budget {cfg.label_budget:.0%})",
         "update latency p50 / p99 (s)": f"{np.nanpercentile(lat, 50):.3f} / {np.nanpercentile(lat, 99):.3f}",
     }
     counters = counters or {}
@@ -481,7 +481,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
         rows[f"pushes / push messages per purchase (eps {cfg.eps:g})"] = (
             f"{counters.get('gplr_pushes_total', 0) / n:.2f} / {counters.get('gplr_push_messages_total', 0) / n:.2f}")
     if scenario.truth:
-        rows.update(_accuracy(scenario, scenario.truth, cfg, log, labelled))
+        rows.update(_accuracy(scenario, scenario.truth, cfg, log, labeled))
     table = Table(title="demo summary", show_header=False)
     for key, value in rows.items():
         table.add_row(key, str(value))
@@ -490,21 +490,21 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
 
 
 def _accuracy(scenario: _Scenario, truth: Mapping[str, Sequence[int]], cfg: StreamConfig, log: UpdateLog,
-              labelled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+              labeled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """F1@k of the streamed personas beside the batch yardsticks and the popularity baseline."""
     from streams.labelling import build_labeler
     from streams.quality import batch_gplr, batch_same_prototypes, popularity_baseline
 
     k = cfg.top_k
-    users = [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in labelled]
+    users = [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in labeled]
 
     def f1(predicted: Mapping[str, Sequence[int]], who: Sequence[str] = users) -> float:
         return round(f1_against_truth(predicted, truth, k, who), 3)
 
     rows: dict[str, Any] = {
-        f"F1@{k} vs truth, streamed (unlabelled users)": f1({u: log.personas_of(u) for u in users}),
+        f"F1@{k} vs truth, streamed (unlabeled users)": f1({u: log.personas_of(u) for u in users}),
         f"F1@{k} batch Ψ from the stream's prototypes": f1(batch_same_prototypes(
-            scenario.frame, labelled, len(cfg.personas()), k, cfg.beta, cfg.hops)),
+            scenario.frame, labeled, len(cfg.personas()), k, cfg.beta, cfg.hops)),
     }
     if cfg.labeler == "replay":  # a recorded labeler costs nothing to run again in batch
         labeler = build_labeler(cfg, cfg.personas())

@@ -43,7 +43,7 @@ EDGES = Counter("gplr_edges", "New user-item edges added to the graph", registry
 PUSHES = Counter("gplr_pushes", "Reverse-push operations applied", registry=REGISTRY)
 PUSH_MESSAGES = Counter("gplr_push_messages", "Push messages sent between partitions", registry=REGISTRY)
 RESIDUAL_MASS = Gauge("gplr_residual_mass", "Residual mass not yet pushed (bounds the error)", registry=REGISTRY)
-LABEL_REQUESTS = Counter("gplr_label_requests", "Users selected for labelling (DU sampling)", registry=REGISTRY)
+LABEL_REQUESTS = Counter("gplr_label_requests", "Users selected for labeling (DU sampling)", registry=REGISTRY)
 LABEL_CALLS = Counter("gplr_label_calls", "Labeler calls made (LLM HTTP requests, retries included)",
                       registry=REGISTRY)
 LABEL_ERRORS = Counter("gplr_label_errors", "Labeler calls that failed or returned no persona", registry=REGISTRY)

@@ -97,7 +97,7 @@ def batch_gplr(frame: pd.DataFrame, personas, labeler, budget: float, k: int, ep
 
 
 def worker_metrics(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[str, float]:
-    """Unlabelled `gplr_*` counter/gauge samples from a worker's /metrics ({} if unreachable)."""
+    """Unlabeled `gplr_*` counter/gauge samples from a worker's /metrics ({} if unreachable)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:

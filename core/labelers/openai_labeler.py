@@ -1,4 +1,4 @@
-"""LLM labelling through any OpenAI-compatible chat endpoint, with our own retries and budget.
+"""LLM labeling through any OpenAI-compatible chat endpoint, with our own retries and budget.
 
 The client's built-in retries are off (`max_retries=0`) so that every HTTP attempt goes through
 one place, `ChatClient.chat_json`: it enforces the call/token budget before sending, bounds the

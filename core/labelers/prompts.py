@@ -1,4 +1,4 @@
-"""Prompt serialisation and strict reply parsing for LLM persona labelling (paper, Appendix B).
+"""Prompt serialisation and strict reply parsing for LLM persona labeling (paper, Appendix B).
 
 Product names come from shoppers and sellers, so they are untrusted DATA: each one is written as
 a JSON string on its own line inside a delimited block, and the instructions tell the model to

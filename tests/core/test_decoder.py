@@ -232,7 +232,7 @@ def test_decoder_validation() -> None:
         fit_decoder(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((3, 3), dtype=bool))
 
 
-def test_prevalence_matching_moves_decisions_to_the_labelled_shape() -> None:
+def test_prevalence_matching_moves_decisions_to_the_labeled_shape() -> None:
     rng = np.random.default_rng(7)
     n, m = 400, 4
     prior = np.array([0.6, 0.3, 0.2, 0.1])

@@ -28,7 +28,7 @@ def config(fake, **kw) -> LLMConfig:
     return LLMConfig(**base)
 
 
-def test_good_reply_is_labelled_and_usage_booked(fake_openai):
+def test_good_reply_is_labeled_and_usage_booked(fake_openai):
     fake_openai.script(fake_openai.good(["Gardener", "Tea Lover"]))
     labeler = OpenAILabeler(PERSONAS, config(fake_openai))
     [result] = labeler.label([TEA])

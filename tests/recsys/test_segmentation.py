@@ -161,7 +161,7 @@ def test_persona_robustness_with_an_oracle_labeler(tmp_path: Path) -> None:
     pd.DataFrame({"CustomerID": list(shop.user_truth),
                   "personas": ["|".join(shop.personas[m].name for m in ps) for ps in shop.user_truth.values()]}
                  ).to_csv(labels, index=False)
-    # labelling everyone with the planted truth: every user's set is the same in both halves
+    # labeling everyone with the planted truth: every user's set is the same in both halves
     share, n = persona_robustness(shop.frame, shop.personas, lambda: ReplayLabeler(shop.personas, labels),
                                   budget=1.0, rounds=1, seed=0)
     early, late = split_halves(shop.frame)

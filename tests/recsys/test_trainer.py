@@ -246,9 +246,9 @@ def test_one_cycle_through_the_broker(broker, tmp_path: Path) -> None:  # noqa: 
     topics = Topics(stream.topic_prefix)
     create_topics(stream.kafka_bootstrap, topics.public(), stream.partitions)
     produce(stream.kafka_bootstrap, topics.purchases, list(iter_events(shop.frame)) + [b"{broken"])
-    labelled = sorted(shop.user_truth)[:30]
+    labeled = sorted(shop.user_truth)[:30]
     produce(stream.kafka_bootstrap, topics.persona_updates,
-            [_update(u, shop, shop.user_truth[u]) for u in labelled] + [_update("newcomer", shop, (1,))],
+            [_update(u, shop, shop.user_truth[u]) for u in labeled] + [_update("newcomer", shop, (1,))],
             key=lambda r: r["user"])
     service = TrainerService(stream, FAST)
     published = service.run(once=True)
