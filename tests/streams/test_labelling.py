@@ -1,4 +1,4 @@
-"""DU trigger, budget, rate limit and the labeler runtime (unit), then labeling end to end
+"""DU trigger, budget, rate limit and the labeller runtime (unit), then labelling end to end
 through the broker with a fake OpenAI endpoint."""
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def test_policy_requires_min_purchases_budget_and_high_score():
     assert req["user"] == "u" and len(req["history"]) == 3
     assert req["du_score"] == pytest.approx(float(du_scores(psi[None], q)[0]))
     assert policy.consider("u", _user(3), psi, q, {"seen": 10, "requested": 5}) is None  # budget 0.5×10 spent
-    labeled = _user(3)
-    labeled.label = np.ones(M) / M
-    assert policy.consider("u", labeled, psi, q, {"seen": 10, "requested": 0}) is None
+    labelled = _user(3)
+    labelled.label = np.ones(M) / M
+    assert policy.consider("u", labelled, psi, q, {"seen": 10, "requested": 0}) is None
     assert LabelPolicy(_config(labeler="none")).consider("u", _user(3), psi, q, {"seen": 10, "requested": 0}) is None
 
 
@@ -108,7 +108,7 @@ class _FakeLabeler:
 
 
 @pytest.mark.parametrize("behaviour,ok", [("good", True), ("raise", False), ("slow", False), ("empty", False)])
-def test_labeler_runtime_never_raises(behaviour, ok):
+def test_labeller_runtime_never_raises(behaviour, ok):
     config = _config(labeler="openai")
     requests = [{"user": "a", "history": [["Mug", 2]]}, {"user": "b", "history": []}]
 
@@ -173,6 +173,6 @@ def test_labelling_end_to_end_with_fake_llm(stream_config, worker_factory, produ
         expected[personas] += 1
     np.testing.assert_array_equal(counts, expected)  # Q̂'s numerator, summed over partitions
     updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
-    labeled = [u for u in updates if isinstance(u, dict) and u.get("reason") == "labelled"]
-    assert {u["user"] for u in labeled} == set(final)
-    assert all(u["labelled_by"] == "openai" for u in labeled)
+    labelled = [u for u in updates if isinstance(u, dict) and u.get("reason") == "labelled"]
+    assert {u["user"] for u in labelled} == set(final)
+    assert all(u["labelled_by"] == "openai" for u in labelled)
