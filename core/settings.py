@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 __all__ = ["ConfigError", "Setting", "setting", "declared", "read_env", "check_settings", "to_env",
-           "table_rows", "check_all", "lower", "names"]
+           "table_rows", "check_all", "lower", "names", "is_port", "PORT_RULE"]
 
 T = TypeVar("T")
 
@@ -127,6 +127,14 @@ def check_all(checks: Iterable[tuple[bool, str, Any, str]]) -> None:
     for ok, name, value, why in checks:
         if not ok:
             raise ConfigError(f"{name}={value!r} {why}")
+
+
+PORT_RULE = "must be a port (0-65535; 0 disables it)"
+
+
+def is_port(value: int) -> bool:
+    """A TCP port, or 0 for "off" (checks of every `*_PORT` setting, with `PORT_RULE`)."""
+    return 0 <= value <= 65535
 
 
 def lower(raw: str) -> str:

@@ -32,7 +32,7 @@ import torch
 
 from core.events import InvalidEvent, parse_purchase
 from core.personas import PersonaSet
-from core.settings import check_all, check_settings, lower, read_env, setting
+from core.settings import PORT_RULE, check_all, check_settings, is_port, lower, read_env, setting
 from recsys.data import carve_validation, interactions, persona_matrix
 from recsys.evaluate import topk_items
 from recsys.experiment import ModelConfig
@@ -85,7 +85,7 @@ class TrainerConfig:
                          why="must be >= 1")
     metrics_port: int = setting(9108, "GPLR_TRAINER_METRICS_PORT", "the trainer's `/metrics` port; the stack leaves "
                                 "it unset so Prometheus finds the trainer on 9108", parse=int,
-                                check=lambda v: 0 <= v <= 65535, why="must be a port (0-65535)",
+                                check=is_port, why=PORT_RULE,
                                 fallback="GPLR_METRICS_PORT")
     batch_size: int = 4096
     n_eigen: int = 64

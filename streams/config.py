@@ -29,7 +29,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.settings import ConfigError, check_all, check_settings, lower, names, read_env, setting, to_env
+from core.settings import (
+    PORT_RULE,
+    ConfigError,
+    check_all,
+    check_settings,
+    is_port,
+    lower,
+    names,
+    read_env,
+    setting,
+    to_env,
+)
 
 __all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace"]
 
@@ -44,15 +55,10 @@ SAMPLINGS = ("random", "du")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def _port(v: int) -> bool:
-    return 0 <= v <= 65535
-
-
 def _path(raw: str) -> Path:
     return Path(raw)
 
 
-_PORT = "must be a port (0-65535)"
 _NAME_CHARS = "may only hold letters, digits, '.', '_' and '-'"
 
 
@@ -84,10 +90,10 @@ class StreamConfig:
                           check=lambda v: bool(v.strip()), why="must not be empty")
     worker_port: int = setting(6066, "GPLR_WORKER_PORT",
                                "Faust web port of a worker, bound to 127.0.0.1 (0 disables it)",
-                               parse=int, check=_port, why=_PORT)
+                               parse=int, check=is_port, why=PORT_RULE)
     metrics_port: int = setting(
         9108, "GPLR_METRICS_PORT", "Prometheus `/metrics` port (0 disables it); `deploy/prometheus.yml` "
-        "scrapes this port", parse=int, check=_port, why=_PORT)
+        "scrapes this port", parse=int, check=is_port, why=PORT_RULE)
     personas_path: Path | None = setting(
         None, "GPLR_PERSONAS", "JSON persona set `[{\"name\", \"definition\"}, ...]`; unset → the synthetic "
         "shop's set (a warning says so at start)", parse=_path)
