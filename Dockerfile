@@ -23,7 +23,7 @@ RUN python -m venv /opt/venv && pip install --upgrade pip
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 WORKDIR /src
 # README.m[d]: the package's long description; the pattern keeps a checkout without it buildable.
-COPY pyproject.toml README.m[d] ./
+COPY pyproject.toml README.m[d] gplr_stream.py ./
 COPY core ./core
 COPY streams ./streams
 COPY recsys ./recsys

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench-quick clean system-deps
+.PHONY: demo test lint docs venv bench-quick clean system-deps
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,7 +24,18 @@ demo: $(STAMP)
 system-deps:
 	sh deploy/system-deps.sh
 
-test: $(STAMP) system-deps
+# The gate: lint + import order (ruff), types (mypy, strict on core/; pyproject.toml), and the
+# generated settings tables of docs/operations.md. `make test` runs it first, so CI fails on it.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m streams.config_docs
+
+# Regenerate the settings tables of docs/operations.md from the declarations in the code.
+docs: $(STAMP)
+	$(BIN)/python -m streams.config_docs --write
+
+test: $(STAMP) system-deps lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # Every benchmark in its quick mode; each prints one JSON object as its last line.

@@ -18,8 +18,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numba
 import numpy as np
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hops", type=int, default=1, help="walk length ℓ̂ (default 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3, quick 1)")
     ap.add_argument("--personas", type=int, default=51)
-    ap.add_argument("--prototypes", type=float, default=0.05, help="share of users labelled")
+    ap.add_argument("--prototypes", type=float, default=0.05, help="share of users labeled")
     ap.add_argument("--weight", choices=("binary", "count", "log"), default="binary")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     exact_s, psi = timed(lambda: exact_affinity(graph, phi, args.hops, args.weight), repeats)
     rows = []
     for eps in EPSILONS:
-        secs, approx = timed(lambda: revaff_affinity(graph, phi, args.hops, eps, args.weight), repeats)
+        secs, approx = timed(lambda eps=eps: revaff_affinity(graph, phi, args.hops, eps, args.weight), repeats)
         err = np.abs(approx - psi)
         rows.append({"eps": eps, "seconds": round(secs, 3), "max_abs_error": float(err.max()),
                      "mean_abs_error": float(err.mean())})

@@ -1,6 +1,6 @@
 """What evidence costs: stream state, persona-updates size and compute, on Online Retail.
 
-Setup: the paper's Online Retail graph, 5% of the customers (seeded) labelled with the recorded
+Setup: the paper's Online Retail graph, 5% of the customers (seeded) labeled with the recorded
 GPT-4 personas, the persona model `gplr label` fits (`core.decoder`), and for every customer the
 user row the stream worker would hold once every item has pushed its exact value (told value
 M̃[v] = M[v] per item, the text-channel sum, the published personas). Measured side by side:
@@ -136,7 +136,8 @@ def main() -> None:
     }
     print(f"state per user row {summary['state_bytes_per_user']:.0f} B; storing s(v) per item would add "
           f"{summary['state_growth_if_rows_kept_s_v']:.1%} (evidence adds 0: computed from the told values)")
-    print(f"persona-updates body {summary['update_bytes_plain']:.0f} B -> {summary['update_bytes_with_evidence']:.0f} B")
+    print(f"persona-updates body {summary['update_bytes_plain']:.0f} B -> "
+          f"{summary['update_bytes_with_evidence']:.0f} B")
     print(json.dumps(summary))
 
 

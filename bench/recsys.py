@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=list(ROWS))
-    p.add_argument("--budget", type=float, default=0.05, help="GPLR labelling budget")
+    p.add_argument("--budget", type=float, default=0.05, help="GPLR labeling budget")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared machine)")
     p.add_argument("--max-seconds", type=float, default=None,

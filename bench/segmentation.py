@@ -36,8 +36,17 @@ from core.labelers import make_labeler  # noqa: E402
 from core.personas import load_personas  # noqa: E402
 from recsys.data import persona_matrix  # noqa: E402
 from recsys.segmentation import (  # noqa: E402
-    KS, gplr_persona_sets, load_persona_assignments, persona_robustness, plot_segments,
-    rfm_bins, rfm_robustness, rfm_table, rfm_vectors, segment, write_segments,
+    KS,
+    gplr_persona_sets,
+    load_persona_assignments,
+    persona_robustness,
+    plot_segments,
+    rfm_bins,
+    rfm_robustness,
+    rfm_table,
+    rfm_vectors,
+    segment,
+    write_segments,
 )
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "online_retail"
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("exact", "revaff"), default="exact")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--k", type=int, default=5, help="personas per unlabelled customer")
+    ap.add_argument("--k", type=int, default=5, help="personas per unlabeled customer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/gplr-segmentation"))
     args = ap.parse_args(argv)

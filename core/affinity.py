@@ -1,4 +1,4 @@
-"""Persona affinity Ψ: spread the few LLM-labelled prototypes' personas over the purchase graph.
+"""Persona affinity Ψ: spread the few LLM-labeled prototypes' personas over the purchase graph.
 
 GPLR (paper §3) scores every user u against every persona m by random walks of even length
 user → item → user that start at u and stop at a prototype:
@@ -9,7 +9,7 @@ with P (users → items) and P' (items → users) the row-stochastic transition 
 `BipartiteGraph.transitions`. `exact_affinity` evaluates it right to left with sparse × dense
 products (never a users × users matrix); `revaff_affinity` (Algorithm 2) approximates it by a
 thresholded reverse push from the prototypes with |Ψ − Ψ̂| ≤ ε entrywise. `compute_affinity`
-multiplies by the de-bias weights c (Eq. 3) so that over-labelled personas do not swamp rare ones.
+multiplies by the de-bias weights c (Eq. 3) so that over-labeled personas do not swamp rare ones.
 
 Examples
 --------
@@ -26,7 +26,8 @@ Examples
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,7 +67,7 @@ def prototype_matrix(n_users: int, labels: Mapping[int, Sequence[int]], n_person
     rows = np.repeat(users, [a.size for a in lists])
     cols = np.concatenate(lists)
     if users.size and (users.min() < 0 or users.max() >= n_users):
-        raise ValueError(f"labelled user index out of range [0, {n_users})")
+        raise ValueError(f"labeled user index out of range [0, {n_users})")
     if cols.size and (cols.min() < 0 or cols.max() >= n_personas):
         raise ValueError(f"persona index out of range [0, {n_personas})")
     phi[rows, cols] = 1.0
@@ -89,13 +90,14 @@ def label_distribution(phi: np.ndarray) -> np.ndarray:
     total = counts.sum()
     if total <= 0:
         return np.full(phi.shape[1], 1.0 / phi.shape[1])
-    return counts / total
+    shares: np.ndarray = counts / total
+    return shares
 
 
 def debias_weights(q_hat: np.ndarray, beta: float) -> np.ndarray:
     """c_m = (min_{Q̂>0} Q̂ / Q̂_m)^β (Eq. 3), and c_m = 1 where Q̂_m = 0; all c_m ∈ (0, 1].
 
-    β = 0 switches de-biasing off; larger β pushes the most-labelled personas down harder.
+    β = 0 switches de-biasing off; larger β pushes the most-labeled personas down harder.
 
     >>> debias_weights(np.array([0.5, 0.25, 0.25, 0.0]), 1.0).tolist()
     [0.5, 1.0, 1.0, 1.0]
@@ -160,7 +162,8 @@ def revaff_affinity(
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     phi = _check_phi(graph, phi)
     seeds = sp.csc_matrix(_row_normalise_dense(phi))  # column m: prototypes with L[u,m] > 0
-    out = kernels.revaff_push(
+    push: Any = kernels.revaff_push  # a numba dispatcher: its signature is not visible to mypy
+    out = push(
         *_push_operators(graph, weight),
         *_index_arrays(seeds), seeds.data.astype(np.float64),
         graph.n_items, hops, eps / (2.0 * hops),
@@ -205,7 +208,7 @@ def self_return(graph: BipartiteGraph, users: np.ndarray, hops: int = 1,
 
     Ψ_raw is linear in L, so a prototype's leave-one-out affinity (its label removed, everyone
     else's kept) is exactly Ψ_raw[u] − D[u]·L[u] — what a decoder must be calibrated on, since
-    unlabelled users never see their own label. ℓ̂ = 1 has the closed form
+    unlabeled users never see their own label. ℓ̂ = 1 has the closed form
     Σ_v w_uv² / (d_u d_v); longer walks propagate the users' unit vectors, `chunk` at a time.
     """
     hops = _check_hops(hops)
@@ -278,7 +281,7 @@ def _check_hops(hops: int) -> int:
 def _row_normalise_dense(phi: np.ndarray) -> np.ndarray:
     """L: each prototype's unit mass split evenly over its personas; empty rows stay zero."""
     sums = phi.sum(axis=1, keepdims=True)
-    return np.divide(phi, sums, out=np.zeros_like(phi), where=sums > 0)
+    return np.asarray(np.divide(phi, sums, out=np.zeros_like(phi), where=sums > 0))
 
 
 def _spmm(a: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Iterator, Literal, Mapping
+from typing import IO, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -268,7 +269,7 @@ def _source_name(path: PathLike) -> str:
     return Path(path).name if isinstance(path, (str, Path)) else getattr(path, "name", "<stream>")
 
 
-def _read_csv_text(path: PathLike, **kw) -> pd.DataFrame:
+def _read_csv_text(path: PathLike, **kw: Any) -> pd.DataFrame:
     """Every column as text, blanks as missing: parsing is the cleaner's job, not pandas'."""
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **kw)
 
@@ -351,7 +352,8 @@ def source_options(columns: str | None = None, schema: str | Path | None = None)
     """Loader keyword arguments from `--schema FILE` and `--columns ...` (the flags win)."""
     options: dict[str, object] = load_schema(schema) if schema else {}
     if columns:
-        options["mapping"] = {**dict(options.get("mapping", {})), **parse_columns(columns)}  # type: ignore[arg-type]
+        mapping = options.get("mapping", {})
+        options["mapping"] = {**(mapping if isinstance(mapping, dict) else {}), **parse_columns(columns)}
     return options
 
 
@@ -462,14 +464,14 @@ def _looks_like_online_retail(path: PathLike) -> bool:
     else:
         columns = list(pd.read_csv(path, nrows=0).columns)
         if hasattr(path, "seek"):
-            path.seek(0)  # type: ignore[union-attr]
+            path.seek(0)
     return {"InvoiceNo", "StockCode", "CustomerID"} <= set(columns)
 
 
 def load_purchases(
     path: PathLike,
     fmt: Literal["auto", "online-retail", "table"] = "auto",
-    **kw,
+    **kw: Any,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Dispatch for the CLI: `auto` picks the Online Retail loader when its columns are present."""
     if fmt == "auto":

@@ -4,7 +4,7 @@
 
 Q̂ is the persona distribution of the labels gathered so far and Q_u is user u's affinity row
 normalised to sum to one. A high KL term means u's propagated personas look unlike what has
-been labelled (under-represented personas); a high entropy means propagation is unsure about
+been labeled (under-represented personas); a high entropy means propagation is unsure about
 u. Both make u worth an LLM call.
 
 Smoothing (why: the KL term is infinite whenever Q_u has a zero where Q̂ does not):
@@ -40,7 +40,7 @@ def normalise_rows(rows: np.ndarray | sp.spmatrix, smoothing: float = 1e-6) -> n
     """Rows as smoothed probability distributions (see the module docstring for the rule)."""
     if smoothing <= 0:
         raise ValueError("smoothing must be positive (it keeps the KL term finite)")
-    dense = rows.toarray() if sp.issparse(rows) else np.asarray(rows, dtype=np.float64)
+    dense = np.asarray(sp.csr_matrix(rows).toarray() if sp.issparse(rows) else rows, dtype=np.float64)
     if dense.ndim != 2:
         raise ValueError(f"expected a 2-d matrix of affinity rows, got shape {dense.shape}")
     if np.any(dense < 0) or not np.all(np.isfinite(dense)):
@@ -48,7 +48,8 @@ def normalise_rows(rows: np.ndarray | sp.spmatrix, smoothing: float = 1e-6) -> n
     sums = dense.sum(axis=1, keepdims=True)
     q = np.divide(dense, sums, out=np.zeros_like(dense), where=sums > 0)
     # divide by the smoothed total, so an all-zero row becomes exactly uniform
-    return (q + smoothing) / (q.sum(axis=1, keepdims=True) + dense.shape[1] * smoothing)
+    out: np.ndarray = (q + smoothing) / (q.sum(axis=1, keepdims=True) + dense.shape[1] * smoothing)
+    return out
 
 
 def du_scores(
@@ -68,13 +69,14 @@ def du_scores(
     # KL(p‖q_u) = Σ_{p>0} p (log p − log q_u); only p's support counts.
     kl = np.sum(p[support] * np.log(p[support])) - log_q[:, support] @ p[support]
     entropy = -np.sum(q * log_q, axis=1)
-    return kl + entropy
+    scores: np.ndarray = kl + entropy
+    return scores
 
 
 def select_du(scores: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
     """Indices of the `n` highest-scoring candidates, best first; ties go to the lower index.
 
-    `candidates` is a boolean mask over users (True = may be labelled) or an array of user
+    `candidates` is a boolean mask over users (True = may be labeled) or an array of user
     indices. Fewer than `n` candidates returns them all.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["PurchaseEvent", "InvalidEvent", "parse_purchase", "decode_json", "check_text", "MAX_PAYLOAD_BYTES",
            "MAX_DEPTH", "REASONS"]

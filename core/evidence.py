@@ -23,12 +23,14 @@ Each item's graph value further splits into the prototypes whose labels reached 
 share (K[u, w] · L[w, m] / Ψ_raw[u, m], K = (1/ℓ̂) Σ_ℓ (P P')^ℓ).
 
 >>> import numpy as np
->>> user_evidence(["a", "b", "c"], ["Mug", "Tin", "Cup"], np.array([[0.1], [0.3], [0.0]]))
-[[{'item_id': 'b', 'name': 'Tin', 'share': 0.75, 'channel': 'graph'}, {'item_id': 'a', 'name': 'Mug', 'share': 0.25, 'channel': 'graph'}]]
+>>> [[e['item_id'], e['share'], e['channel']] for e in
+...  user_evidence(["a", "b", "c"], ["Mug", "Tin", "Cup"], np.array([[0.1], [0.3], [0.0]]))[0]]
+[['b', 0.75, 'graph'], ['a', 0.25, 'graph']]
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -61,7 +63,7 @@ def shares(contrib: np.ndarray) -> np.ndarray:
     stays zero. For non-negative contributions this is the exact share of the column's total."""
     c = np.maximum(np.atleast_2d(np.asarray(contrib, dtype=np.float64)), 0.0)
     total = c.sum(axis=0, keepdims=True)
-    return np.divide(c, total, out=np.zeros_like(c), where=total > 0)
+    return np.asarray(np.divide(c, total, out=np.zeros_like(c), where=total > 0))
 
 
 def _top(ids: Sequence[str], share: np.ndarray, k: int) -> list[int]:
@@ -136,7 +138,7 @@ def batch_evidence(graph: BipartiteGraph, idx: np.ndarray, values: np.ndarray,
     (`text_scores`, items × personas) and b (`intercept`)."""
     P, _ = graph.transitions(weight)
     text = None if text_scores is None or intercept is None else np.asarray(text_scores) - np.asarray(intercept)
-    out = []
+    out: list[list[list[dict[str, Any]]]] = []
     for u in range(graph.n_users):
         ps = [int(p) for p in idx[u] if p >= 0]
         if not ps:
@@ -150,18 +152,18 @@ def batch_evidence(graph: BipartiteGraph, idx: np.ndarray, values: np.ndarray,
     return out
 
 
-def prototype_reach(graph: BipartiteGraph, prototypes: Sequence[int], hops: int = 1,
+def prototype_reach(graph: BipartiteGraph, prototypes: Sequence[int] | np.ndarray, hops: int = 1,
                     weight: EdgeWeight = "binary") -> sp.csr_matrix:
     """K[:, prototypes] (users × prototypes, sparse), K = (1/ℓ̂) Σ_ℓ (P P')^ℓ: how much of each
     prototype's unit label reaches each user; Ψ_raw = K · L[prototypes]."""
     P, Pt = graph.transitions(weight)
     protos = np.asarray(prototypes, dtype=np.int64)
     x = sp.csr_matrix((np.ones(protos.size), (protos, np.arange(protos.size))), shape=(graph.n_users, protos.size))
-    acc = None
+    acc = sp.csr_matrix(x.shape)
     for _ in range(hops):
         x = (P @ (Pt @ x)).tocsr()
-        acc = x if acc is None else acc + x
-    return (acc / hops).tocsr()
+        acc = acc + x
+    return sp.csr_matrix(acc / hops)
 
 
 def batch_prototypes(graph: BipartiteGraph, idx: np.ndarray, labels: Mapping[int, Sequence[int]],
@@ -177,7 +179,7 @@ def batch_prototypes(graph: BipartiteGraph, idx: np.ndarray, labels: Mapping[int
     reach = prototype_reach(graph, protos, hops, weight)
     proto_ids = graph.user_ids[protos]
     label_names = [[persona_names[p] for p in labels[int(w)]] for w in protos]
-    out = []
+    out: list[list[list[dict[str, Any]]]] = []
     for u in range(graph.n_users):
         ps = [int(p) for p in idx[u] if p >= 0]
         lo, hi = reach.indptr[u], reach.indptr[u + 1]
@@ -191,12 +193,12 @@ def batch_prototypes(graph: BipartiteGraph, idx: np.ndarray, labels: Mapping[int
 
 
 def result_evidence(graph: BipartiteGraph, result: Any, persona_names: Sequence[str], hops: int = 1,
-                    weight: EdgeWeight = "binary") -> tuple[list, list]:
+                    weight: EdgeWeight = "binary") -> tuple[list[Any], list[Any]]:
     """(items, prototypes) per user for a `core.gplr.GPLRResult`: what `gplr label` writes."""
     idx = result.assignment.idx
     n_personas = len(persona_names)
     if not result.prototypes:
-        empty = [[[] for p in row if p >= 0] for row in idx]
+        empty: list[Any] = [[[] for p in row if p >= 0] for row in idx]
         return empty, empty
     values = item_values(graph, prototype_matrix(graph.n_users, result.prototypes, n_personas), hops, weight)
     text_scores = intercept = None

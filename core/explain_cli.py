@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["register", "cmd_explain", "find_user", "normalise", "render"]
 
@@ -69,7 +70,7 @@ def render(view: Mapping[str, Any]) -> str:
             lines.append("    items:      none (no prototype or item name points to it: the prior)")
         for j, w in enumerate(p["prototypes"]):
             head = "prototypes:" if j == 0 else ""
-            lines.append(f"    {head:<11} {w['share']:6.1%}  customer {w['user_id']}, labelled "
+            lines.append(f"    {head:<11} {w['share']:6.1%}  customer {w['user_id']}, labeled "
                          f"{', '.join(w['labels'])}")
     return "\n".join(lines)
 
@@ -97,7 +98,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("explain", help="why a customer holds each persona: evidence items and prototypes")
     p.add_argument("user", help="customer id")
     p.add_argument("--from", dest="source", metavar="FILE",

@@ -18,6 +18,11 @@ __all__ = ["BipartiteGraph", "EdgeWeight", "row_normalise"]
 EdgeWeight = Literal["binary", "count", "log"]
 
 
+def _ids(n: int) -> np.ndarray:
+    """Default ids "0", "1", ... (object dtype, as ids read from data are)."""
+    return np.arange(n).astype(str).astype(object)
+
+
 def row_normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
     """Divide each row by its sum; empty rows stay zero (no division by zero)."""
     sums = np.asarray(matrix.sum(axis=1)).ravel()
@@ -56,7 +61,7 @@ class BipartiteGraph:
         user_ids: np.ndarray | None = None,
         item_ids: np.ndarray | None = None,
         item_names: np.ndarray | None = None,
-    ) -> "BipartiteGraph":
+    ) -> BipartiteGraph:
         """Build from integer purchase arrays (one entry per purchase event; repeats merge)."""
         user_idx = np.asarray(user_idx, dtype=np.int64)
         item_idx = np.asarray(item_idx, dtype=np.int64)
@@ -79,13 +84,13 @@ class BipartiteGraph:
         merged.sort_indices()
         counts = sp.csr_matrix((merged.data.real.copy(), merged.indices, merged.indptr), shape=merged.shape)
         qmat = sp.csr_matrix((merged.data.imag.copy(), merged.indices, merged.indptr), shape=merged.shape)
-        ids_u = np.arange(n_users).astype(str).astype(object) if user_ids is None else np.asarray(user_ids, dtype=object)
-        ids_i = np.arange(n_items).astype(str).astype(object) if item_ids is None else np.asarray(item_ids, dtype=object)
+        ids_u = _ids(n_users) if user_ids is None else np.asarray(user_ids, dtype=object)
+        ids_i = _ids(n_items) if item_ids is None else np.asarray(item_ids, dtype=object)
         names = ids_i if item_names is None else np.asarray(item_names, dtype=object)
         return cls(ids_u, ids_i, names, counts, qmat.data.copy())
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> "BipartiteGraph":
+    def from_frame(cls, frame: pd.DataFrame) -> BipartiteGraph:
         """Build from a purchases frame with columns user_id, item_id[, item_name, quantity]."""
         users, user_ids = pd.factorize(frame["user_id"], sort=True)
         items, item_ids = pd.factorize(frame["item_id"], sort=True)
@@ -103,15 +108,15 @@ class BipartiteGraph:
     # -- views -------------------------------------------------------------------------
     @property
     def n_users(self) -> int:
-        return self.user_item.shape[0]
+        return int(self.user_item.shape[0])
 
     @property
     def n_items(self) -> int:
-        return self.user_item.shape[1]
+        return int(self.user_item.shape[1])
 
     @property
     def n_edges(self) -> int:
-        return self.user_item.nnz
+        return int(self.user_item.nnz)
 
     @property
     def user_degree(self) -> np.ndarray:

@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from core.graph import BipartiteGraph
 from core.labelers.base import UserHistory
 from core.labelers.openai_labeler import ChatClient, LLMConfig, LLMError
 from core.labelers.prompts import ReplyParseError, data_block, parse_json_reply, serialise_history
@@ -186,7 +187,7 @@ def generate_persona_set(
     return PersonaSet(final)
 
 
-def sample_histories(graph, n_users: int, min_items: int = 3, seed: int = 0) -> list[UserHistory]:
+def sample_histories(graph: BipartiteGraph, n_users: int, min_items: int = 3, seed: int = 0) -> list[UserHistory]:
     """A seeded random sample of users with at least `min_items` distinct products."""
     from core.labelers import histories_for
 
@@ -234,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+def add_generate_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `gplr personas-generate --data ... --out personas.json`."""
     from core.data_options import add_data_options
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 __all__ = ["Persona", "PersonaSet", "load_personas", "read_persona_labels", "ID_COLUMNS", "PERSONA_COLUMNS"]
 
@@ -31,7 +32,7 @@ class PersonaSet(Sequence[Persona]):
         if len(self._index) != len(self._personas):
             raise ValueError("persona names must be unique (case-insensitive)")
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:  # int -> Persona, slice -> list of them
         return self._personas[i]
 
     def __len__(self) -> int:

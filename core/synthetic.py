@@ -13,8 +13,9 @@ take a few seconds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,9 @@ class _Vocabulary:
 
 
 def _v(name: str, definition: str, modifiers: str, nouns: str, cross: str) -> _Vocabulary:
-    split = lambda s: tuple(w.strip() for w in s.split(";") if w.strip())  # noqa: E731
+    def split(s: str) -> tuple[str, ...]:
+        return tuple(w.strip() for w in s.split(";") if w.strip())
+
     return _Vocabulary(Persona(name, definition), split(modifiers), split(nouns), split(cross))
 
 
@@ -458,7 +461,7 @@ def make_sparse_shop(
     >>> len(shop.personas), shop.frame["item_id"].nunique() <= 400
     (30, True)
     """
-    params: dict = dict(mean_purchases=80.0, noise=0.2, repeat=0.05, dual_item_frac=0.1,
+    params: dict[str, Any] = dict(mean_purchases=80.0, noise=0.2, repeat=0.05, dual_item_frac=0.1,
                         generic_frac=0.01, zipf=0.6, prevalence_skew=0.8)
     params.update(overrides)
     return make_shop(n_users, n_items, n_personas, seed, catalogue=GROCERY, **params)

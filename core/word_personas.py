@@ -21,7 +21,7 @@ constant prototype base rate, so they are never invented from nothing.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,7 +63,7 @@ def word_persona_scores(
 ) -> np.ndarray:
     """P(persona | purchases) for every user (users × personas), learned from the prototypes."""
     if not prototypes:
-        raise ValueError("the word decoder needs at least one labelled prototype")
+        raise ValueError("the word decoder needs at least one labeled prototype")
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
     x = word_features(graph) if features is None else features

@@ -51,7 +51,7 @@ def _add_train_recsys(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--item-labels", default=None,
                    help="recorded item personas CSV keyed by product name, or 'embedding' (core's labeler)")
     p.add_argument("--item-key", default="Description", help="key column of --item-labels")
-    p.add_argument("--budget", type=float, default=0.05, help="GPLR labelling budget (default 5%%)")
+    p.add_argument("--budget", type=float, default=0.05, help="GPLR labeling budget (default 5%%)")
     p.add_argument("--test-frac", type=float, default=0.2, help="with --purchases: test share per user")
     p.add_argument("--valid-frac", type=float, default=0.1, help="validation share of each user's train")
     p.add_argument("--epochs", type=int, default=50)

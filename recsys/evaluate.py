@@ -4,8 +4,9 @@ over seeds or compared with a paired t-test. Test data is only ever passed in he
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -73,7 +74,7 @@ def evaluate(model: RankingModel, truth: sp.csr_matrix, mask: sp.csr_matrix,
     return result
 
 
-def paired_ttest(a: Evaluation, b: Evaluation, metric: str = "ndcg@10") -> dict[str, float]:
+def paired_ttest(a: Evaluation, b: Evaluation, metric: str = "ndcg@10") -> dict[str, Any]:
     """scipy.stats.ttest_rel of b − a over the same users (b better ⇒ positive t)."""
     if not np.array_equal(a.users, b.users):
         raise ValueError("paired test needs the same evaluated users in the same order")

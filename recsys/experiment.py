@@ -77,13 +77,16 @@ def gplr_user_personas(data: RecData, personas: PersonaSet, labels_path: str | P
     (DU sampling) on the fit graph and propagate to the rest (paper Algorithm 1)."""
     labeler = make_labeler("replay", personas, path=labels_path)
     result = run_gplr(data.fit_graph(), personas, labeler, budget=budget, seed=seed, **gplr_options)
-    log.info("GPLR: %d prototypes labelled, %d failed", len(result.prototypes), len(result.failed))
+    log.info("GPLR: %d prototypes labeled, %d failed", len(result.prototypes), len(result.failed))
     return sp.csr_matrix(result.assignment.as_matrix(len(personas)), dtype="float32")
 
 
 def embedding_item_personas(names: list[str], personas: PersonaSet, **options: Any) -> sp.csr_matrix:
     """Item personas from product names with core's embedding labeler (no LLM needed)."""
+    from core.labelers.embedding import EmbeddingLabeler
+
     labeler = make_labeler("embedding", personas, **options)
+    assert isinstance(labeler, EmbeddingLabeler)  # make_labeler's registry maps "embedding" to it
     return persona_matrix(labeler.label_items(names), len(personas))
 
 

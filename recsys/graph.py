@@ -25,9 +25,9 @@ class RecGraph:
     n_personas: int
     norm_adj: sp.csr_matrix
     # The binary persona blocks (users × personas, items × personas) the item–item models widen
-    # their design matrix with; None on a plain graph.
-    user_personas: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
-    item_personas: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
+    # their design matrix with; zero columns on a plain graph.
+    user_personas: sp.csr_matrix = field(repr=False, compare=False)
+    item_personas: sp.csr_matrix = field(repr=False, compare=False)
     _spectra: dict[int, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -104,8 +104,8 @@ def build_graph(
     n = n_u + n_i + n_r
     upper = sp.coo_matrix((data, (rows, cols)), shape=(n, n))
     adj = (upper + upper.T).tocsr()
-    kept = (_binary(user_personas, (n_u, n_r)), _binary(item_personas, (n_i, n_r))) if n_r else (None, None)
-    return RecGraph(n_u, n_i, n_r, normalised_adjacency(adj), *kept)
+    return RecGraph(n_u, n_i, n_r, normalised_adjacency(adj), _binary(user_personas, (n_u, n_r)),
+                    _binary(item_personas, (n_i, n_r)))
 
 
 def _binary(m: sp.spmatrix | None, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -131,12 +131,12 @@ class _ScipyMatmul(torch.autograd.Function):
     """y = M x with scipy's CSR kernel (≈3× torch's sparse CPU matmul here); dx = Mᵀ dy."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, op: "SparseOperator") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, op: SparseOperator) -> torch.Tensor:
         ctx.op = op
         return torch.from_numpy(op.matrix @ x.detach().numpy())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return torch.from_numpy(ctx.op.matrix_t @ grad.contiguous().numpy()), None
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -184,7 +184,7 @@ def segment(features: np.ndarray | sp.spmatrix, ks: Iterable[int] = KS, seed: in
 
     `sample_size` bounds the silhouette's O(n²) cost on large inputs (seeded sample).
     """
-    x = features.toarray() if sp.issparse(features) else np.asarray(features, dtype=np.float64)
+    x = sp.csr_matrix(features).toarray() if sp.issparse(features) else np.asarray(features, dtype=np.float64)
     ks = sorted(set(int(k) for k in ks))
     if x.ndim != 2 or x.shape[0] < 3:
         raise ValueError("segmentation needs a 2-d feature matrix with at least 3 rows")
@@ -244,7 +244,7 @@ def rfm_robustness(frame: pd.DataFrame, split_ts: float | None = None,
     return consistent_share(*vectors)
 
 
-def persona_sets(users: Sequence[str], matrix: sp.spmatrix | np.ndarray) -> dict[str, frozenset[int]]:
+def persona_sets(users: Sequence[str] | np.ndarray, matrix: sp.spmatrix | np.ndarray) -> dict[str, frozenset[int]]:
     """user id → frozenset of persona indices (rows of a users × personas membership matrix)."""
     m = sp.csr_matrix(matrix)
     return {str(u): frozenset(m.indices[m.indptr[r]:m.indptr[r + 1]].tolist()) for r, u in enumerate(users)}
@@ -268,7 +268,7 @@ def persona_robustness(frame: pd.DataFrame, personas: PersonaSet, make_labeler: 
 
 
 # -- outputs -----------------------------------------------------------------------------------
-def write_segments(path: str | Path, users: Sequence[str], columns: Mapping[str, np.ndarray]) -> int:
+def write_segments(path: str | Path, users: Sequence[str] | np.ndarray, columns: Mapping[str, np.ndarray]) -> int:
     """CSV `user_id, <column>...` (e.g. persona_k5, rfm_k5); written atomically."""
     path = Path(path)
     frame = pd.DataFrame({"user_id": list(users)})

@@ -14,19 +14,7 @@ model, model_version, ts}` keyed by user to `recommendations`, `model` naming th
 ranked that user. Users known only by personas (no purchase yet) are ranked through the persona
 nodes or columns (`cold_user_scores`) of the persona model.
 
-| variable | default | meaning |
-|---|---|---|
-| `GPLR_TRAIN_INTERVAL_S` | 600 | seconds between cycles while anything changed |
-| `GPLR_TRAIN_AFTER_EDGES` | 1000 | new user–item edges that trigger a cycle at once |
-| `GPLR_TRAINER_MODEL` | `auto` | `auto` (best of ease / ease-persona on validation) or a `recsys.models` name |
-| `GPLR_TRAINER_RESELECT_EVERY` | 10 | cycles between hyper-parameter/model selections (closed-form models) |
-| `GPLR_TRAINER_EPOCHS` | 30 | most BPR epochs per cycle (early stopping on validation NDCG) |
-| `GPLR_TRAINER_DIM` | 32 | embedding size |
-| `GPLR_TRAINER_LR` | 0.005 | Adam learning rate |
-| `GPLR_TRAINER_MAX_SECONDS` | 600 | wall-clock cap of one training run (best model so far is kept) |
-| `GPLR_TRAINER_DEVICE` | (auto) | torch device; CUDA when present |
-| `GPLR_RECS_K` | 10 | recommendations per user |
-| `GPLR_TRAINER_METRICS_PORT` | `GPLR_METRICS_PORT` | Prometheus port of the trainer (0 disables) |
+Every setting is declared once on `TrainerConfig` (docs/operations.md shows the generated table).
 """
 from __future__ import annotations
 
@@ -34,8 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,13 +32,13 @@ import torch
 
 from core.events import InvalidEvent, parse_purchase
 from core.personas import PersonaSet
+from core.settings import PORT_RULE, check_all, check_settings, is_port, lower, read_env, setting
 from recsys.data import carve_validation, interactions, persona_matrix
 from recsys.evaluate import topk_items
 from recsys.experiment import ModelConfig
 from recsys.graph import build_graph
 from recsys.models import EASE, MODELS, PLAIN_OF, ItemItemModel, RankingModel, make_model
 from recsys.train import TrainConfig, fit, select
-from core.settings import EnvReader, check_all
 
 __all__ = [
     "TrainerConfig",
@@ -72,63 +61,48 @@ class TrainerConfig:
     """Trainer settings (the stream's own — bootstrap, prefix, personas — come from
     `streams.config.StreamConfig` in the service)."""
 
-    interval_s: float = 600.0
-    after_edges: int = 1000
-    model: str = "auto"
-    epochs: int = 30
-    dim: int = 32
-    lr: float = 5e-3
+    interval_s: float = setting(600.0, "GPLR_TRAIN_INTERVAL_S", "seconds between training cycles while anything "
+                                "changed", parse=float, check=lambda v: v > 0, why="must be > 0")
+    after_edges: int = setting(1000, "GPLR_TRAIN_AFTER_EDGES", "new user–item edges that trigger a cycle at once",
+                               parse=int, check=lambda v: v >= 1, why="must be >= 1")
+    model: str = setting("auto", "GPLR_TRAINER_MODEL", "`auto` (the better of EASE / EASE-persona on validation) "
+                         "or a `recsys.models` name", parse=lower, check=lambda v: v == "auto" or v in MODELS,
+                         why=f"must be auto or one of {sorted(MODELS)}")
+    reselect_every: int = setting(10, "GPLR_TRAINER_RESELECT_EVERY", "cycles between model and hyper-parameter "
+                                  "selections (`auto`, closed-form models); the cycles in between re-solve the "
+                                  "chosen model once", parse=int, check=lambda v: v >= 1, why="must be >= 1")
+    epochs: int = setting(30, "GPLR_TRAINER_EPOCHS", "most BPR epochs per cycle (early stopping on validation NDCG)",
+                          parse=int, check=lambda v: v >= 1, why="must be >= 1")
+    dim: int = setting(32, "GPLR_TRAINER_DIM", "embedding size", parse=int, check=lambda v: v >= 1,
+                       why="must be >= 1")
+    lr: float = setting(5e-3, "GPLR_TRAINER_LR", "Adam learning rate", parse=float, check=lambda v: v > 0,
+                        why="must be > 0")
+    max_seconds: float = setting(600.0, "GPLR_TRAINER_MAX_SECONDS", "wall-clock cap of one training run (the best "
+                                 "model so far is kept)", parse=float, check=lambda v: v > 0, why="must be > 0")
+    device: str | None = setting(None, "GPLR_TRAINER_DEVICE", "torch device; unset → CUDA when present, else CPU "
+                                 "(`trainer-gpu` sets `cuda`)")
+    top_k: int = setting(10, "GPLR_RECS_K", "recommendations per user", parse=int, check=lambda v: v >= 1,
+                         why="must be >= 1")
+    metrics_port: int = setting(9108, "GPLR_TRAINER_METRICS_PORT", "the trainer's `/metrics` port; the stack leaves "
+                                "it unset so Prometheus finds the trainer on 9108", parse=int,
+                                check=is_port, why=PORT_RULE,
+                                fallback="GPLR_METRICS_PORT")
     batch_size: int = 4096
     n_eigen: int = 64
     patience: int = 5
     valid_frac: float = 0.1
-    max_seconds: float = 600.0
-    device: str | None = None
-    top_k: int = 10
-    metrics_port: int = 9108
     seed: int = 0
-    reselect_every: int = 10
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.interval_s > 0, "GPLR_TRAIN_INTERVAL_S", self.interval_s, "must be > 0"),
-            (self.after_edges >= 1, "GPLR_TRAIN_AFTER_EDGES", self.after_edges, "must be >= 1"),
-            (self.model == "auto" or self.model in MODELS, "GPLR_TRAINER_MODEL", self.model,
-             f"must be auto or one of {sorted(MODELS)}"),
-            (self.epochs >= 1, "GPLR_TRAINER_EPOCHS", self.epochs, "must be >= 1"),
-            (self.dim >= 1, "GPLR_TRAINER_DIM", self.dim, "must be >= 1"),
-            (self.lr > 0, "GPLR_TRAINER_LR", self.lr, "must be > 0"),
-            (self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
-            (self.max_seconds > 0, "GPLR_TRAINER_MAX_SECONDS", self.max_seconds, "must be > 0"),
-            (self.top_k >= 1, "GPLR_RECS_K", self.top_k, "must be >= 1"),
-            (0 <= self.metrics_port <= 65535, "GPLR_TRAINER_METRICS_PORT", self.metrics_port, "must be a port"),
-            (0.0 < self.valid_frac < 1.0, "valid_frac", self.valid_frac, "must be in (0, 1)"),
-            (self.reselect_every >= 1, "GPLR_TRAINER_RESELECT_EVERY", self.reselect_every, "must be >= 1"),
-        ]
-        check_all(checks)
+        check_settings(self)
+        check_all([(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
+                   (0.0 < self.valid_frac < 1.0, "valid_frac", self.valid_frac, "must be in (0, 1)")])
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "TrainerConfig":
-        """Read the `GPLR_TRAIN*` / `GPLR_RECS_K` variables; the metrics port falls back to
-        `GPLR_METRICS_PORT` (one port per container in the compose stack)."""
-        env = os.environ if env is None else env
-        d = cls()
-
-        get = EnvReader(env).read
-        port = get("GPLR_METRICS_PORT", d.metrics_port, int)
-        return cls(
-            interval_s=get("GPLR_TRAIN_INTERVAL_S", d.interval_s, float),
-            after_edges=get("GPLR_TRAIN_AFTER_EDGES", d.after_edges, int),
-            model=get("GPLR_TRAINER_MODEL", d.model, str).lower(),
-            epochs=get("GPLR_TRAINER_EPOCHS", d.epochs, int),
-            dim=get("GPLR_TRAINER_DIM", d.dim, int),
-            lr=get("GPLR_TRAINER_LR", d.lr, float),
-            max_seconds=get("GPLR_TRAINER_MAX_SECONDS", d.max_seconds, float),
-            device=get("GPLR_TRAINER_DEVICE", d.device, str),
-            top_k=get("GPLR_RECS_K", d.top_k, int),
-            metrics_port=get("GPLR_TRAINER_METRICS_PORT", port, int),
-            reselect_every=get("GPLR_TRAINER_RESELECT_EVERY", d.reselect_every, int),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainerConfig:
+        """Read the declared variables; the metrics port falls back to `GPLR_METRICS_PORT` (one port
+        per container in the compose stack)."""
+        return cls(**read_env(cls, os.environ if env is None else env))
 
 
 # -- state rebuilt from the topics -------------------------------------------------------------

@@ -29,8 +29,9 @@ import inspect
 import ipaddress
 import logging
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from aiokafka.consumer.fetcher import Fetcher
 
@@ -87,7 +88,7 @@ def install_fetch_pacing(min_cycle_s: float = DEFAULT_MIN_CYCLE_S) -> None:
     """Patch `aiokafka.consumer.fetcher.Fetcher` process-wide (idempotent; 0 restores it)."""
     check_hooks()
     if min_cycle_s <= 0:
-        Fetcher._proc_fetch_request = _ORIGINAL  # type: ignore[method-assign]
+        Fetcher._proc_fetch_request = _ORIGINAL
         return
 
     async def _paced(self: Any, assignment: Any, node_id: int, request: Any) -> bool:
@@ -104,7 +105,7 @@ def install_fetch_pacing(min_cycle_s: float = DEFAULT_MIN_CYCLE_S) -> None:
         return bool(woke)
 
     _paced.min_cycle_s = min_cycle_s  # type: ignore[attr-defined]
-    Fetcher._proc_fetch_request = _paced  # type: ignore[method-assign]
+    Fetcher._proc_fetch_request = _paced
     logger.debug("aiokafka empty fetches paced to >= %.3fs", min_cycle_s)
 
 

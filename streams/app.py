@@ -7,9 +7,9 @@ import logging
 
 import faust
 
+from streams._compat import check_hooks, configure_fetch_pacing, widen_producer_buffer
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
-from streams._compat import check_hooks, configure_fetch_pacing, widen_producer_buffer
 from streams.labelling import LabelPolicy, register_labelling
 from streams.tables import define_tables
 
@@ -63,11 +63,12 @@ def create_app(config: StreamConfig) -> faust.App:
         # record). A batch writes hundreds of rows at once, so allow a batch's worth.
         widen_producer_buffer(app, PRODUCER_BUFFER_MESSAGES)
 
-    @app.on_partitions_revoked.connect
+    # faust's stub wants `(sender, /, *args, signal=..., **kw)`; **kwargs takes `signal` just the same.
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _forget_revoked(sender: faust.App, revoked: object, **kwargs: object) -> None:
         tables.clear_caches()  # rows of partitions now elsewhere may change behind the cache
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _forget_assigned(sender: faust.App, assigned: object, **kwargs: object) -> None:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 

@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from core.events import PurchaseEvent
 from streams.config import ConfigError, StreamConfig
@@ -168,7 +168,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             last = time.monotonic()
             seen += 1
             try:
-                update = json.loads(msg.value())
+                update = json.loads(msg.value() or b"")
             except (TypeError, ValueError):
                 print(f"gplr watch: unreadable record at offset {msg.offset()}", file=sys.stderr)
                 continue
@@ -355,7 +355,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--synthetic", type=int, metavar="N", help="a synthetic shop with N users")
     p.add_argument("--format", choices=["auto", "online-retail", "table"], default="auto")
     add_data_options(p)
-    p.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="pace (default: as fast as possible)")
+    p.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S",
+                   help="pace (default: as fast as possible)")
     p.add_argument("--limit", type=int, default=None, help="publish at most this many purchases")
     p.add_argument("--seed", type=int, default=0, help="synthetic shop seed")
     p.add_argument("--now", action="store_true",

@@ -24,9 +24,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,9 +49,9 @@ class WorkerProcess:
     config: StreamConfig
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         env = {**os.environ, **self.config.as_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         env.setdefault("HF_HUB_OFFLINE", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ class WorkerProcess:
             )
         return self
 
-    def wait_ready(self, timeout: float = 90.0) -> "WorkerProcess":
+    def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
         """Wait for Faust's "Ready" log line; raise with the log tail if the worker dies first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,22 +90,24 @@ class WorkerProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the worker's process group (kill -9 by default) and reap it."""
-        if self.is_running():
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
-            self.proc.wait(30)
+            proc.wait(30)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (Faust commits and closes its tables), SIGKILL after `timeout`."""
-        if not self.is_running():
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("worker %d did not stop in %.0fs; killing it", self.proc.pid, timeout)
+            logger.warning("worker %d did not stop in %.0fs; killing it", proc.pid, timeout)
             self.kill()
         except ProcessLookupError:
             pass
@@ -189,19 +192,18 @@ def _scenario(config: StreamConfig, data: Path | None, users: int, workdir: Path
     personas_path = _persona_set_for(data, personas, config, say)
     config = dataclasses.replace(config, personas_path=personas_path)
     given, origin = (labels, "--labels") if labels else (config.replay_labels, "GPLR_REPLAY_LABELS")
-    recorded = Path(given).resolve() if given else data.parent / "user_personas_gpt4.csv.gz"
-    if given is not None and not recorded.is_file():
+    found = Path(given).resolve() if given else data.parent / "user_personas_gpt4.csv.gz"
+    if given is not None and not found.is_file():
         raise SystemExit(f"gplr demo: {origin} {given}: no such file")
-    if not recorded.is_file():
-        recorded = None
-    elif labels is None:
+    recorded = found if found.is_file() else None
+    if recorded is not None and labels is None:
         say(f"demo: labels {recorded} ({origin if given else 'found beside the data'})")
     if labeler != "replay":
         config = dataclasses.replace(config, labeler=labeler)
     elif recorded is not None:
         config = dataclasses.replace(config, labeler="replay", replay_labels=recorded)
     else:
-        say("demo: no recorded labels (--labels) to replay; labelling with the offline embedding labeler")
+        say("demo: no recorded labels (--labels) to replay; labeling with the offline embedding labeler")
         config = dataclasses.replace(config, labeler="embedding", replay_labels=None)
     truth = None
     if recorded is not None:
@@ -315,7 +317,8 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                                           app_id=f"{cfg.app_id}-demo-{tag}")
             topics = topics_for(cfg)
             create_topics(cfg.kafka_bootstrap, topics.public(), cfg.partitions)
-            console.print(f"[bold]broker[/bold] {cfg.kafka_bootstrap}  [bold]worker log[/bold] {workdir / 'worker.log'}")
+            console.print(f"[bold]broker[/bold] {cfg.kafka_bootstrap}  "
+                          f"[bold]worker log[/bold] {workdir / 'worker.log'}")
             worker = WorkerProcess(cfg, workdir / "worker.log").start()
             with console.status("starting the worker (Faust)..."):
                 worker.wait_ready()
@@ -351,7 +354,7 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                         msg = consumer.poll(0.2)
                         if msg is not None and not msg.error():
                             try:
-                                log.add(json.loads(msg.value()))
+                                log.add(json.loads(msg.value() or b""))
                             except (TypeError, ValueError):
                                 pass
                         if live:
@@ -369,12 +372,12 @@ def run_demo(config: StreamConfig, data: Path | None = None, users: int = 500, r
                 stop.set()
                 consumer.close()
                 drained.close()
-            labelled = _labelled_users(cfg, topics.labels)
+            labeled = _labeled_users(cfg, topics.labels)
             from streams.quality import worker_metrics
 
             counters = worker_metrics(cfg.metrics_port)
             worker.stop(timeout=20)
-            _summary(console, scenario, cfg, log, published[0], t_publish, t_done, labelled, counters)
+            _summary(console, scenario, cfg, log, published[0], t_publish, t_done, labeled, counters)
             if not log.count:
                 console.print(f"[red]no persona updates; worker log tail:[/red]\n{worker.log()[-3000:]}")
             return 0 if log.count else 1
@@ -445,7 +448,7 @@ def _counting(events: Iterable, counter: list[int]):
         yield event
 
 
-def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
+def _labeled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
     """Users with a successful label on the labels topic (the prototypes) and their personas."""
     from streams.topic_io import read_topic
 
@@ -457,7 +460,7 @@ def _labelled_users(cfg: StreamConfig, topic: str) -> dict[str, list[int]]:
 
 
 def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, sent: int, t_publish: float,
-             t_done: float | None, labelled: Mapping[str, Sequence[int]],
+             t_done: float | None, labeled: Mapping[str, Sequence[int]],
              counters: Mapping[str, float] | None = None) -> dict[str, Any]:
     from rich.table import Table
 
@@ -469,7 +472,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
         "publish rate (events/s)": round(sent / span, 1) if span > 0 else None,
         "persona updates": log.count,
         "users with personas": f"{len(log.latest)} / {n_users}",
-        "prototype users labelled": f"{len(labelled)} (budget {cfg.label_budget:.0%})",
+        "prototype users labeled": f"{len(labeled)} (budget {cfg.label_budget:.0%})",
         "update latency p50 / p99 (s)": f"{np.nanpercentile(lat, 50):.3f} / {np.nanpercentile(lat, 99):.3f}",
     }
     counters = counters or {}
@@ -478,7 +481,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
         rows[f"pushes / push messages per purchase (eps {cfg.eps:g})"] = (
             f"{counters.get('gplr_pushes_total', 0) / n:.2f} / {counters.get('gplr_push_messages_total', 0) / n:.2f}")
     if scenario.truth:
-        rows.update(_accuracy(scenario, cfg, log, labelled))
+        rows.update(_accuracy(scenario, scenario.truth, cfg, log, labeled))
     table = Table(title="demo summary", show_header=False)
     for key, value in rows.items():
         table.add_row(key, str(value))
@@ -486,22 +489,22 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
     return rows
 
 
-def _accuracy(scenario: _Scenario, cfg: StreamConfig, log: UpdateLog,
-              labelled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+def _accuracy(scenario: _Scenario, truth: Mapping[str, Sequence[int]], cfg: StreamConfig, log: UpdateLog,
+              labeled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """F1@k of the streamed personas beside the batch yardsticks and the popularity baseline."""
     from streams.labelling import build_labeler
     from streams.quality import batch_gplr, batch_same_prototypes, popularity_baseline
 
-    k, truth = cfg.top_k, scenario.truth
-    users = [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in labelled]
+    k = cfg.top_k
+    users = [u for u in pd.unique(scenario.frame["user_id"]) if u in truth and u not in labeled]
 
     def f1(predicted: Mapping[str, Sequence[int]], who: Sequence[str] = users) -> float:
         return round(f1_against_truth(predicted, truth, k, who), 3)
 
     rows: dict[str, Any] = {
-        f"F1@{k} vs truth, streamed (unlabelled users)": f1({u: log.personas_of(u) for u in users}),
+        f"F1@{k} vs truth, streamed (unlabeled users)": f1({u: log.personas_of(u) for u in users}),
         f"F1@{k} batch Ψ from the stream's prototypes": f1(batch_same_prototypes(
-            scenario.frame, labelled, len(cfg.personas()), k, cfg.beta, cfg.hops)),
+            scenario.frame, labeled, len(cfg.personas()), k, cfg.beta, cfg.hops)),
     }
     if cfg.labeler == "replay":  # a recorded labeler costs nothing to run again in batch
         labeler = build_labeler(cfg, cfg.personas())

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Iterable
 from http.server import ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -41,7 +43,7 @@ EDGES = Counter("gplr_edges", "New user-item edges added to the graph", registry
 PUSHES = Counter("gplr_pushes", "Reverse-push operations applied", registry=REGISTRY)
 PUSH_MESSAGES = Counter("gplr_push_messages", "Push messages sent between partitions", registry=REGISTRY)
 RESIDUAL_MASS = Gauge("gplr_residual_mass", "Residual mass not yet pushed (bounds the error)", registry=REGISTRY)
-LABEL_REQUESTS = Counter("gplr_label_requests", "Users selected for labelling (DU sampling)", registry=REGISTRY)
+LABEL_REQUESTS = Counter("gplr_label_requests", "Users selected for labeling (DU sampling)", registry=REGISTRY)
 LABEL_CALLS = Counter("gplr_label_calls", "Labeler calls made (LLM HTTP requests, retries included)",
                       registry=REGISTRY)
 LABEL_ERRORS = Counter("gplr_label_errors", "Labeler calls that failed or returned no persona", registry=REGISTRY)
@@ -67,9 +69,10 @@ TRAINER_LAST_SUCCESS = Gauge("gplr_trainer_last_success_timestamp_seconds",
 
 
 def _exported_name(collector: Collector) -> str:
-    kind = getattr(collector, "_type", "")
-    name = getattr(collector, "_name")
-    return f"{name}_total" if kind == "counter" else name
+    # the family's base name and type, as the registry exports it (describe() does not sample)
+    metrics = collector.describe() if isinstance(collector, MetricWrapperBase) else collector.collect()
+    metric = next(iter(metrics))
+    return f"{metric.name}_total" if metric.type == "counter" else metric.name
 
 
 def metric_names() -> list[str]:
@@ -124,7 +127,8 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1", max_connections: in
     return server
 
 
-def measure_lag(consumer: Any, partitions: Iterable[tuple[str, int]], timeout: float = 5.0) -> dict[tuple[str, int], int]:
+def measure_lag(consumer: Any, partitions: Iterable[tuple[str, int]],
+                timeout: float = 5.0) -> dict[tuple[str, int], int]:
     """Lag per (topic, partition): high watermark − committed offset of `consumer`'s group.
 
     `consumer` is a confluent_kafka.Consumer whose group.id is the app's; a partition with no

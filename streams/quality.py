@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -101,7 +101,7 @@ def batch_gplr(frame: pd.DataFrame, personas, labeler, budget: float, k: int, ep
 
 
 def worker_metrics(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[str, float]:
-    """Unlabelled `gplr_*` counter/gauge samples from a worker's /metrics ({} if unreachable)."""
+    """Unlabeled `gplr_*` counter/gauge samples from a worker's /metrics ({} if unreachable)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:

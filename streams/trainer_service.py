@@ -13,8 +13,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server

@@ -4,8 +4,9 @@ Implementations are imported on first use, so asking for "replay" never loads to
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import import_module
-from typing import Any, Iterable
+from typing import Any
 
 from core.graph import BipartiteGraph
 from core.labelers.base import Labeler, LabelerStats, LabelResult, UserHistory
@@ -44,7 +45,8 @@ def make_labeler(name: str, personas: PersonaSet, **options: Any) -> Labeler:
         module, cls = LABELERS[name]
     except KeyError:
         raise ValueError(f"unknown labeler {name!r}; choose from {', '.join(sorted(LABELERS))}") from None
-    return getattr(import_module(module), cls)(personas, **options)
+    labeler: Labeler = getattr(import_module(module), cls)(personas, **options)
+    return labeler
 
 
 def histories_for(graph: BipartiteGraph, users: Iterable[int]) -> list[UserHistory]:

@@ -7,8 +7,9 @@ Labelers are synchronous and thread-safe; the stream runs them off its event loo
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from core.personas import PersonaSet
 

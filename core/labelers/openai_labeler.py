@@ -1,4 +1,4 @@
-"""LLM labelling through any OpenAI-compatible chat endpoint, with our own retries and budget.
+"""LLM labeling through any OpenAI-compatible chat endpoint, with our own retries and budget.
 
 The client's built-in retries are off (`max_retries=0`) so that every HTTP attempt goes through
 one place, `ChatClient.chat_json`: it enforces the call/token budget before sending, bounds the
@@ -14,21 +14,26 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import openai
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
 from core.labelers.prompts import ReplyParseError, label_messages, parse_json_reply, parse_personas
 from core.personas import PersonaSet
-from core.settings import EnvReader
+from core.settings import check_all, check_settings, read_env, setting
 
 __all__ = ["LLMConfig", "LLMError", "BudgetExhausted", "ChatClient", "OpenAILabeler", "check_endpoint"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _unset_or_positive(value: int | None) -> bool:
+    return value is None or value >= 0
 
 
 @dataclass(frozen=True)
@@ -39,46 +44,41 @@ class LLMConfig:
     completion. `backoff_s` is the first retry delay, doubled per attempt up to `backoff_max_s`.
     """
 
-    base_url: str = "https://api.openai.com/v1"
-    api_key: str = field(default="", repr=False)
-    model: str = "gpt-4o-mini"
-    timeout_s: float = 30.0
-    max_retries: int = 4
-    concurrency: int = 4
-    max_calls: int | None = None
-    max_tokens: int | None = None
+    base_url: str = setting("https://api.openai.com/v1", "OPENAI_BASE_URL",
+                            "any OpenAI-compatible chat-completions endpoint")
+    api_key: str = setting("", "OPENAI_API_KEY", "the key; read from the environment only, never logged or "
+                           "shown in `repr`", secret=True)
+    model: str = setting("gpt-4o-mini", "GPLR_LLM_MODEL", "model name as the endpoint knows it")
+    timeout_s: float = setting(30.0, "GPLR_LLM_TIMEOUT_S", "per-request timeout, seconds",
+                               parse=float, check=lambda v: v > 0, why="must be > 0")
+    max_retries: int = setting(4, "GPLR_LLM_MAX_RETRIES", "retries of 429/5xx/timeouts/connection errors "
+                               "(exponential backoff, full jitter, Retry-After honoured)",
+                               parse=int, check=lambda v: v >= 0, why="must be >= 0")
+    backoff_s: float = setting(0.5, "GPLR_LLM_BACKOFF_S", "first retry delay, doubled per attempt",
+                               parse=float, check=lambda v: v >= 0, why="must be >= 0")
+    concurrency: int = setting(4, "GPLR_LLM_CONCURRENCY", "requests in flight at once",
+                               parse=int, check=lambda v: v >= 1, why="must be >= 1")
+    max_calls: int | None = setting(None, "GPLR_LLM_MAX_CALLS", "hard cap on calls per process (unset = only "
+                                    "`GPLR_LABEL_BUDGET` limits)", parse=int, check=_unset_or_positive,
+                                    why="must be >= 0")
+    max_tokens: int | None = setting(None, "GPLR_LLM_MAX_TOKENS", "hard cap on tokens per process",
+                                     parse=int, check=_unset_or_positive, why="must be >= 0")
     reply_tokens: int = 200
-    backoff_s: float = 0.5
     backoff_max_s: float = 20.0
     max_personas: int = 5
     history_tokens: int = 1500
     temperature: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
-        if self.max_retries < 0 or self.timeout_s <= 0:
-            raise ValueError("max_retries must be >= 0 and timeout_s > 0")
-        if not 1 <= self.max_personas:
-            raise ValueError("max_personas must be >= 1")
+        check_settings(self)
+        check_all([(self.max_personas >= 1, "max_personas", self.max_personas, "must be >= 1"),
+                   (self.reply_tokens >= 1, "reply_tokens", self.reply_tokens, "must be >= 1")])
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "LLMConfig":
-        """OPENAI_BASE_URL, OPENAI_API_KEY, GPLR_LLM_MODEL, GPLR_LLM_TIMEOUT_S, GPLR_LLM_MAX_RETRIES,
-        GPLR_LLM_CONCURRENCY, GPLR_LLM_MAX_CALLS, GPLR_LLM_MAX_TOKENS (+ GPLR_LLM_BACKOFF_S)."""
-        env = EnvReader(os.environ if env is None else env)
-        d = cls()
-        values: dict[str, Any] = dict(
-            base_url=env.read("OPENAI_BASE_URL", d.base_url, str),
-            api_key=env.text("OPENAI_API_KEY"),
-            model=env.read("GPLR_LLM_MODEL", d.model, str),
-            timeout_s=env.read("GPLR_LLM_TIMEOUT_S", d.timeout_s, float),
-            max_retries=env.read("GPLR_LLM_MAX_RETRIES", d.max_retries, int),
-            concurrency=env.read("GPLR_LLM_CONCURRENCY", d.concurrency, int),
-            max_calls=env.read("GPLR_LLM_MAX_CALLS", None, int),
-            max_tokens=env.read("GPLR_LLM_MAX_TOKENS", None, int),
-            backoff_s=env.read("GPLR_LLM_BACKOFF_S", d.backoff_s, float),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> LLMConfig:
+        """The declared variables above (OPENAI_BASE_URL, OPENAI_API_KEY, GPLR_LLM_*); `overrides`
+        replace fields after reading. A bad value raises `ConfigError` naming its variable."""
+        values = read_env(cls, os.environ if env is None else env)
         values.update(overrides)
         return cls(**values)
 

@@ -1,4 +1,4 @@
-"""Prompt serialisation and strict reply parsing for LLM persona labelling (paper, Appendix B).
+"""Prompt serialisation and strict reply parsing for LLM persona labeling (paper, Appendix B).
 
 Product names come from shoppers and sellers, so they are untrusted DATA: each one is written as
 a JSON string on its own line inside a delimited block, and the instructions tell the model to
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from core.labelers.base import UserHistory
 from core.personas import PersonaSet

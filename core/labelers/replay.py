@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
 from core.personas import PersonaSet

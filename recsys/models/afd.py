@@ -8,7 +8,7 @@ of the penalty through weights computed from detached correlations (no gradient 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

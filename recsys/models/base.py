@@ -11,8 +11,8 @@ Scores are dot products of final user and item embeddings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class Recommender(RankingModel):
     def device(self) -> torch.device:
         return self.embedding.device
 
-    def train(self, mode: bool = True) -> "Recommender":
+    def train(self, mode: bool = True) -> Recommender:
         self._cache = None  # parameters are about to change (or just did)
         return super().train(mode)
 

@@ -100,17 +100,18 @@ class EASE(ItemItemModel):
         w, self.pdiag = ease_solution(gram, self.lam)
         return w
 
-    def solve_from(self, previous: "EASE | None", interactions: sp.spmatrix, max_rank: float = 0.125) -> "EASE":
+    def solve_from(self, previous: EASE | None, interactions: sp.spmatrix, max_rank: float = 0.125) -> EASE:
         """`solve(interactions)`, by a Woodbury update of `previous` (same hyper-parameters and
         features, users only added) when fewer than `max_rank`·F design rows changed."""
         design, history = design_matrix(interactions, self.graph, self.persona_weight, self.pseudo_weight)
         usable = (previous is not None and previous.pdiag is not None and previous.design is not None
                   and previous.params() == self.params()
                   and previous.design.shape[1] == design.shape[1])
-        rows = changed_rows(previous.design, previous.graph.n_users, design, self.graph.n_users) if usable else None
+        if not usable or previous is None or previous.design is None or previous.pdiag is None:
+            return self.solve(interactions)
+        rows = changed_rows(previous.design, previous.graph.n_users, design, self.graph.n_users)
         if rows is None or sum(r.shape[0] for r in rows) > max_rank * design.shape[1]:
             return self.solve(interactions)
-        assert previous is not None
         self.design, self.history = design, history
         if rows[0].shape[0] == 0:
             self.weights_, self.pdiag = previous.weights_, previous.pdiag

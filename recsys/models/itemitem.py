@@ -24,7 +24,8 @@ Scoring multiplies sparse history rows by W, batch by batch, so users do not add
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -115,7 +116,7 @@ class ItemItemModel(RankingModel):
     def params(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self.search_space()}
 
-    def configure(self, **params: float) -> "ItemItemModel":
+    def configure(self, **params: float) -> Self:
         unknown = set(params) - set(self.search_space())
         if unknown:
             raise ValueError(f"{self.name} has no hyper-parameters {sorted(unknown)}")
@@ -128,7 +129,7 @@ class ItemItemModel(RankingModel):
     def device(self) -> torch.device:
         return self.weights_.device
 
-    def solve(self, interactions: sp.spmatrix) -> "ItemItemModel":
+    def solve(self, interactions: sp.spmatrix) -> Self:
         """Compute W from `interactions` (users × items, binary) and the graph's personas; the
         same rows become the users' histories for scoring."""
         self.design, self.history = design_matrix(interactions, self.graph, self.persona_weight, self.pseudo_weight)
@@ -136,9 +137,13 @@ class ItemItemModel(RankingModel):
         return self
 
     def _solved(self) -> torch.Tensor:
+        self._history()
+        return self.weights_
+
+    def _history(self) -> sp.csr_matrix:
         if self.history is None:
             raise RuntimeError(f"{self.name} is not solved yet: call solve() (or recsys.train.fit)")
-        return self.weights_
+        return self.history
 
     def _history_times(self, rows: sp.csr_matrix, w: torch.Tensor) -> torch.Tensor:
         """Sparse history rows × dense W: nnz × F work instead of rows × F² (75× less on
@@ -153,7 +158,7 @@ class ItemItemModel(RankingModel):
 
     def full_sort_scores(self, users: torch.Tensor) -> torch.Tensor:
         w = self._solved()
-        rows = self.history[np.asarray(users.cpu(), dtype=np.int64)]
+        rows = self._history()[np.asarray(users.cpu(), dtype=np.int64)]
         return self._history_times(rows, w[:, :self.graph.n_items].contiguous())
 
     def cold_user_scores(self, personas: Sequence[int]) -> torch.Tensor:

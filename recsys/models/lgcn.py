@@ -20,6 +20,8 @@ __all__ = ["LGCN"]
 
 class LGCN(Recommender):
     name = "lgcn"
+    eigvals: torch.Tensor  # buffers (register_buffer)
+    basis: torch.Tensor
 
     def __init__(self, graph: RecGraph, n_eigen: int = 128, residual: bool = False, **kwargs) -> None:
         super().__init__(graph, **kwargs)

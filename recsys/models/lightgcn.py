@@ -19,7 +19,7 @@ class LightGCN(Recommender):
         self.adj = SparseOperator(graph.norm_adj)
 
     def layers(self) -> list[torch.Tensor]:
-        out = [self.embedding]
+        out: list[torch.Tensor] = [self.embedding]
         for _ in range(self.n_layers):
             out.append(self.adj @ out[-1])
         return out

@@ -43,9 +43,9 @@ def test_label_jsonl_keeps_prototype_labels_and_ranks_the_rest(shop_files: dict)
     shop = shop_files["shop"]
     names = shop.personas.names
     assert sorted(r["user_id"] for r in rows) == sorted(shop.user_truth)
-    labelled = [r for r in rows if r["llm_labelled"]]
-    assert len(labelled) == 15  # 25% of 60 users
-    for r in labelled:  # the replayed truth, minus the name outside the set
+    labeled = [r for r in rows if r["llm_labelled"]]
+    assert len(labeled) == 15  # 25% of 60 users
+    for r in labeled:  # the replayed truth, minus the name outside the set
         assert r["personas"] == [names[p] for p in shop.user_truth[r["user_id"]]]
     for r in rows:
         if not r["llm_labelled"]:
@@ -114,7 +114,8 @@ class PlantedLabeler:
         return [LabelResult(h.user_id, self.truth[h.user_id]) for h in histories]
 
 
-def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import core.labelers
     import core.synthetic
 
@@ -131,7 +132,7 @@ def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture, 
                  "--budget", "0.2", "--rounds", "2", "--show", "3"]) == 0
     text = capsys.readouterr().out
     assert made["labeler"].stats.calls == 30
-    # the labeler answered the planted truth, so the labelled users' row is perfect
+    # the labeler answered the planted truth, so the labeled users' row is perfect
     line = next(ln for ln in text.splitlines() if "labelled by the labeler" in ln)
     assert line.count("1.000") == 4
     assert "propagated by GPLR (120)" in text

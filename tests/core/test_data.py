@@ -330,7 +330,8 @@ def test_a_broken_schema_file_is_one_clear_error(tmp_path: Path):
     (tmp_path / "s.yaml").write_text("columns: [user_id: a\n")
     (tmp_path / "s.json").write_text('{"user_id": ')
     (tmp_path / "list.yaml").write_text("- user_id\n")
-    for name, message in (("s.yaml", "not valid YAML"), ("s.json", "not valid JSON"), ("list.yaml", "expected a mapping")):
+    for name, message in (("s.yaml", "not valid YAML"), ("s.json", "not valid JSON"),
+                          ("list.yaml", "expected a mapping")):
         with pytest.raises(ValueError, match=message) as exc:
             load_schema(tmp_path / name)
         assert "\n" not in str(exc.value)

@@ -44,8 +44,8 @@ def dense_walk(g: BipartiteGraph, hops: int, weight: str) -> np.ndarray:
 def test_self_return_is_the_walk_diagonal(hops: int, weight: str) -> None:
     g = random_graph(25, 10, seed=hops)
     users = np.array([0, 3, 7, 24])
-    np.testing.assert_allclose(self_return(g, users, hops, weight, chunk=3), np.diag(dense_walk(g, hops, weight))[users],
-                               atol=1e-12)
+    np.testing.assert_allclose(self_return(g, users, hops, weight, chunk=3),
+                               np.diag(dense_walk(g, hops, weight))[users], atol=1e-12)
 
 
 @pytest.mark.parametrize("hops", [1, 2])
@@ -236,7 +236,7 @@ def test_decoder_validation() -> None:
         fit_decoder(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((3, 3), dtype=bool))
 
 
-def test_prevalence_matching_moves_decisions_to_the_labelled_shape() -> None:
+def test_prevalence_matching_moves_decisions_to_the_labeled_shape() -> None:
     rng = np.random.default_rng(7)
     n, m = 400, 4
     prior = np.array([0.6, 0.3, 0.2, 0.1])

@@ -86,7 +86,7 @@ def test_properties(psi: np.ndarray, scale: float) -> None:
     np.testing.assert_allclose(q.sum(axis=1), 1.0)
 
 
-def test_select_du_picks_best_unlabelled_with_stable_ties() -> None:
+def test_select_du_picks_best_unlabeled_with_stable_ties() -> None:
     scores = np.array([0.5, 2.0, 2.0, 3.0, 2.0, 0.1])
     mask = np.array([True, True, True, False, True, True])
     assert select_du(scores, mask, 3).tolist() == [1, 2, 4]

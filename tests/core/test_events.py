@@ -5,7 +5,8 @@ import json
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.events import MAX_DEPTH, REASONS, InvalidEvent, decode_json, json_depth, parse_purchase
 from tests.core.poison import POISON, valid
@@ -51,8 +52,9 @@ def test_str_payload_with_a_lone_surrogate_is_invalid_text():
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
                      st.text(max_size=30))
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=20)
+_json = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
 
 
 @settings(max_examples=300, deadline=None)

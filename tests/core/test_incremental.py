@@ -15,10 +15,10 @@ from core.incremental import (
     UserState,
     item_upsert,
     label_vector,
+    must_push,
     persona_change,
     psi_raw,
     rank_personas,
-    must_push,
     threshold,
     user_apply_value,
     user_purchase,
@@ -61,7 +61,7 @@ def _random_events(rng, n_users=30, n_items=20, n_buys=300, n_labels=15):
     events = []
     for _ in range(n_buys):
         events.append(("buy", f"u{rng.integers(n_users)}", f"i{int(rng.zipf(1.6)) % n_items}"))
-    for _ in range(n_labels):  # labels land between purchases, some users relabelled
+    for _ in range(n_labels):  # labels land between purchases, some users relabeled
         pos = int(rng.integers(len(events) + 1))
         personas = tuple(int(p) for p in rng.choice(M, size=int(rng.integers(1, 3)), replace=False))
         events.insert(pos, ("label", f"u{rng.integers(n_users)}", personas))
@@ -135,7 +135,7 @@ def test_coarse_eps_sends_fewer_messages_but_keeps_bound():
 
 
 def test_hand_worked_example():
-    """u0 (prototype, persona 0) and u1 buy item a; u1 also buys b, bought by nobody labelled.
+    """u0 (prototype, persona 0) and u1 buy item a; u1 also buys b, bought by nobody labeled.
 
     M[a] = L[u0]/2 = (0.5, 0, ..), M[b] = 0 → Ψ_raw[u1] = (M[a] + M[b]) / 2 = (0.25, 0, ..),
     Ψ_raw[u0] = M[a] = (0.5, 0, ..).

@@ -31,7 +31,7 @@ NAMES = np.array(["christmas star", "christmas bauble", "garden hose", "garden r
 
 
 def shop() -> BipartiteGraph:
-    # users 0-5 are labelled below; 6 and 7 buy mixtures; 8 buys an item whose name is a code
+    # users 0-5 are labeled below; 6 and 7 buy mixtures; 8 buys an item whose name is a code
     users = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6, 7, 7, 8, 8, 8])
     items = np.array([0, 1, 1, 4, 2, 3, 3, 5, 0, 4, 2, 5, 0, 2, 7, 4, 5, 6, 0, 0])
     return BipartiteGraph.from_indices(users, items, 9, 8, item_names=NAMES)

@@ -6,12 +6,14 @@ import socket
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.labelers.base import UserHistory
 from core.labelers.openai_labeler import LLMConfig, OpenAILabeler
 from core.labelers.prompts import CHARS_PER_TOKEN
 from core.personas import Persona, PersonaSet
+from core.settings import ConfigError
 
 PERSONAS = PersonaSet([Persona("Tea Lover", "tea"), Persona("Gardener", "garden"), Persona("Baker", "cakes")])
 KEY = "sk-test-SECRET-7f3a9c"
@@ -26,7 +28,7 @@ def config(fake, **kw) -> LLMConfig:
     return LLMConfig(**base)
 
 
-def test_good_reply_is_labelled_and_usage_booked(fake_openai):
+def test_good_reply_is_labeled_and_usage_booked(fake_openai):
     fake_openai.script(fake_openai.good(["Gardener", "Tea Lover"]))
     labeler = OpenAILabeler(PERSONAS, config(fake_openai))
     [result] = labeler.label([TEA])
@@ -197,7 +199,8 @@ def test_config_from_env():
 @pytest.mark.parametrize("key, value", [("GPLR_LLM_CONCURRENCY", "many"), ("GPLR_LLM_TIMEOUT_S", "soon"),
                                         ("GPLR_LLM_CONCURRENCY", "0")])
 def test_config_from_env_rejects_bad_values(key, value):
-    with pytest.raises(ValueError, match=key if value != "0" else "concurrency"):
+    """Both a value that does not parse and one that fails its check name the variable."""
+    with pytest.raises(ConfigError, match=f"^{key}="):
         LLMConfig.from_env({key: value})
 
 

@@ -1,11 +1,10 @@
 """Three-stage persona generation end to end against the fake OpenAI server (and the CLI)."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
-
-import argparse
 
 from core import batch_cli
 from core.labelers.base import UserHistory

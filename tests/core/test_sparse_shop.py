@@ -63,7 +63,7 @@ def test_top_set_share_by_hand():
 
 
 def test_stream_is_not_degenerate_on_the_sparse_shop(sparse):
-    """Purchases in time order, 5% prototypes labelled at random moments, default ε and
+    """Purchases in time order, 5% prototypes labeled at random moments, default ε and
     hysteresis: the users' last published persona sets are not much more alike than the truth."""
     from streams.config import StreamConfig
 

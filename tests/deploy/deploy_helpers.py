@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, files
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import pytest
 import yaml
@@ -78,7 +78,7 @@ def compose_model(compose_bin: Path, *profiles: str, env: Mapping[str, str] | No
     return json.loads(_compose_json(compose_bin, profiles, tuple(sorted((env or {}).items()))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose_json(compose_bin: Path, profiles: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> str:
     flags = [arg for p in profiles for arg in ("--profile", p)]
     result = run_compose(compose_bin, *flags, "config", "--format", "json", env=dict(env))

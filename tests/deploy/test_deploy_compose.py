@@ -17,7 +17,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from streams.broker import free_port
 from streams.config import StreamConfig
 from tests.deploy.deploy_helpers import (
-    COMPOSE_FILE, PROMETHEUS_CONFIG, REPO, compose_model, config_variables, run_compose, trainer_variables,
+    COMPOSE_FILE,
+    PROMETHEUS_CONFIG,
+    REPO,
+    compose_model,
+    config_variables,
+    run_compose,
+    trainer_variables,
 )
 
 

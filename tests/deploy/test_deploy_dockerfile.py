@@ -87,7 +87,12 @@ def test_base_image_and_torch_pin() -> None:
 def test_copied_sources_exist_and_reach_the_context() -> None:
     copied = [src for cmd in commands() if cmd.cmd == "COPY" and not any(f.startswith("--from") for f in cmd.flags)
               for src in cmd.value[:-1]]
-    assert {"pyproject.toml", "core", "streams", "recsys"} <= set(copied)
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = {f"{m}.py" for m in setup.get("py-modules", [])}  # what the wheel installs: all of it
+    assert {"pyproject.toml", "core", "streams", "recsys"} | modules <= set(copied)
+    assert "gplr_stream.py" in modules
     for src in copied:
         if any(c in src for c in "*?["):  # optional files: whatever matches must get through
             matches = [str(p.relative_to(REPO)) for p in REPO.glob(src)]

@@ -3,25 +3,16 @@ configuration reference, with the default the code (or compose file) really uses
 from __future__ import annotations
 
 import re
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from core.labelers.openai_labeler import LLMConfig
+from core.settings import declared, table_rows
 from streams.config import StreamConfig
 from tests.deploy.deploy_helpers import COMPOSE_FILE, REPO, compose_model, config_variables, trainer_variables
 
 OPERATIONS = REPO / "docs" / "operations.md"
-_LLM_FIELDS = {"OPENAI_BASE_URL": "base_url", "OPENAI_API_KEY": "api_key", "GPLR_LLM_MODEL": "model",
-               "GPLR_LLM_TIMEOUT_S": "timeout_s", "GPLR_LLM_MAX_RETRIES": "max_retries",
-               "GPLR_LLM_CONCURRENCY": "concurrency", "GPLR_LLM_MAX_CALLS": "max_calls",
-               "GPLR_LLM_MAX_TOKENS": "max_tokens", "GPLR_LLM_BACKOFF_S": "backoff_s"}
-_TRAINER_FIELDS = {"GPLR_TRAIN_INTERVAL_S": "interval_s", "GPLR_TRAIN_AFTER_EDGES": "after_edges",
-                   "GPLR_TRAINER_MODEL": "model", "GPLR_TRAINER_EPOCHS": "epochs", "GPLR_TRAINER_DIM": "dim",
-                   "GPLR_TRAINER_LR": "lr", "GPLR_TRAINER_MAX_SECONDS": "max_seconds",
-                   "GPLR_TRAINER_DEVICE": "device", "GPLR_RECS_K": "top_k",
-                   "GPLR_TRAINER_RESELECT_EVERY": "reselect_every"}
 _COMPOSE_DEFAULT = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -45,25 +36,19 @@ def _cell(value: object) -> str:
 
 
 def code_defaults() -> dict[str, str]:
-    stream = StreamConfig().as_env()
-    llm = LLMConfig()
-    defaults = {name: _cell(value) for name, value in stream.items()}
-    defaults.update({name: _cell(getattr(llm, attr)) for name, attr in _LLM_FIELDS.items()})
+    """Variable → its default cell, from the declarations (`core.settings.table_rows`)."""
     from recsys.trainer import TrainerConfig
 
-    trainer = TrainerConfig()
-    defaults.update({name: _cell(getattr(trainer, attr)) for name, attr in _TRAINER_FIELDS.items()})
-    return defaults
+    return {env: cell for cls in (StreamConfig, LLMConfig, TrainerConfig) for env, cell, _ in table_rows(cls)}
 
 
-def test_field_maps_are_current() -> None:
-    """The LLM and trainer variables checked below are read, and name real config fields."""
+def test_declarations_are_what_the_readers_read() -> None:
+    """The variables `from_env` really looks up are exactly the declared ones (plus a fallback)."""
     from recsys.trainer import TrainerConfig
 
-    assert set(_LLM_FIELDS.values()) <= {f.name for f in fields(LLMConfig)}
-    assert set(_LLM_FIELDS) <= config_variables()
-    assert set(_TRAINER_FIELDS.values()) <= {f.name for f in fields(TrainerConfig)}
-    assert set(_TRAINER_FIELDS) <= trainer_variables()
+    stream_and_llm = {meta.env for cls in (StreamConfig, LLMConfig) for _, meta, _ in declared(cls)}
+    assert config_variables() == stream_and_llm
+    assert trainer_variables() == {meta.env for _, meta, _ in declared(TrainerConfig)} | {"GPLR_METRICS_PORT"}
 
 
 def test_every_setting_is_documented_with_its_default() -> None:
@@ -71,6 +56,7 @@ def test_every_setting_is_documented_with_its_default() -> None:
     missing = sorted((config_variables() | trainer_variables()) - set(docs))
     assert not missing, f"operations.md does not document {missing}"
     defaults = code_defaults()
+    assert {"KAFKA_BOOTSTRAP", "OPENAI_API_KEY", "GPLR_RECS_K"} <= set(defaults)
     wrong = {name: (docs[name], defaults[name]) for name in defaults if docs[name] != defaults[name]}
     assert not wrong, f"documented default != code default: {wrong}"
 

@@ -13,8 +13,15 @@ import yaml
 
 from streams import metrics
 from tests.deploy.deploy_helpers import (
-    ALERTS, DASHBOARD, PROMETHEUS_CONFIG, alert_rules, dashboard, dashboard_targets,
-    gplr_metrics_in, grafana_to_promql, run_promtool,
+    ALERTS,
+    DASHBOARD,
+    PROMETHEUS_CONFIG,
+    alert_rules,
+    dashboard,
+    dashboard_targets,
+    gplr_metrics_in,
+    grafana_to_promql,
+    run_promtool,
 )
 
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),

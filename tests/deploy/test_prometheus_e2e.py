@@ -15,8 +15,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -27,8 +28,15 @@ from streams.broker import free_port
 from streams.demo import WorkerProcess
 from streams.topics import topics_for
 from tests.deploy.deploy_helpers import (
-    ALERTS, PROMETHEUS_CONFIG, REPO, alert_rules, compose_model, dashboard_targets, grafana_to_promql,
+    ALERTS,
+    PROMETHEUS_CONFIG,
+    REPO,
+    alert_rules,
+    compose_model,
+    dashboard_targets,
+    grafana_to_promql,
 )
+
 # The infra engineer's session broker fixture and isolated test config (shared, not copied).
 from tests.kafka_fixtures import make_config
 
@@ -197,7 +205,7 @@ def test_prometheus_scrapes_live_worker_and_trainer(broker, prometheus, tmp_path
         assert not server.query('gplr_events_in_total{job="gplr-trainer"}')
 
         # Every dashboard query runs on the live server.
-        for title, expr in dashboard_targets():
+        for _title, expr in dashboard_targets():
             server.query(grafana_to_promql(expr))
         assert server.query(grafana_to_promql(next(e for t, e in dashboard_targets()
                                                    if "gplr_events_in_total" in e)))

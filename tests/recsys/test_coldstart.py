@@ -10,10 +10,14 @@ from recsys.data import RecData
 
 def _data() -> RecData:
     # 4 users × 5 items; item 4 is never bought in training, item 3 only in training
-    fit = sp.csr_matrix(np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 1, 0, 0]], dtype=np.float32))
-    valid = sp.csr_matrix(np.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=np.float32))
-    test = sp.csr_matrix(np.array([[0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=np.float32))
-    return RecData(np.array(["a", "b", "c", "d"], dtype=object), np.array(list("vwxyz"), dtype=object), fit, valid, test)
+    def m(rows: list[list[int]]) -> sp.csr_matrix:
+        return sp.csr_matrix(np.array(rows, dtype=np.float32))
+
+    fit = m([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    valid = m([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    test = m([[0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    users, items = np.array(["a", "b", "c", "d"], dtype=object), np.array(list("vwxyz"), dtype=object)
+    return RecData(users, items, fit, valid, test)
 
 
 def test_slices() -> None:

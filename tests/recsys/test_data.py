@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.personas import Persona, PersonaSet
-from recsys.data import carve_validation, interactions, load_paper_split, load_persona_table, persona_matrix, split_frame
+from recsys.data import (
+    carve_validation,
+    interactions,
+    load_paper_split,
+    load_persona_table,
+    persona_matrix,
+    split_frame,
+)
 
 
 @settings(max_examples=40, deadline=None)

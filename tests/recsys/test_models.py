@@ -209,8 +209,10 @@ def test_ease_persona_solves_the_augmented_matrix(tiny) -> None:
     expected = _dense_ease(design, lam)
     np.testing.assert_allclose(model.weights_.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(model.full_sort_scores(torch.arange(12)).numpy(), history @ expected[:, :9], atol=1e-5)
-    np.testing.assert_allclose(model.cold_user_scores([1, 3]).numpy(), a * expected[[9 + 1, 9 + 3], :9].sum(0), atol=1e-5)
-    np.testing.assert_allclose(model.cold_item_scores([0, 2]).numpy(), history @ expected[:, [9, 11]].mean(1), atol=1e-5)
+    np.testing.assert_allclose(model.cold_user_scores([1, 3]).numpy(), a * expected[[9 + 1, 9 + 3], :9].sum(0),
+                               atol=1e-5)
+    np.testing.assert_allclose(model.cold_item_scores([0, 2]).numpy(), history @ expected[:, [9, 11]].mean(1),
+                               atol=1e-5)
     # with b = 0 the pseudo-users are gone: the design matrix is the history alone
     model.configure(pseudo_weight=0.0).solve(ui)
     np.testing.assert_allclose(model.weights_.numpy(), _dense_ease(history, lam), atol=1e-5)

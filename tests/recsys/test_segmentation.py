@@ -15,9 +15,20 @@ from core.labelers.replay import ReplayLabeler
 from core.personas import Persona, PersonaSet
 from core.synthetic import make_shop
 from recsys.segmentation import (
-    consistent_share, load_persona_assignments, persona_robustness, persona_sets, plot_segments,
-    quantile_bins, rfm_bins, rfm_robustness, rfm_table, rfm_vectors, segment, split_halves,
-    summary_json, write_segments,
+    consistent_share,
+    load_persona_assignments,
+    persona_robustness,
+    persona_sets,
+    plot_segments,
+    quantile_bins,
+    rfm_bins,
+    rfm_robustness,
+    rfm_table,
+    rfm_vectors,
+    segment,
+    split_halves,
+    summary_json,
+    write_segments,
 )
 
 DAY = 86_400.0
@@ -150,7 +161,7 @@ def test_persona_robustness_with_an_oracle_labeler(tmp_path: Path) -> None:
     pd.DataFrame({"CustomerID": list(shop.user_truth),
                   "personas": ["|".join(shop.personas[m].name for m in ps) for ps in shop.user_truth.values()]}
                  ).to_csv(labels, index=False)
-    # labelling everyone with the planted truth: every user's set is the same in both halves
+    # labeling everyone with the planted truth: every user's set is the same in both halves
     share, n = persona_robustness(shop.frame, shop.personas, lambda: ReplayLabeler(shop.personas, labels),
                                   budget=1.0, rounds=1, seed=0)
     early, late = split_halves(shop.frame)
@@ -219,7 +230,8 @@ def test_segment_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "segments.csv"
     code = main(["segment", "--personas-file", str(assignments), "--persona-set", str(tmp_path / "personas.json"),
                  "--data", str(data), "--format", "table", "--ks", "3,5", "--out", str(out),
-                 "--plot", str(tmp_path / "plot.png"), "--robustness", "--replay-file", str(_truth_csv(shop, tmp_path))])
+                 "--plot", str(tmp_path / "plot.png"), "--robustness",
+                 "--replay-file", str(_truth_csv(shop, tmp_path))])
     assert code == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(line) == {"silhouette_persona3", "silhouette_persona5", "silhouette_rfm3", "silhouette_rfm5",

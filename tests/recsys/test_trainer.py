@@ -19,7 +19,13 @@ from recsys.graph import build_graph
 from recsys.models import make_model
 from recsys.train import TrainConfig, fit
 from recsys.trainer import (
-    AUTO_CANDIDATES, GraphState, TrainerConfig, choose_models, recommend, recommendation_record, train_model,
+    AUTO_CANDIDATES,
+    GraphState,
+    TrainerConfig,
+    choose_models,
+    recommend,
+    recommendation_record,
+    train_model,
 )
 from streams import metrics
 from streams.broker import free_port
@@ -240,9 +246,9 @@ def test_one_cycle_through_the_broker(broker, tmp_path: Path) -> None:  # noqa: 
     topics = Topics(stream.topic_prefix)
     create_topics(stream.kafka_bootstrap, topics.public(), stream.partitions)
     produce(stream.kafka_bootstrap, topics.purchases, list(iter_events(shop.frame)) + [b"{broken"])
-    labelled = sorted(shop.user_truth)[:30]
+    labeled = sorted(shop.user_truth)[:30]
     produce(stream.kafka_bootstrap, topics.persona_updates,
-            [_update(u, shop, shop.user_truth[u]) for u in labelled] + [_update("newcomer", shop, (1,))],
+            [_update(u, shop, shop.user_truth[u]) for u in labeled] + [_update("newcomer", shop, (1,))],
             key=lambda r: r["user"])
     service = TrainerService(stream, FAST)
     published = service.run(once=True)

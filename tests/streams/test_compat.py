@@ -11,7 +11,13 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 
 from streams import _compat
-from streams._compat import CompatError, check_hooks, configure_fetch_pacing, install_fetch_pacing, is_embedded_bootstrap
+from streams._compat import (
+    CompatError,
+    check_hooks,
+    configure_fetch_pacing,
+    install_fetch_pacing,
+    is_embedded_bootstrap,
+)
 
 PACE = 0.05
 

@@ -1,8 +1,8 @@
-"""Issue 9, failure 4: reproducible labelling.
+"""Issue 9, failure 4: reproducible labeling.
 
 * `random` sampling (the default) decides at purchases, in each user partition's offset order, with
   a seeded coin: the same input chooses the same users whatever the batching or the clock;
-* the call-rate limit delays labeller calls, it never decides who is labelled;
+* the call-rate limit delays labeler calls, it never decides who is labeled;
 * `du` sampling: each partition's DU quantile window sees only that partition's users (still
   timing-dependent through Ψ̂, see docs/operations.md, "Reproducibility");
 * end to end: the same events replayed into two fresh deployments (fake LLM in keyword mode)
@@ -202,7 +202,7 @@ def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_per
     assert all(m.partition() == partition_for(m.key().decode(), configs[0].partitions) for m in placed)
     n_users = shop.frame["user_id"].nunique()
     (req_a, proto_a, last_a), (req_b, proto_b, last_b) = (_final_state(c, consume, n_users) for c in configs)
-    assert len(req_a) >= 5 and len(proto_a) >= 5  # labelling happened
+    assert len(req_a) >= 5 and len(proto_a) >= 5  # labeling happened
     assert req_a == req_b  # the same users asked, with the same histories ...
     assert proto_a == proto_b  # ... hence the same prototypes and labels
     assert set(last_a) == set(last_b) and len(last_a) == n_users
@@ -213,8 +213,8 @@ def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_per
 # -- the refit: a function of its input, trained only on applied labels ---------------------------
 def test_refit_ignores_read_order_and_rows_without_an_applied_label():
     from core.data import iter_events
-    from core.synthetic import make_shop
     from core.decoder import DEFAULT_RULE
+    from core.synthetic import make_shop
     from streams.refit import applied_labels, fit_stream_model
 
     shop = make_shop(n_users=60, n_items=40, n_personas=5, seed=2, mean_purchases=5)
@@ -223,7 +223,7 @@ def test_refit_ignores_read_order_and_rows_without_an_applied_label():
     for i, (user, personas) in enumerate(sorted(shop.user_truth.items())[:24]):
         state = UserState(5)
         state.label_personas = tuple(personas)
-        if i % 4:  # a labelled row; every fourth only names personas (no label applied): ignored
+        if i % 4:  # a labeled row; every fourth only names personas (no label applied): ignored
             state.label = np.ones(5)
         rows[user] = state
     prototypes = applied_labels(rows, 5)

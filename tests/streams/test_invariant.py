@@ -6,8 +6,9 @@ the partitions."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -130,7 +131,7 @@ def assert_within_bound(streamed: np.ndarray, exact: np.ndarray, eps: float) -> 
 
 
 def wait_model(config, version: int, n_users: int, timeout: float = 120.0):
-    """The shipped persona model once every unlabelled user row was decided with `version`
+    """The shipped persona model once every unlabeled user row was decided with `version`
     (streams.refit); returns (PersonaModel, users table)."""
     from core.decoder import PersonaModel
 
@@ -232,7 +233,7 @@ def test_invariant_online_retail_slice(stream_config, worker_factory, produce, t
         idx = [pset.index_of(n) for n in str(names).split("|")]
         if key in set(part["user_id"].astype(str)) and len(labels) < 8 and any(i is not None for i in idx):
             labels[key] = [i for i in idx if i is not None]
-    assert labels, "no labelled customer in the slice"
+    assert labels, "no labeled customer in the slice"
     config = replace(stream_config, eps=0.1, personas_path=personas, worker_port=0, label_sources=("test",))
     run_and_check(config, worker_factory, produce, part, labels, len(pset))
 
@@ -253,6 +254,6 @@ def test_sparse_shop_slice_keeps_bound_and_persona_diversity(stream_config, work
     users = run_and_check(config, worker_factory, produce, shop.frame, labels, len(shop.personas), timeout=300)
     scored = [u for u in sorted(shop.user_truth) if u not in labels]
     sets = [tuple(users[u].published) for u in scored]
-    assert all(sets), "every unlabelled user got a persona set"
+    assert all(sets), "every unlabeled user got a persona set"
     stream, truth = top_set_share(sets), top_set_share(shop.user_truth[u] for u in scored)
     assert stream <= 2 * truth, f"stream top-set share {stream:.3f} vs truth {truth:.3f}"

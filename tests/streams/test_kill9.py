@@ -21,8 +21,16 @@ from core.incremental import psi_raw, threshold
 from streams.demo import LagWatcher
 from streams.tables import read_table
 from streams.topics import Topics
-from tests.streams.test_reliability import (EPS, _check_against_exact, _config, _exact_psi, _label_records,
-                                            _labels_for, _last_updates, _shop, _updates)
+from tests.streams.test_reliability import (
+    _check_against_exact,
+    _config,
+    _exact_psi,
+    _label_records,
+    _labels_for,
+    _last_updates,
+    _shop,
+    _updates,
+)
 
 pytestmark = pytest.mark.broker
 

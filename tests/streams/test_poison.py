@@ -23,8 +23,8 @@ from streams.records import DLQ_PAYLOAD_BYTES, label_record, partition_for
 from streams.tables import read_table
 from streams.topics import Topics, create_topics
 from tests.core.poison import POISON, valid
-from tests.streams.test_reliability import _sample, _scrape
 from tests.streams.test_invariant import group_lag
+from tests.streams.test_reliability import _sample, _scrape
 
 pytestmark = pytest.mark.broker
 

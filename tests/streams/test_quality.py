@@ -25,8 +25,7 @@ from core.labelers import make_labeler
 from core.synthetic import make_shop
 from streams.config import StreamConfig
 from streams.demo import write_truth_csv
-from streams.quality import (batch_gplr, batch_same_prototypes, f1_against_truth, popularity_baseline,
-                             worker_metrics)
+from streams.quality import batch_gplr, batch_same_prototypes, f1_against_truth, popularity_baseline, worker_metrics
 from streams.topics import Topics, create_topics
 from tests.streams.test_invariant import wait_drained, wait_group_stable
 
@@ -46,7 +45,7 @@ def _latest(updates: list[dict]) -> dict[str, list[int]]:
     return out
 
 
-def _wait_labelled(config, consume, timeout: float = 60.0) -> dict[str, list[int]]:
+def _wait_labeled(config, consume, timeout: float = 60.0) -> dict[str, list[int]]:
     """Every label request has an answer on the labels topic; the successful labels."""
     names = Topics(config.topic_prefix)
     deadline = time.monotonic() + timeout
@@ -90,7 +89,7 @@ def test_batch_same_prototypes_is_what_the_stream_ranks():
     assert sum(1 for u in users if u not in prototypes and batch[u]) > 40  # labels really reached users
 
 
-def test_worker_metrics_reads_unlabelled_gplr_samples():
+def test_worker_metrics_reads_unlabeled_gplr_samples():
     from prometheus_client import CollectorRegistry, Counter, start_http_server
 
     from streams.broker import free_port
@@ -107,7 +106,7 @@ def test_worker_metrics_reads_unlabelled_gplr_samples():
         server.shutdown()
         thread.join(5)
     assert got["gplr_pushes_total"] == 3.0
-    assert not any(k.startswith("gplr_dlq") and k.endswith("_total") for k in got)  # labelled: skipped
+    assert not any(k.startswith("gplr_dlq") and k.endswith("_total") for k in got)  # labeled: skipped
     assert "other_total" not in got
     assert worker_metrics(free_port(), timeout=1.0) == {}  # nobody listening: empty, no exception
 
@@ -129,7 +128,7 @@ def test_streamed_personas_match_batch_quality(stream_config, worker_factory, pr
     produce(config.kafka_bootstrap, names.purchases, iter_events(shop.frame))
     n_users = shop.frame["user_id"].nunique()
     wait_drained(config, n_users)
-    prototypes = _wait_labelled(config, consume)
+    prototypes = _wait_labeled(config, consume)
     wait_drained(config, n_users)  # the labels' pushes
     streamed = _latest(consume(config.kafka_bootstrap, names.persona_updates, timeout=30))
 

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from core.data import iter_events
-from core.incremental import psi_raw
+from core.incremental import psi_raw, threshold
 from streams.demo import LagWatcher
 from streams.tables import read_table
 from streams.topics import Topics, create_topics
-from core.incremental import threshold
 from tests.streams.test_reliability import _exact_psi, _label_records, _labels_for, _shop
 
 pytestmark = pytest.mark.broker

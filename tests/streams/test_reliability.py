@@ -63,7 +63,7 @@ def _last_updates(updates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _check_against_exact(updates: list[dict[str, Any]], frame, labels, n_personas: int, k: int) -> int:
-    """Every unlabelled user's last published top-k matches exact Ψ within ε; returns users checked."""
+    """Every unlabeled user's last published top-k matches exact Ψ within ε; returns users checked."""
     graph, psi = _exact_psi(frame, labels, n_personas)
     last = _last_updates(updates)
     checked = 0
@@ -197,7 +197,7 @@ def test_bad_records_go_to_the_dlq_and_valid_ones_still_flow(
 
 # -- LLM failure -------------------------------------------------------------------------------
 @pytest.mark.parametrize("failure", [pytest.param("down", marks=pytest.mark.slow), "garbage"])
-def test_llm_failure_degrades_labelling_but_not_the_stream(
+def test_llm_failure_degrades_labeling_but_not_the_stream(
         failure, broker, tmp_path, make_config, produce, consume, worker_factory, fake_openai) -> None:
     shop = _shop(n_users=60, seed=5)
     labels = _labels_for(shop, share=0.1)

@@ -72,7 +72,7 @@ def test_forged_label_requests_and_labels_change_nothing(
     assert users["b2"].label_personas == (3,)  # the operator's label is applied
     assert all(users[b].label is None for b in ("b0", "b1", "b3", "b4", "b5"))
     assert not any(u.startswith("ghost") for u in users)  # forged labels made no prototype
-    time.sleep(2)  # the labeller batches requests for up to a second
+    time.sleep(2)  # the labeler batches requests for up to a second
     assert fake_openai.requests == []  # no LLM call for any forged request
     assert _sample(_scrape(config.metrics_port), "gplr_label_calls_total") == 0
 
