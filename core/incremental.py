@@ -33,7 +33,8 @@ order-free*:
   same message, so a push that overtakes a reply, a duplicate, or a lost-then-resent value all
   converge to the same T.
 
-Only purchase counts are not idempotent; the stream guards them by event-id de-duplication.
+Only purchase counts are not idempotent; the stream guards them with bounded per-user state
+(`core.stream_protocol`: offsets, and the last event ids).
 The de-bias c_m is applied at ranking time (`rank_personas`), never to pushed state; the
 hysteresis (`persona_change`) compares score moves relative to the user's total score, so it too
 is scale-free.
@@ -145,7 +146,8 @@ class UserState:
     applied_offset: int = -1  # highest source offset whose effect is in this state
     published: dict[int, float] = field(default_factory=dict)  # persona -> score last published
     requested: bool = False  # a label request was sent
-    seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
+    recent_ids: list[int] = field(default_factory=list)  # hashes of the last event ids (core.stream_protocol)
+    sources: dict[int, int] = field(default_factory=dict)  # purchases partition -> highest offset counted
     publishes: int = 0  # propagated persona updates published for this user
     quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
     text: np.ndarray | None = None  # Σ item vectors s(v) of the first `text_items` items (item channel)

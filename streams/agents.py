@@ -35,10 +35,11 @@ state change idempotent:
 
 * messages between the sides are absolute upserts with versions/sequence numbers
   (core.incremental), so duplicates, re-sends and coalescing are no-ops or lossless;
-* purchase counts (the one non-idempotent effect) are guarded twice, inside the user row so both
-  guards are written atomically with the counts: `UserState.seen` maps an event id to the offset
-  where it was first seen (another offset = a producer duplicate, skipped; a batch also drops
-  repeats before sending), and `applied_offset` is the last source offset the row reflects;
+* purchase counts (the one non-idempotent effect) are guarded inside the user row, so the
+  guards are written atomically with the counts, with bounded state (`core.stream_protocol`):
+  the highest purchases offset counted per purchases partition (a purchases-reader replay),
+  the last event ids (a producer duplicate; a batch also drops repeats before sending), and
+  `applied_offset`, the last user-ops offset the row reflects:
   a message at or below the row's offset *from before the batch* is a replay: its state change
   is skipped but its outputs are sent again (an item re-tells all its buyers, a user re-sends
   its upserts and its last update), because they may have been lost with the crash, and its row
@@ -88,6 +89,7 @@ from core.incremental import (
     user_set_label,
 )
 from core.personas import PersonaSet
+from core.stream_protocol import is_duplicate, remember
 from streams import metrics
 from streams.config import StreamConfig
 from streams.labelling import LabelPolicy
@@ -317,16 +319,18 @@ class StreamLogic:
         return self.tables.stats.get(f"p{partition}") or {"seen": 0, "requested": 0}
 
     # -- purchases -------------------------------------------------------------------------------
-    def on_purchase_raw(self, key: bytes | None, payload: bytes | None) -> list[Out]:
+    def on_purchase_raw(self, key: bytes | None, payload: bytes | None, partition: int = -1,
+                        offset: int = -1) -> list[Out]:
         """Validate; invalid → dead letter with the original bytes and the reason."""
-        return self.on_purchases_raw([(key, payload)])
+        return self.on_purchases_raw([(key, payload, partition, offset)])
 
-    def on_purchases_raw(self, batch: Sequence[tuple[bytes | None, bytes | None]]) -> list[Out]:
-        """Validate a batch; valid events travel as one user-ops message per user partition
-        (an event id repeated within the batch is sent once), invalid ones to the dead letters."""
+    def on_purchases_raw(self, batch: Sequence[tuple[bytes | None, bytes | None, int, int]]) -> list[Out]:
+        """Validate a batch of (key, payload, purchases partition, offset); valid events travel
+        with their source position as one user-ops message per user partition (an event id
+        repeated within the batch is sent once), invalid ones to the dead letters."""
         out: list[Out] = []
-        groups: dict[int, dict[str, PurchaseEvent]] = {}
-        for key, payload in batch:
+        groups: dict[int, dict[str, tuple[PurchaseEvent, tuple[int, int]]]] = {}
+        for key, payload, src_partition, src_offset in batch:
             metrics.EVENTS_IN.inc()
             try:
                 event = parse_purchase(payload if payload is not None else b"")
@@ -341,10 +345,11 @@ class StreamLogic:
             if event.event_id in group:
                 metrics.DUPLICATES.inc()
                 continue
-            group[event.event_id] = event
-        for p, events in groups.items():
-            evs = list(events.values())
-            out.append(Out("user_ops", evs[0].user_id if len(evs) == 1 else None, purchases_op(evs), p))
+            group[event.event_id] = (event, (src_partition, src_offset))
+        for p, entries in groups.items():
+            evs = [e for e, _ in entries.values()]
+            out.append(Out("user_ops", evs[0].user_id if len(evs) == 1 else None,
+                           purchases_op(evs, [s for _, s in entries.values()]), p))
         return out
 
     # -- user side -------------------------------------------------------------------------------
@@ -378,16 +383,15 @@ class StreamLogic:
         return work.finish(partition)
 
     def _user_purchases(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
-        for eid, user, item, name, quantity, _price, ts in op_events(op):
+        for eid, user, item, name, quantity, _price, ts, source in op_events(op):
             state = work.state(user)
-            first = state.seen.get(eid)
-            if first is not None and first != offset:  # a producer duplicate
-                metrics.DUPLICATES.inc()
-                continue
             if work.replay(user, offset):  # replay after a crash: re-send, change nothing
                 work.membership(user, item, ts)
                 continue
-            state.seen[eid] = offset
+            if is_duplicate(state, eid, source):  # a producer duplicate or a purchases replay
+                metrics.DUPLICATES.inc()
+                continue
+            remember(state, eid, source)
             if state.events == 0:  # (a label may have created the row before any purchase)
                 work.stats()["seen"] += 1
             new_edge = user_purchase(state, item, quantity, name)
@@ -832,7 +836,8 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.agent(topics.purchases, name="purchases")
     async def purchases(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["purchases"]):
-            await send_or_die(topics, logic.on_purchases_raw([(e.message.key, e.message.value) for e in events]))
+            await send_or_die(topics, logic.on_purchases_raw(
+                [(e.message.key, e.message.value, e.message.partition, e.message.offset) for e in events]))
 
     def per_partition(events: Sequence[faust.EventT], handle, source: str) -> list[Out]:
         outs: list[Out] = []

@@ -27,7 +27,6 @@ __all__ = [
     "partition_for",
     "UserOp",
     "ItemOp",
-    "purchase_op",
     "purchases_op",
     "op_events",
     "values_op",
@@ -63,8 +62,7 @@ class UserOp(faust.Record, serializer="json"):
 
     kind: str
     users: list[str]
-    event: dict[str, Any] | None = None  # purchase: the validated PurchaseEvent as a dict
-    events: list[list[Any]] | None = None  # purchase batch: PurchaseEvent fields, in field order
+    events: list[list[Any]] | None = None  # purchase batch: PurchaseEvent fields + purchases partition, offset
     pushes: list[dict[str, Any]] | None = None  # value batch: {item, seq, value, users, source_ts}
     item: str = ""  # value
     seq: int = 0  # value
@@ -88,32 +86,21 @@ class ItemOp(faust.Record, serializer="json"):
     members: list[list[Any]] | None = None
 
 
-def purchase_op(event: Any) -> UserOp:
-    return UserOp(kind="purchase", users=[event.user_id], event=event.to_dict(), source_ts=event.ts)
-
-
-_EVENT_FIELDS = ("event_id", "user_id", "item_id", "item_name", "quantity", "price", "ts")
-
-
-def purchases_op(events: Sequence[Any]) -> UserOp:
+def purchases_op(events: Sequence[Any], sources: Sequence[tuple[int, int]]) -> UserOp:
     """Several validated events of one user-ops partition in one message (as field lists: a
-    dict per event would repeat every field name, and `dataclasses.asdict` is slow)."""
+    dict per event would repeat every field name, and `dataclasses.asdict` is slow), each with
+    its purchases (partition, offset): the replay guard of `core.stream_protocol`."""
     return UserOp(kind="purchase", users=[e.user_id for e in events],
-                  events=[[e.event_id, e.user_id, e.item_id, e.item_name, e.quantity, e.price, e.ts]
-                          for e in events],
+                  events=[[e.event_id, e.user_id, e.item_id, e.item_name, e.quantity, e.price, e.ts, p, o]
+                          for e, (p, o) in zip(events, sources)],
                   source_ts=min(e.ts for e in events))
 
 
-def op_events(op: UserOp) -> list[tuple[str, str, str, str, int, float, float]]:
-    """The purchase events of a purchase op (batched or single form) as
-    (event_id, user_id, item_id, item_name, quantity, price, ts)."""
-    if op.events is not None:
-        return [(str(e), str(u), str(i), str(n), int(q), float(p), float(t)) for e, u, i, n, q, p, t in op.events]
-    if not op.event:
-        return []
-    ev = op.event
-    return [(str(ev["event_id"]), str(ev["user_id"]), str(ev["item_id"]), str(ev.get("item_name", "")),
-             int(ev.get("quantity", 1)), float(ev.get("price", 0.0)), float(ev.get("ts", 0.0)))]
+def op_events(op: UserOp) -> list[tuple[str, str, str, str, int, float, float, tuple[int, int]]]:
+    """The purchase events of a purchase op as (event_id, user_id, item_id, item_name, quantity,
+    price, ts, (purchases partition, purchases offset))."""
+    return [(str(e), str(u), str(i), str(n), int(q), float(pr), float(t), (int(p), int(o)))
+            for e, u, i, n, q, pr, t, p, o in op.events or ()]
 
 
 def label_op(user: str, personas: Sequence[int], scores: Sequence[float], labelled_by: str) -> UserOp:

@@ -63,22 +63,21 @@ def _pack_user(st: UserState) -> tuple:
             values[r] = it.value
     return ("user", st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
             st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
-            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()),
-            st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
+            tuple(st.published.items()), st.requested, _raw(np.array(st.recent_ids, dtype=np.int64)),
+            tuple(st.sources.items()), st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
 
 
 def _unpack_user(t: tuple) -> UserState:
-    _, m, keys, names, ints, values, label, lp, lv, total, events, applied, published, requested = t[:14]
-    seen = dict(zip(t[14], t[15])) if len(t) > 14 else {}  # rows written before the dedup moved here
+    (_, m, keys, names, ints, values, label, lp, lv, total, events, applied, published, requested,
+     recent, sources, publishes, quiet, text, text_items, text_version) = t
     ints, values = _arr(ints, np.int64, 3), _arr(values, np.float64, m)
     items = {
         k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
         for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
     }
-    publishes, quiet = t[16:18] if len(t) > 17 else (0, 0)  # rows written before these counters
-    text, text_items, text_version = t[18:21] if len(t) > 20 else (None, 0, -1)  # (before the text channel)
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
-                     requested, seen, publishes, quiet, _arr(text), text_items, text_version)
+                     requested, _arr(recent, np.int64).tolist(), dict(sources), publishes, quiet, _arr(text),
+                     text_items, text_version)
 
 
 def _pack_item(st: ItemState) -> tuple:
