@@ -60,7 +60,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import faust
 import numpy as np
@@ -91,6 +91,7 @@ from core.incremental import (
 from core.personas import PersonaSet
 from core.stream_protocol import is_duplicate, remember
 from streams import metrics
+from streams._compat import changelog_written
 from streams.config import StreamConfig
 from streams.labelling import LabelPolicy
 from streams.records import (
@@ -187,10 +188,39 @@ def label_rejection(config: StreamConfig, state: UserState | None, labelled_by: 
     return None
 
 
+#: Metric updates of the batch attempt being handled (None: none is, update at once); see `_attempt`.
+_DEFERRED: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+
+
+def _count(update: Callable[..., Any], *args: Any) -> None:
+    """Update a metric, or defer it to the end of the current batch attempt."""
+    if _DEFERRED is None:
+        update(*args)
+    else:
+        _DEFERRED.append((update, args))
+
+
+def _attempt(handle: Callable[..., list["Out"]], *args: Any) -> list["Out"]:
+    """Run one attempt at a batch with its metric updates held back: applied when it returns,
+    dropped when it raises, so a batch retried one message at a time (`guarded`) counts each
+    applied record once. (Handlers are synchronous: no other agent runs meanwhile.)"""
+    global _DEFERRED
+    saved, _DEFERRED = _DEFERRED, []
+    try:
+        result = handle(*args)
+    except BaseException:
+        _DEFERRED = saved
+        raise
+    updates, _DEFERRED = _DEFERRED, saved
+    for update, update_args in updates:
+        _count(update, *update_args)
+    return result
+
+
 def dead_letter(payload: bytes | None, key: bytes | str | None, reason: str, detail: str,
                 source: str = "purchases") -> Out:
     """A dead letter for the DLQ topic, counted once in `gplr_dlq_total{reason}`."""
-    metrics.DLQ.labels(reason=reason).inc()
+    _count(metrics.DLQ.labels(reason=reason).inc)
     logger.info("dead letter from %s (%s)", source, reason)
     raw_key = key.encode("utf-8", "replace") if isinstance(key, str) else key
     body = dlq_record(payload, raw_key, reason, detail, source)
@@ -389,7 +419,7 @@ class StreamLogic:
                 work.membership(user, item, ts)
                 continue
             if is_duplicate(state, eid, source):  # a producer duplicate or a purchases replay
-                metrics.DUPLICATES.inc()
+                _count(metrics.DUPLICATES.inc)
                 continue
             remember(state, eid, source)
             if state.events == 0:  # (a label may have created the row before any purchase)
@@ -398,7 +428,7 @@ class StreamLogic:
             work.applied(user, offset)
             self._note_applied()
             if new_edge:
-                metrics.EDGES.inc()
+                _count(metrics.EDGES.inc)
                 work.membership(user, item, ts)
                 # `random` sampling decides here, at this offset, on the counters as they stand
                 request = self.policy.consider_purchase(user, state, work.stats())
@@ -484,8 +514,8 @@ class StreamLogic:
         body = persona_update(user, now, previous, self.personas, reason, by, source_ts,
                               state_evidence(state, now.personas, *(text or ())))
         if source_ts > 0 and reason != "replay":
-            metrics.EVENT_TO_UPDATE.observe(max(0.0, body["ts"] - source_ts))
-        metrics.PERSONA_CHANGES.inc()
+            _count(metrics.EVENT_TO_UPDATE.observe, max(0.0, body["ts"] - source_ts))
+        _count(metrics.PERSONA_CHANGES.inc)
         return Out("persona_updates", user, body)
 
     def _after_change(self, user: str, state: UserState, work: "_UserBatch", reason: str,
@@ -504,7 +534,7 @@ class StreamLogic:
         if decide(state, snap, self.config.hysteresis):
             out.append(self._update(user, state, snap, previous, reason if reached else "prior", source_ts))
         frozen_now = _frozen(state)
-        self.frozen.observe(first and state.publishes == 1, frozen_now and not frozen_before,
+        _count(self.frozen.observe, first and state.publishes == 1, frozen_now and not frozen_before,
                             frozen_before and not frozen_now)
         if not state.requested and self.config.sampling == "du":  # not reproducible (see labelling)
             request = self.policy.consider(user, state, psi, self.q_hat(), work.stats())
@@ -550,7 +580,7 @@ class StreamLogic:
                     continue
                 dirty[item] = offset
                 if state.seq > before:
-                    metrics.PUSHES.inc()
+                    _count(metrics.PUSHES.inc)
                     tell_all.add(item)
                 else:
                     tell[item].update(u for v in values for u in v.users)
@@ -562,7 +592,7 @@ class StreamLogic:
             self._residual_total += residual - self._residuals.get(item, 0.0)
             self._residuals[item] = residual
         if dirty:
-            metrics.RESIDUAL_MASS.set(self._residual_total)
+            _count(metrics.RESIDUAL_MASS.set, self._residual_total)
         groups: dict[int, list[tuple[ItemValue, list[str], float]]] = {}
         for item, state in rows.items():
             users = state.buyers if item in tell_all else tell[item]
@@ -574,7 +604,7 @@ class StreamLogic:
                 by_part.setdefault(self._user_part(user), []).append(user)
             for p, members in by_part.items():
                 groups.setdefault(p, []).append((value, members, ts[item]))
-        metrics.PUSH_MESSAGES.inc(len(groups))
+        _count(metrics.PUSH_MESSAGES.inc, len(groups))
         return [Out("user_ops", msgs[0][1][0] if len(msgs) == 1 and len(msgs[0][1]) == 1 else None,
                     values_op(msgs), p) for p, msgs in groups.items()]
 
@@ -715,7 +745,7 @@ def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, h
     complete and newer than its offsets, which the handlers treat as a replay (idempotent)."""
     try:
         with in_partition(group[-1]):
-            return handle([(e.value, e.message.offset) for e in group], partition)
+            return _attempt(handle, [(e.value, e.message.offset) for e in group], partition)
     except Exception:
         logic.tables.clear_caches()  # rows may be mutated but unwritten
         if len(group) == 1:
@@ -725,7 +755,7 @@ def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, h
     for event in group:
         try:
             with in_partition(event):
-                outs.extend(handle([(event.value, event.message.offset)], partition))
+                outs.extend(_attempt(handle, [(event.value, event.message.offset)], partition))
         except Exception:
             logic.tables.clear_caches()
             outs.extend(_dead_event(event, source))
@@ -744,14 +774,18 @@ EXIT_SEND_FAILED = 70
 
 
 async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
-    """Send a batch's records; if that fails, end the process at once.
+    """Send a batch's records and wait until the rows it wrote are in the changelogs; if either
+    fails, end the process at once.
 
-    Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
+    Why wait: Faust commits a batch's offsets once it is acked, and its own flush before a commit
+    may leave changelog records unsent (`streams._compat.changelog_written`); a kill -9 then
+    leaves committed input whose rows the changelog never got. Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
     commit offsets of records whose results (or dead letters) never left — the loss the
     reliability tests look for. Exiting before the ack leaves the offsets uncommitted, and the
     restarted worker replays the batch (idempotently, see the module docstring)."""
     try:
         await _send(topics, outs)
+        await changelog_written()
     except Exception:
         logger.critical("could not send a batch's results; exiting so that it is replayed", exc_info=True)
         logging.shutdown()

@@ -204,6 +204,36 @@ def test_item_replay_retells_every_buyer():
     assert logic.tables.items.get("mug").s.tolist() == state.s.tolist()
 
 
+def test_a_batch_retried_one_message_at_a_time_counts_metrics_once():
+    """A batch with a record that raises is applied again message by message (`guarded`): the
+    records applied count once in the metrics, the bad one once as a dead letter."""
+    from types import SimpleNamespace
+
+    from streams import metrics
+    from streams.agents import guarded
+
+    logic = _logic()
+    users = [u for u in (f"u{i}" for i in range(30)) if partition_for(u, 3) == 0][:2]
+    ops = [_purchase(logic, PurchaseEvent(f"e{u}", u, "mug", "Mug", 1, 1.0, 0.0))[0].value for u in users]
+    bad = UserOp(kind="value", users=["x"], pushes=[{"item": "mug", "seq": "not-a-number", "value": [], "users": []}])
+    batch = [ops[0], bad, ops[1]]
+    class Event(SimpleNamespace):  # (weak-referenceable, as Faust's events are)
+        pass
+
+    events = [Event(value=op, message=SimpleNamespace(offset=k, value=b"{}", key=b"k", partition=0))
+              for k, op in enumerate(batch)]
+
+    def sample(name: str, labels: dict | None = None) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    edges, dead = sample("gplr_edges_total"), sample("gplr_dlq_total", {"reason": "internal_error"})
+    outs = guarded(logic, events, 0, logic.on_user_ops, "user-ops")
+    assert sorted(o.topic for o in outs) == ["dlq", "item_ops", "item_ops"]
+    assert sample("gplr_edges_total") - edges == 2
+    assert sample("gplr_dlq_total", {"reason": "internal_error"}) - dead == 1
+    assert all(logic.tables.users.get(u).events == 1 for u in users)
+
+
 def test_invalid_purchase_goes_to_dlq_with_reason():
     logic = _logic()
     outs = logic.on_purchase_raw(b"k", b'{"event_id": 1')
