@@ -40,6 +40,7 @@ from core.graph import BipartiteGraph  # noqa: E402
 from core.incremental import PersonaSnapshot, UserItem, UserState  # noqa: E402
 from core.labelers.replay import normalise_id  # noqa: E402
 from core.personas import load_personas, read_persona_labels  # noqa: E402
+from core.stream_protocol import RECENT_IDS  # noqa: E402
 from streams.records import persona_update  # noqa: E402
 from streams.tables import _pack_user, _raw, encode_state  # noqa: E402
 
@@ -58,7 +59,7 @@ def _rows(graph: BipartiteGraph, values: np.ndarray, add_text, users: np.ndarray
                  for v, c, q in zip(cols, graph.user_item.data[lo:hi], graph.quantity[lo:hi])}
         st = UserState(m, items, total=values[cols].sum(axis=0), events=int(graph.user_item.data[lo:hi].sum()))
         st.text, st.text_items, st.text_version = add_text(None, [it.name for it in items.values()]), len(items), 1
-        st.seen = {f"e{u}:{j}": j for j in range(st.events)}  # the dedup ids the row keeps
+        st.recent_ids = list(range(min(st.events, RECENT_IDS)))  # the dedup ids the row keeps
         out.append(st)
     return out
 

@@ -33,7 +33,8 @@ order-free*:
   same message, so a push that overtakes a reply, a duplicate, or a lost-then-resent value all
   converge to the same T.
 
-Only purchase counts are not idempotent; the stream guards them by event-id de-duplication.
+Only purchase counts are not idempotent; the stream guards them with bounded per-user state
+(`core.stream_protocol`: offsets, and the last event ids).
 The de-bias c_m is applied at ranking time (`rank_personas`), never to pushed state; the
 hysteresis (`persona_change`) compares score moves relative to the user's total score, so it too
 is scale-free.
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -61,6 +62,7 @@ __all__ = [
     "user_membership",
     "user_set_label",
     "user_apply_value",
+    "Upsert",
     "item_upsert",
     "item_value",
     "psi_raw",
@@ -145,7 +147,7 @@ class UserState:
     applied_offset: int = -1  # highest source offset whose effect is in this state
     published: dict[int, float] = field(default_factory=dict)  # persona -> score last published
     requested: bool = False  # a label request was sent
-    seen: dict[str, int] = field(default_factory=dict)  # event id -> source offset first seen (dedup)
+    recent_ids: list[int] = field(default_factory=list)  # hashes of the last event ids (core.stream_protocol)
     publishes: int = 0  # propagated persona updates published for this user
     quiet: int = 0  # Ψ̂ changes since the last one (how long thresholds kept it unpublished)
     text: np.ndarray | None = None  # text state of the first `text_items` items (core.item_channel)
@@ -283,8 +285,16 @@ def item_value(state: ItemState, item: str, users: Iterable[str]) -> ItemValue:
     return ItemValue(item, state.seq, state.told.copy(), tuple(users))
 
 
-def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> list[ItemValue]:
-    """Apply a buyer upsert at the item; return the values to send (reply and/or push).
+class Upsert(NamedTuple):
+    """What a buyer upsert did at the item: the value to send (None: nothing), and whether the
+    item pushed (then `told` is addressed to every buyer)."""
+
+    told: ItemValue | None
+    pushed: bool
+
+
+def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> Upsert:
+    """Apply a buyer upsert at the item; return the value to send (reply or push) and whether it pushed.
 
     New buyer: d_v += 1, S += L. Newer label: S += L_new − L_old. If ‖M − M̃‖₁ > θ‖M‖₁ afterwards,
     M̃ := M, seq += 1 and every buyer (the new one included) is told; else only a new buyer is
@@ -294,7 +304,7 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> l
     old = state.buyers.get(msg.user)
     is_new = old is None
     if not is_new and msg.version <= old[0]:
-        return [item_value(state, item, (msg.user,))]
+        return Upsert(item_value(state, item, (msg.user,)), False)
     if old is not None and old[1] is not None:
         state.s -= old[1]
     if msg.label is not None:
@@ -303,8 +313,8 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> l
     if state.degree and must_push(state.exact, state.told, theta):
         state.told = state.exact.copy()
         state.seq += 1
-        return [item_value(state, item, state.buyers)]
-    return [item_value(state, item, (msg.user,))] if is_new else []
+        return Upsert(item_value(state, item, state.buyers), True)
+    return Upsert(item_value(state, item, (msg.user,)) if is_new else None, False)
 
 
 # -- ranking ----------------------------------------------------------------------------
@@ -421,14 +431,22 @@ class LocalNetwork:
         self.queue.extend(user_set_label(state, user, label_vector(personas, self.n_personas)))
 
     def _handle(self, msg: Membership | ItemValue) -> None:
+        """One message, through the stream's own protocol code (`core.stream_protocol`, as a
+        batch of one at a fresh offset: the network never replays, it duplicates and reorders)."""
+        from core.stream_protocol import UserBatch, apply_item_batch  # (it builds on this module)
+
         self.messages += 1
         if isinstance(msg, Membership):
-            self.queue.extend(item_upsert(self.item(msg.item), msg.item, msg, self.theta))
-        else:
-            for user in msg.users:
-                state = self.user(user)
-                if user_apply_value(state, msg.item, msg.seq, msg.value) and self.hysteresis is not None:
-                    self._decide(state)
+            done = apply_item_batch(self.items.get, [(self.messages, [(msg, 0.0)])], self.n_personas, self.theta)
+            self.items.update(done.rows)
+            self.queue.extend(value for value, _ in done.values)
+            return
+        work = UserBatch(self.users.get, self.n_personas)
+        work.value(self.messages, msg.item, msg.seq, msg.value, msg.users, 0.0)
+        self.users.update(work.rows_to_write())
+        if self.hysteresis is not None:
+            for user in work.changed:
+                self._decide(self.users[user])
 
     def _decide(self, state: UserState) -> None:
         """The worker's decision for an unlabelled user whose Ψ̂ moved (`streams.agents`)."""

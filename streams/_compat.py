@@ -1,6 +1,6 @@
 """Every use of a private attribute of faust, mode or aiokafka, fenced in one module.
 
-The stream needs three things the libraries do not offer publicly:
+The stream needs four things the libraries do not offer publicly:
 
 - **Fetch pacing** (aiokafka `Fetcher._proc_fetch_request`). Kafka long-polls an empty fetch (the
   broker holds it up to `fetch_max_wait_ms`), but the embedded broker (noida-db 0.2.3) answers at
@@ -17,6 +17,16 @@ The stream needs three things the libraries do not offer publicly:
   `async for`, so the agent sets it itself (`current_event`).
 - **The producer buffer** (`app.producer.buffer.max_messages`): Faust's default of 100 queued
   changelog records makes a batch's writes flush one by one (`widen_producer_buffer`).
+- **Changelog acknowledgements** (`faust.tables.base.Collection.send_changelog`). A table write
+  queues its changelog record in Faust's producer buffer, and Faust flushes that buffer before it
+  commits offsets — but `ProducerBuffer.flush` returns as soon as one record takes over 0.1 s to
+  leave the buffer (an event loop busy with a batch is enough), and a record being handed to the
+  client is in neither the buffer nor the client's queue. So offsets could be committed while
+  the rows they produced had not reached the changelog: after a kill -9 a worker rebuilt from
+  the changelogs missed them, and Faust's restart recovery could even roll the local row back to
+  an older changelog record (the cause of the rare wrong scores and counts after kill -9, issue 9).
+  `track_changelog_sends` keeps each record's future, and `changelog_written` waits until all are
+  acknowledged; the agents call it before a batch is acked.
 
 `check_hooks()` verifies at start-up that each hook still has the shape this module was written
 against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
@@ -34,9 +44,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from aiokafka.consumer.fetcher import Fetcher
+from faust.tables.base import Collection
 
 __all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
-           "current_event", "widen_producer_buffer", "DEFAULT_MIN_CYCLE_S"]
+           "current_event", "widen_producer_buffer", "track_changelog_sends", "changelog_written",
+           "DEFAULT_MIN_CYCLE_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,11 @@ DEFAULT_MIN_CYCLE_S = 0.01
 #: The parameters of `Fetcher._proc_fetch_request` the pacing wrapper forwards.
 FETCH_PARAMETERS = ("self", "assignment", "node_id", "request")
 _ORIGINAL = Fetcher._proc_fetch_request
+
+
+_ORIGINAL_SEND_CHANGELOG = Collection.send_changelog
+SEND_CHANGELOG_PARAMETERS = ("self", "partition", "key", "value", "key_serializer", "value_serializer")
+_UNACKED: list[Any] = []  # changelog records' futures not yet awaited (`changelog_written`)
 
 
 class CompatError(RuntimeError):
@@ -65,6 +82,10 @@ def check_hooks() -> None:
     if not isinstance(getattr(faust.streams, "_current_event", None), contextvars.ContextVar):
         raise CompatError("faust.streams._current_event is gone or not a ContextVar: "
                           "batch table writes (streams/_compat.py current_event) need updating")
+    params = tuple(inspect.signature(_ORIGINAL_SEND_CHANGELOG).parameters)
+    if params != SEND_CHANGELOG_PARAMETERS:
+        raise CompatError(f"faust Collection.send_changelog{params} differs from {SEND_CHANGELOG_PARAMETERS}: "
+                          "changelog acknowledgements (streams/_compat.py) need updating")
 
 
 def is_embedded_bootstrap(bootstrap: str) -> bool:
@@ -136,3 +157,28 @@ def widen_producer_buffer(app: Any, max_messages: int) -> None:
     if buffer is None or not hasattr(buffer, "max_messages"):
         raise CompatError("faust producer has no buffer.max_messages: streams/_compat.py needs updating")
     buffer.max_messages = max_messages
+
+
+def track_changelog_sends() -> None:
+    """Keep the future of every changelog record a table write queues (idempotent)."""
+    check_hooks()
+    if getattr(Collection.send_changelog, "tracked", False):
+        return
+
+    def send_changelog(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fut = _ORIGINAL_SEND_CHANGELOG(self, *args, **kwargs)
+        _UNACKED.append(fut)
+        return fut
+
+    send_changelog.tracked = True  # type: ignore[attr-defined]
+    Collection.send_changelog = send_changelog  # type: ignore[method-assign]
+
+
+async def changelog_written() -> None:
+    """Wait until the broker acknowledged every changelog record queued so far (raises the send
+    error of one that failed). Call before a batch is acked, so its offsets are committed only
+    after the rows it wrote are in the changelogs."""
+    while _UNACKED:
+        futs = _UNACKED[:]
+        del _UNACKED[:len(futs)]
+        await asyncio.gather(*futs)

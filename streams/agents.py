@@ -14,10 +14,12 @@ produced its key.
 
 Batching (throughput): each agent takes what has arrived (`stream.take_events`, up to
 BATCH_MAX messages or its BATCH_WITHIN seconds) and handles it per source partition in one
-synchronous call (`on_purchases_raw`, `on_user_ops`, `on_item_ops`):
+synchronous call (`on_purchases_raw`, `on_user_ops`, `on_item_ops`), which runs the Faust-free
+protocol of `core.stream_protocol` (`UserBatch`, `apply_item_batch`) and adds the worker's
+decisions (persona updates, label requests, metrics):
 
 * one internal message per destination partition per batch (lists of events, upserts or item
-  values; the single-op forms are still read);
+  values);
 * each touched row is read once (decoded rows are cached in memory, write-through, dropped on
   rebalance and on a failed batch) and written once, so one changelog record per touched row;
 * item pushes are coalesced: an item that pushed (or replays) sends only its final M̃ and seq,
@@ -28,21 +30,21 @@ and the persona updates; before, it was ~4 consumed and ~6 produced messages.
 
 Crash safety (why not exactly_once): Faust here is at-least-once — after a kill -9 the messages
 since the last commit are processed again, their outputs may or may not have left, and table
-rows may or may not hold their effect (Faust flushes the producer before each commit, so
-everything before the commit is durable; a batch's events are acked only after its body ran,
-so a crash replays whole batches, possibly re-cut). Instead of broker transactions we make every
-state change idempotent:
+rows may or may not hold their effect (a batch's events are acked only after its body ran, its
+results were sent and its rows' changelog records were acknowledged — `send_or_die` —, so
+everything before a commit is durable and a crash replays whole batches, possibly re-cut).
+Instead of broker transactions we make every state change idempotent:
 
 * messages between the sides are absolute upserts with versions/sequence numbers
   (core.incremental), so duplicates, re-sends and coalescing are no-ops or lossless;
-* purchase counts (the one non-idempotent effect) are guarded twice, inside the user row so both
-  guards are written atomically with the counts: `UserState.seen` maps an event id to the offset
-  where it was first seen (another offset = a producer duplicate, skipped; a batch also drops
-  repeats before sending), and `applied_offset` is the last source offset the row reflects;
-  a message at or below the row's offset *from before the batch* is a replay: its state change
-  is skipped but its outputs are sent again (an item re-tells all its buyers, a user re-sends
-  its upserts and its last update), because they may have been lost with the crash, and its row
-  is written again, because its changelog record may have been lost while RocksDB kept it.
+* purchase counts (the one non-idempotent effect) are guarded inside the user row with bounded
+  state, written atomically with the counts (`core.stream_protocol`: the user's recent event
+  ids; a batch also drops repeated ids before sending);
+* a message at or below a row's `applied_offset` *from before the batch* is a replay: its state
+  change is skipped but its outputs are sent again (an item re-tells all its buyers, a user
+  re-sends its upserts and its last update), because they may have been lost with the crash,
+  and its row is written again, because its changelog record may have been lost while RocksDB
+  kept it.
 
 Nothing is acked early on an error (issue 9): `take_events` acks a batch in a `finally`, so no
 exception may leave an agent body — a record whose handling raises is dead-lettered as
@@ -59,7 +61,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import faust
 import numpy as np
@@ -69,26 +71,20 @@ from core.decoder import DEFAULT_RULE
 from core.events import InvalidEvent, PurchaseEvent, parse_purchase
 from core.evidence import state_evidence
 from core.incremental import (
-    ItemState,
     ItemValue,
     Membership,
     PersonaSnapshot,
     UserState,
-    item_upsert,
     decide,
-    item_value,
-    label_vector,
     psi_raw,
     rank_personas,
-    user_text_sum,
     threshold,
-    user_apply_value,
-    user_membership,
-    user_purchase,
-    user_set_label,
+    user_text_sum,
 )
 from core.personas import PersonaSet
+from core.stream_protocol import UserBatch, apply_item_batch, count_labels
 from streams import metrics
+from streams._compat import changelog_written
 from streams.config import StreamConfig
 from streams.labelling import LabelPolicy
 from streams.records import (
@@ -185,10 +181,39 @@ def label_rejection(config: StreamConfig, state: UserState | None, labelled_by: 
     return None
 
 
+#: Metric updates of the batch attempt being handled (None: none is, update at once); see `_attempt`.
+_DEFERRED: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+
+
+def _count(update: Callable[..., Any], *args: Any) -> None:
+    """Update a metric, or defer it to the end of the current batch attempt."""
+    if _DEFERRED is None:
+        update(*args)
+    else:
+        _DEFERRED.append((update, args))
+
+
+def _attempt(handle: Callable[..., list["Out"]], *args: Any) -> list["Out"]:
+    """Run one attempt at a batch with its metric updates held back: applied when it returns,
+    dropped when it raises, so a batch retried one message at a time (`guarded`) counts each
+    applied record once. (Handlers are synchronous: no other agent runs meanwhile.)"""
+    global _DEFERRED
+    saved, _DEFERRED = _DEFERRED, []
+    try:
+        result = handle(*args)
+    except BaseException:
+        _DEFERRED = saved
+        raise
+    updates, _DEFERRED = _DEFERRED, saved
+    for update, update_args in updates:
+        _count(update, *update_args)
+    return result
+
+
 def dead_letter(payload: bytes | None, key: bytes | str | None, reason: str, detail: str,
                 source: str = "purchases") -> Out:
     """A dead letter for the DLQ topic, counted once in `gplr_dlq_total{reason}`."""
-    metrics.DLQ.labels(reason=reason).inc()
+    _count(metrics.DLQ.labels(reason=reason).inc)
     logger.info("dead letter from %s (%s)", source, reason)
     raw_key = key.encode("utf-8", "replace") if isinstance(key, str) else key
     body = dlq_record(payload, raw_key, reason, detail, source)
@@ -322,8 +347,9 @@ class StreamLogic:
         return self.on_purchases_raw([(key, payload)])
 
     def on_purchases_raw(self, batch: Sequence[tuple[bytes | None, bytes | None]]) -> list[Out]:
-        """Validate a batch; valid events travel as one user-ops message per user partition
-        (an event id repeated within the batch is sent once), invalid ones to the dead letters."""
+        """Validate a batch of (key, payload); valid events travel as one user-ops message per
+        user partition (an event id repeated within the batch is sent once), invalid ones to the
+        dead letters."""
         out: list[Out] = []
         groups: dict[int, dict[str, PurchaseEvent]] = {}
         for key, payload in batch:
@@ -348,122 +374,75 @@ class StreamLogic:
         return out
 
     # -- user side -------------------------------------------------------------------------------
-    def on_user_op(self, op: UserOp, partition: int, offset: int) -> list[Out]:
-        """One user-ops message (see `on_user_ops`)."""
-        return self.on_user_ops([(op, offset)], partition)
-
     def on_user_ops(self, batch: Sequence[tuple[UserOp, int]], partition: int) -> list[Out]:
-        """A batch of user-ops messages of one partition, in offset order.
-
-        Each touched row is read once and written once (with `applied_offset` = the last offset
-        that changed it); the replay test uses the row's offset from before the batch, so several
-        messages of one batch for one user all count. Persona updates and label requests are
-        decided once per changed user, memberships sent once per (user, item)."""
+        """A batch of user-ops messages of one partition, in offset order: the protocol
+        (`core.stream_protocol.UserBatch`: replays, de-duplication, memberships) applied message
+        by message, then persona updates and label requests decided once per changed user."""
         work = _UserBatch(self, partition)
         for op, offset in batch:
             if op.kind == "purchase":
                 self._user_purchases(work, op, offset)
             elif op.kind == "value":
-                self._user_values(work, op, offset)
+                for item, seq, value, users, ts in op_pushes(op):
+                    for user in work.value(offset, item, seq, np.asarray(value, dtype=np.float64), users, ts):
+                        logger.warning("value for unknown user %s skipped", user)
             elif op.kind == "label":
-                self._user_label(work, op, partition, offset)
+                self._user_label(work, op, offset)
             elif op.kind == "refresh":  # a new persona model: decide these users again
-                for user in op.users:
-                    state = work.state(user, create=False)
-                    if state is not None and state.label is None and not work.replay(user, offset):
-                        work.applied(user, offset)
-                        work.changed(user, op.source_ts)
+                work.refresh(offset, op.users, op.source_ts)
             else:
                 logger.warning("unknown user op kind %r skipped", op.kind)
-        return work.finish(partition)
+        return work.finish()
 
     def _user_purchases(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
         for eid, user, item, name, quantity, _price, ts in op_events(op):
             state = work.state(user)
-            first = state.seen.get(eid)
-            if first is not None and first != offset:  # a producer duplicate
-                metrics.DUPLICATES.inc()
+            new_user = state.events == 0
+            outcome = work.purchase(offset, eid, user, item, name, quantity, ts)
+            if outcome == "duplicate":  # a producer duplicate or a purchases replay
+                _count(metrics.DUPLICATES.inc)
+            if outcome not in ("edge", "repeat"):
                 continue
-            if work.replay(user, offset):  # replay after a crash: re-send, change nothing
-                work.membership(user, item, ts)
-                continue
-            state.seen[eid] = offset
-            if state.events == 0:  # (a label may have created the row before any purchase)
+            if new_user:  # (a label may have created the row before any purchase)
                 work.stats()["seen"] += 1
-            new_edge = user_purchase(state, item, quantity, name)
-            work.applied(user, offset)
             self._note_applied()
-            if new_edge:
-                metrics.EDGES.inc()
-                work.membership(user, item, ts)
+            if outcome == "edge":
+                _count(metrics.EDGES.inc)
                 # `random` sampling decides here, at this offset, on the counters as they stand
                 request = self.policy.consider_purchase(user, state, work.stats())
                 if request is not None:
                     work.request(user, state, request)
 
-    def _user_values(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
-        for item, seq, raw, users, ts in op_pushes(op):
-            value = np.asarray(raw, dtype=np.float64)
-            for user in users:
-                state = work.state(user, create=False)
-                if state is None:
-                    logger.warning("value for unknown user %s skipped", user)
-                    continue
-                if user_apply_value(state, item, seq, value):
-                    work.applied(user, offset)
-                    work.changed(user, ts)
-                elif work.replay(user, offset) and state.published:
-                    work.replayed.add(user)
-
     def _note_applied(self) -> None:
         self.applied_ops += 1
         self.last_applied = time.monotonic()
 
-    def _user_label(self, work: "_UserBatch", op: UserOp, partition: int, offset: int) -> None:
+    def _user_label(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
         user = op.users[0]
         personas = tuple(p for p in dict.fromkeys(op.personas or ()) if 0 <= p < self.m)
-        existing = work.state(user, create=False)
-        if existing is not None and work.replay(user, offset):
-            for item in existing.items:
-                work.membership(user, item, op.source_ts)
-            if existing.published:  # the "labelled" update may have been lost with the crash
-                work.replayed.add(user)
+        if work.label_is_noop(offset, user, personas, op.source_ts):
             return
-        if existing is not None and personas and personas == existing.label_personas:
-            return  # the same label again (a replayed labels record): nothing changes
         # Side doors (issue 9): checked here, where a label takes effect, not only where it is asked for.
-        rejection = label_rejection(self.config, existing, op.labelled_by)
+        rejection = label_rejection(self.config, work.state(user, create=False), op.labelled_by)
         if rejection is None and not personas:
             rejection = "no_known_persona"
         if rejection is not None:
             work.out.append(dead_letter(op.dumps(), user, rejection, f"labelled_by={op.labelled_by[:64]!r}",
                                         source=USER_OPS))
             return
-        state = work.state(user)
-        work.labels.append((state.label_personas, personas))
-        memberships = user_set_label(state, user, label_vector(personas, self.m))
-        state.label_personas = personas
-        work.applied(user, offset)
+        state = work.set_label(offset, user, personas, op.source_ts)
         self._note_applied()
         previous = self._published(state)
         scores = list(op.scores or [])
         scores = scores if len(scores) == len(personas) else [1.0] * len(personas)
         snap = PersonaSnapshot(personas, tuple(float(s) for s in scores))
         state.published = dict(zip(snap.personas, snap.scores))
-        for m in memberships:
-            work.membership(user, m.item, op.source_ts)
         work.out.append(self._update(user, state, snap, previous, "labelled", op.source_ts, op.labelled_by))
+
     def _count_labels(self, partition: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         key = f"p{partition}"
-        counts = decode_state(self.tables.labels.get(key))
-        counts = np.zeros(self.m) if counts is None or len(counts) != self.m else counts
-        counts[list(old)] -= 1
-        counts[list(new)] += 1
-        self.tables.labels[key] = encode_state(np.maximum(counts, 0))
-        self.q_counts = self.q_counts.copy()
-        self.q_counts[list(old)] -= 1
-        self.q_counts[list(new)] += 1
-        self.q_counts = np.maximum(self.q_counts, 0)
+        self.tables.labels[key] = encode_state(count_labels(decode_state(self.tables.labels.get(key)), old, new, self.m))
+        self.q_counts = count_labels(self.q_counts, old, new, self.m)
 
     @staticmethod
     def _published(state: UserState) -> PersonaSnapshot | None:
@@ -480,8 +459,8 @@ class StreamLogic:
         body = persona_update(user, now, previous, self.personas, reason, by, source_ts,
                               state_evidence(state, now.personas, *(text or ())))
         if source_ts > 0 and reason != "replay":
-            metrics.EVENT_TO_UPDATE.observe(max(0.0, body["ts"] - source_ts))
-        metrics.PERSONA_CHANGES.inc()
+            _count(metrics.EVENT_TO_UPDATE.observe, max(0.0, body["ts"] - source_ts))
+        _count(metrics.PERSONA_CHANGES.inc)
         return Out("persona_updates", user, body)
 
     def _after_change(self, user: str, state: UserState, work: "_UserBatch", reason: str,
@@ -500,7 +479,7 @@ class StreamLogic:
         if decide(state, snap, self.config.hysteresis):
             out.append(self._update(user, state, snap, previous, reason if reached else "prior", source_ts))
         frozen_now = _frozen(state)
-        self.frozen.observe(first and state.publishes == 1, frozen_now and not frozen_before,
+        _count(self.frozen.observe, first and state.publishes == 1, frozen_now and not frozen_before,
                             frozen_before and not frozen_now)
         if not state.requested and self.config.sampling == "du":  # not reproducible (see labelling)
             request = self.policy.consider(user, state, psi, self.q_hat(), work.stats())
@@ -509,70 +488,30 @@ class StreamLogic:
         return out
 
     # -- item side -------------------------------------------------------------------------------
-    def on_item_op(self, op: ItemOp, offset: int) -> list[Out]:
-        """One item-ops message (see `on_item_ops`)."""
-        return self.on_item_ops([(op, offset)])
-
     def on_item_ops(self, batch: Sequence[tuple[ItemOp, int]]) -> list[Out]:
-        """A batch of item-ops messages of one partition, in offset order.
-
-        Every upsert is applied as it comes (`item_upsert`), but what it would send is coalesced
-        per item: the batch ends with one value per touched item, its final M̃ and push seq,
-        addressed to every buyer when it pushed (or replays: sends before a crash may be lost),
-        else to the buyers it owes a reply. Values are absolute with a seq, so the last one
-        subsumes the earlier ones. One user-ops message per destination partition."""
-        rows: dict[str, ItemState] = {}
-        base: dict[str, int] = {}
-        tell: dict[str, set[str]] = {}
-        tell_all: set[str] = set()
-        ts: dict[str, float] = {}
-        dirty: dict[str, int] = {}
-        for op, offset in batch:
-            for member, source_ts in op_members(op):
-                item = member.item
-                state = rows.get(item)
-                if state is None:
-                    state = rows[item] = self.tables.items.get(item) or ItemState(self.m)
-                    base[item] = state.applied_offset
-                    tell[item] = set()
-                before = state.seq
-                values = item_upsert(state, item, member, self.theta)
-                ts[item] = min(ts.get(item, source_ts), source_ts)
-                if offset <= base[item]:  # replay: tell everyone again, write the row again
-                    dirty.setdefault(item, base[item])  # (its changelog record may be lost, see _UserBatch.replay)
-                    if state.seq > 0:
-                        tell_all.add(item)
-                    tell[item].update(u for v in values for u in v.users)
-                    continue
-                dirty[item] = offset
-                if state.seq > before:
-                    metrics.PUSHES.inc()
-                    tell_all.add(item)
-                else:
-                    tell[item].update(u for v in values for u in v.users)
-        for item, offset in dirty.items():
-            state = rows[item]
-            state.applied_offset = offset
+        """A batch of item-ops messages of one partition, in offset order: upserts applied and
+        pushes coalesced by `core.stream_protocol.apply_item_batch`; each touched row written
+        once, and one user-ops message per destination partition."""
+        done = apply_item_batch(self.tables.items.get, [(offset, op_members(op)) for op, offset in batch],
+                                self.m, self.theta)
+        for item, state in done.rows.items():
             self.tables.items.put(item, state)
             residual = state.residual
             self._residual_total += residual - self._residuals.get(item, 0.0)
             self._residuals[item] = residual
-        if dirty:
-            metrics.RESIDUAL_MASS.set(self._residual_total)
+        if done.rows:
+            _count(metrics.RESIDUAL_MASS.set, self._residual_total)
+        for _ in range(done.pushes):
+            _count(metrics.PUSHES.inc)
         groups: dict[int, list[tuple[ItemValue, list[str], float]]] = {}
-        for item, state in rows.items():
-            users = state.buyers if item in tell_all else tell[item]
-            if not users:
-                continue
-            value = item_value(state, item, ())
+        for value, ts in done.values:
             by_part: dict[int, list[str]] = {}
-            for user in users:
+            for user in value.users:
                 by_part.setdefault(self._user_part(user), []).append(user)
             for p, members in by_part.items():
-                groups.setdefault(p, []).append((value, members, ts[item]))
-        metrics.PUSH_MESSAGES.inc(len(groups))
-        return [Out("user_ops", msgs[0][1][0] if len(msgs) == 1 and len(msgs[0][1]) == 1 else None,
-                    values_op(msgs), p) for p, msgs in groups.items()]
+                groups.setdefault(p, []).append((value, members, ts))
+        _count(metrics.PUSH_MESSAGES.inc, len(groups))
+        return [Out("user_ops", None, values_op(msgs), p) for p, msgs in groups.items()]
 
 
 def replay_reason(state: UserState, model_shipped: bool = False) -> str:
@@ -590,20 +529,14 @@ def _frozen(state: UserState) -> bool:
     return state.publishes == 1 and state.quiet >= metrics.FROZEN_AFTER
 
 
-class _UserBatch:
-    """The rows one user-side batch touches, and what it will send once they are written."""
+class _UserBatch(UserBatch):
+    """`core.stream_protocol.UserBatch` plus what the worker decides for it: the partition's
+    labelling budget row, label requests, persona updates and dead letters to send."""
 
     def __init__(self, logic: StreamLogic, partition: int) -> None:
+        super().__init__(logic.tables.users.get, logic.m)
         self.logic, self.partition = logic, partition
         self._stats: dict[str, int] | None = None  # the partition's budget row, read once
-        self.rows: dict[str, UserState] = {}
-        self.base: dict[str, int] = {}  # each row's applied_offset before the batch
-        self.dirty: dict[str, int] = {}  # rows to write → last offset applied
-        self.ts: dict[str, float] = {}  # rows whose Ψ̂ moved → earliest source ts
-        self.members: dict[tuple[str, str], float] = {}  # (user, item) to tell → source ts
-        self.replayed: set[str] = set()
-        self.replays = 0
-        self.labels: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
         self.out: list[Out] = []
 
     def stats(self) -> dict[str, int]:
@@ -619,62 +552,25 @@ class _UserBatch:
         self.stats()["requested"] += 1
         self.out.append(Out("label_requests", user, body))
 
-    def state(self, user: str, create: bool = True) -> UserState | None:
-        state = self.rows.get(user)
-        if state is None:
-            state = self.logic.tables.users.get(user)
-            if state is None:
-                if not create:
-                    return None
-                state = UserState(self.logic.m)
-            self.rows[user] = state
-            self.base[user] = state.applied_offset
-        return state
-
-    def replay(self, user: str, offset: int) -> bool:
-        """`offset` was applied to this row before (a crash replay). The row is then written
-        again: Faust writes RocksDB at once but the changelog through the producer, so after a
-        kill -9 the local row can be ahead of its changelog record, and without a rewrite the
-        changelog (what a worker with a new disk rebuilds from) would stay behind for good."""
-        if offset <= self.base[user]:
-            self.dirty.setdefault(user, self.base[user])
-            self.replays += 1
-            return True
-        return False
-
-    def applied(self, user: str, offset: int) -> None:
-        self.dirty[user] = offset
-
-    def changed(self, user: str, source_ts: float) -> None:
-        self.ts[user] = min(self.ts.get(user, source_ts), source_ts)
-
-    def membership(self, user: str, item: str, source_ts: float) -> None:
-        key = (user, item)
-        self.members[key] = min(self.members.get(key, source_ts), source_ts)
-
-    def finish(self, partition: int) -> list[Out]:
+    def finish(self) -> list[Out]:
         """Decide updates, write each dirty row once, then list the sends."""
         logic, out = self.logic, self.out
-        for user, source_ts in self.ts.items():
+        for user, source_ts in self.changed.items():
             out.extend(logic._after_change(user, self.rows[user], self, "propagated", source_ts))
-        for user in self.replayed - set(self.ts):
+        for user in self.replayed - set(self.changed):
             state = self.rows[user]
             out.append(logic._update(user, state, logic._published(state), None,
-                                   replay_reason(state, logic.model is not None), 0.0))
+                                     replay_reason(state, logic.model is not None), 0.0))
         if self._stats is not None or self.replays:  # replays rewrite the budget row too (see `replay`)
-            logic.tables.stats.put(f"p{partition}", self.stats())
-        for user, offset in self.dirty.items():
-            state = self.rows[user]
-            state.applied_offset = offset
+            logic.tables.stats.put(f"p{self.partition}", self.stats())
+        for user, state in self.rows_to_write().items():
             logic.tables.users.put(user, state)
-        for old, new in self.labels:  # after the rows, as before batching
-            logic._count_labels(partition, old, new)
+        for old, new in self.label_moves:  # after the rows, as before batching
+            logic._count_labels(self.partition, old, new)
         groups: dict[int, list[tuple[Membership, float]]] = {}
-        for (user, item), source_ts in self.members.items():
-            membership = user_membership(self.rows[user], user, item)
-            groups.setdefault(partition_for(item, logic.config.partitions), []).append((membership, source_ts))
-        out.extend(Out("item_ops", msgs[0][0].item if len(msgs) == 1 else None, items_op(msgs), p)
-                   for p, msgs in groups.items())
+        for membership, source_ts in self.memberships():
+            groups.setdefault(partition_for(membership.item, logic.config.partitions), []).append((membership, source_ts))
+        out.extend(Out("item_ops", None, items_op(msgs), p) for p, msgs in groups.items())
         return out
 
 
@@ -711,7 +607,7 @@ def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, h
     complete and newer than its offsets, which the handlers treat as a replay (idempotent)."""
     try:
         with in_partition(group[-1]):
-            return handle([(e.value, e.message.offset) for e in group], partition)
+            return _attempt(handle, [(e.value, e.message.offset) for e in group], partition)
     except Exception:
         logic.tables.clear_caches()  # rows may be mutated but unwritten
         if len(group) == 1:
@@ -721,7 +617,7 @@ def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, h
     for event in group:
         try:
             with in_partition(event):
-                outs.extend(handle([(event.value, event.message.offset)], partition))
+                outs.extend(_attempt(handle, [(event.value, event.message.offset)], partition))
         except Exception:
             logic.tables.clear_caches()
             outs.extend(_dead_event(event, source))
@@ -740,14 +636,18 @@ EXIT_SEND_FAILED = 70
 
 
 async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
-    """Send a batch's records; if that fails, end the process at once.
+    """Send a batch's records and wait until the rows it wrote are in the changelogs; if either
+    fails, end the process at once.
 
-    Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
+    Why wait: Faust commits a batch's offsets once it is acked, and its own flush before a commit
+    may leave changelog records unsent (`streams._compat.changelog_written`); a kill -9 then
+    leaves committed input whose rows the changelog never got. Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
     commit offsets of records whose results (or dead letters) never left — the loss the
     reliability tests look for. Exiting before the ack leaves the offsets uncommitted, and the
     restarted worker replays the batch (idempotently, see the module docstring)."""
     try:
         await _send(topics, outs)
+        await changelog_written()
     except Exception:
         logger.critical("could not send a batch's results; exiting so that it is replayed", exc_info=True)
         logging.shutdown()

@@ -7,7 +7,7 @@ import logging
 
 import faust
 
-from streams._compat import check_hooks, configure_fetch_pacing, widen_producer_buffer
+from streams._compat import check_hooks, configure_fetch_pacing, track_changelog_sends, widen_producer_buffer
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
 from streams.labelling import LabelPolicy, register_labelling
@@ -45,6 +45,7 @@ def create_app(config: StreamConfig) -> faust.App:
         logger.warning("GPLR_HOPS=%d ignored: the stream propagates exactly one hop (ℓ̂ = 1)", config.hops)
     config.faust_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     check_hooks()  # fail at start-up, not mid-stream, when a library changed a private hook
+    track_changelog_sends()  # batches are acked only once their rows are in the changelogs
     configure_fetch_pacing(config.kafka_bootstrap)  # the embedded broker answers empty fetches at once
     settings = faust_settings(config)
     settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))

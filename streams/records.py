@@ -27,7 +27,6 @@ __all__ = [
     "partition_for",
     "UserOp",
     "ItemOp",
-    "purchase_op",
     "purchases_op",
     "op_events",
     "values_op",
@@ -35,9 +34,6 @@ __all__ = [
     "items_op",
     "op_members",
     "label_op",
-    "value_op",
-    "item_op",
-    "membership_of",
     "dlq_record",
     "error_summary",
     "DLQ_PAYLOAD_BYTES",
@@ -54,21 +50,15 @@ def partition_for(key: str, partitions: int) -> int:
 
 
 class UserOp(faust.Record, serializer="json"):
-    """One message to the user side. kind: "purchase" | "value" | "label".
-
-    Batched forms (one message per destination partition per batch, see `streams.agents`):
-    a purchase op carries `events` (several users' events of one partition), a value op
-    carries `pushes` (several items' values, each addressed to its buyers in that partition).
-    The single forms (`event`; `item`/`seq`/`value`/`users`) are read too."""
+    """One message to the user side (one per destination partition per batch, see
+    `streams.agents`). kind: "purchase" (`events`: several users' events of one partition),
+    "value" (`pushes`: several items' values, each addressed to its buyers in that partition),
+    "label" (one user: `personas`, `scores`, `labelled_by`) or "refresh" (`users` decide again)."""
 
     kind: str
     users: list[str]
-    event: dict[str, Any] | None = None  # purchase: the validated PurchaseEvent as a dict
-    events: list[list[Any]] | None = None  # purchase batch: PurchaseEvent fields, in field order
-    pushes: list[dict[str, Any]] | None = None  # value batch: {item, seq, value, users, source_ts}
-    item: str = ""  # value
-    seq: int = 0  # value
-    value: list[float] | None = None  # value: M̃[item]
+    events: list[list[Any]] | None = None  # purchase: PurchaseEvent fields, in field order
+    pushes: list[dict[str, Any]] | None = None  # value: {item, seq, value, users, source_ts}
     personas: list[int] | None = None  # label
     scores: list[float] | None = None  # label
     labelled_by: str = ""  # label
@@ -76,23 +66,10 @@ class UserOp(faust.Record, serializer="json"):
 
 
 class ItemOp(faust.Record, serializer="json"):
-    """Buyer upserts for the item side: one `core.incremental.Membership` (user, item, version,
-    label), or, batched, `members` = [[user, item, version, label, source_ts], ...] for items of
-    one partition."""
+    """Buyer upserts for the item side: `members` = [[user, item, version, label, source_ts], ...]
+    (`core.incremental.Membership`s) for items of one partition."""
 
-    user: str = ""
-    item: str = ""
-    version: int = 0
-    label: list[float] | None = None
-    source_ts: float = 0.0
     members: list[list[Any]] | None = None
-
-
-def purchase_op(event: Any) -> UserOp:
-    return UserOp(kind="purchase", users=[event.user_id], event=event.to_dict(), source_ts=event.ts)
-
-
-_EVENT_FIELDS = ("event_id", "user_id", "item_id", "item_name", "quantity", "price", "ts")
 
 
 def purchases_op(events: Sequence[Any]) -> UserOp:
@@ -105,15 +82,9 @@ def purchases_op(events: Sequence[Any]) -> UserOp:
 
 
 def op_events(op: UserOp) -> list[tuple[str, str, str, str, int, float, float]]:
-    """The purchase events of a purchase op (batched or single form) as
-    (event_id, user_id, item_id, item_name, quantity, price, ts)."""
-    if op.events is not None:
-        return [(str(e), str(u), str(i), str(n), int(q), float(p), float(t)) for e, u, i, n, q, p, t in op.events]
-    if not op.event:
-        return []
-    ev = op.event
-    return [(str(ev["event_id"]), str(ev["user_id"]), str(ev["item_id"]), str(ev.get("item_name", "")),
-             int(ev.get("quantity", 1)), float(ev.get("price", 0.0)), float(ev.get("ts", 0.0)))]
+    """The purchase events of a purchase op as (event_id, user_id, item_id, item_name, quantity,
+    price, ts)."""
+    return [(str(e), str(u), str(i), str(n), int(q), float(p), float(t)) for e, u, i, n, q, p, t in op.events or ()]
 
 
 def label_op(user: str, personas: Sequence[int], scores: Sequence[float], labelled_by: str) -> UserOp:
@@ -121,15 +92,8 @@ def label_op(user: str, personas: Sequence[int], scores: Sequence[float], labell
                   scores=[float(s) for s in scores], labelled_by=labelled_by, source_ts=time.time())
 
 
-def value_op(msg: ItemValue, users: Sequence[str], source_ts: float) -> UserOp:
-    return UserOp(kind="value", users=list(users), item=msg.item, seq=msg.seq,
-                  value=[float(x) for x in msg.value], source_ts=source_ts)
-
-
 def values_op(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
     """Several items' values for buyers of one user-ops partition: (value, users, source_ts)."""
-    if len(msgs) == 1:
-        return value_op(*msgs[0])
     pushes = [{"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users),
                "source_ts": ts} for m, users, ts in msgs]
     return UserOp(kind="value", users=[u for p in pushes for u in p["users"]], pushes=pushes,
@@ -137,37 +101,21 @@ def values_op(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
 
 
 def op_pushes(op: UserOp) -> list[tuple[str, int, list[float], list[str], float]]:
-    """(item, seq, value, users, source_ts) of a value op (batched or single form)."""
-    if op.pushes is not None:
-        return [(str(p["item"]), int(p["seq"]), p["value"], list(p["users"]), float(p.get("source_ts", 0.0)))
-                for p in op.pushes]
-    return [(op.item, op.seq, op.value or [], list(op.users), op.source_ts)]
+    """(item, seq, value, users, source_ts) of a value op."""
+    return [(str(p["item"]), int(p["seq"]), p["value"], list(p["users"]), float(p.get("source_ts", 0.0)))
+            for p in op.pushes or ()]
 
 
 def items_op(msgs: Sequence[tuple[Membership, float]]) -> ItemOp:
     """Several buyer upserts for items of one item-ops partition: (membership, source_ts)."""
-    if len(msgs) == 1:
-        return item_op(*msgs[0])
     return ItemOp(members=[[m.user, m.item, int(m.version), None if m.label is None else [float(x) for x in m.label],
                             ts] for m, ts in msgs])
 
 
 def op_members(op: ItemOp) -> list[tuple[Membership, float]]:
-    """(membership, source_ts) of an item op (batched or single form)."""
-    if op.members is None:
-        return [(membership_of(op), op.source_ts)]
+    """(membership, source_ts) of an item op."""
     return [(Membership(str(u), str(i), int(v), None if lab is None else np.asarray(lab, dtype=np.float64)),
-             float(ts)) for u, i, v, lab, ts in op.members]
-
-
-def item_op(msg: Membership, source_ts: float) -> ItemOp:
-    label = None if msg.label is None else [float(x) for x in msg.label]
-    return ItemOp(user=msg.user, item=msg.item, version=msg.version, label=label, source_ts=source_ts)
-
-
-def membership_of(op: ItemOp) -> Membership:
-    label = None if op.label is None else np.asarray(op.label, dtype=np.float64)
-    return Membership(op.user, op.item, int(op.version), label)
+             float(ts)) for u, i, v, lab, ts in op.members or ()]
 
 
 #: Payload bytes a dead letter keeps verbatim; beyond it only a prefix, with the full size and

@@ -23,7 +23,7 @@ from core.incremental import ItemState, UserItem, UserState
 from streams._compat import current_event
 
 __all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_state", "decode_state", "label_counts",
-           "changelog_topic", "read_table"]
+           "changelog_entry", "changelog_topic", "read_table"]
 
 logger = logging.getLogger(__name__)
 S = TypeVar("S")
@@ -45,10 +45,10 @@ def _raw(arr: np.ndarray | None) -> bytes | None:
     return None if arr is None else np.ascontiguousarray(arr).tobytes()
 
 
-def _arr(raw: Any, dtype: type = np.float64, cols: int | None = None) -> np.ndarray | None:
-    """Inverse of `_raw` (a writable copy); an ndarray (rows written before) passes through."""
-    if raw is None or isinstance(raw, np.ndarray):
-        return raw
+def _arr(raw: bytes | None, dtype: type = np.float64, cols: int | None = None) -> np.ndarray | None:
+    """Inverse of `_raw` (a writable copy)."""
+    if raw is None:
+        return None
     arr = np.frombuffer(raw, dtype=dtype).copy()
     return arr if cols is None else arr.reshape(-1, cols)
 
@@ -63,22 +63,21 @@ def _pack_user(st: UserState) -> tuple:
             values[r] = it.value
     return ("user", st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
             st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
-            tuple(st.published.items()), st.requested, list(st.seen), list(st.seen.values()),
+            tuple(st.published.items()), st.requested, _raw(np.array(st.recent_ids, dtype=np.int64)),
             st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
 
 
 def _unpack_user(t: tuple) -> UserState:
-    _, m, keys, names, ints, values, label, lp, lv, total, events, applied, published, requested = t[:14]
-    seen = dict(zip(t[14], t[15])) if len(t) > 14 else {}  # rows written before the dedup moved here
+    (_, m, keys, names, ints, values, label, lp, lv, total, events, applied, published, requested,
+     recent, publishes, quiet, text, text_items, text_version) = t
     ints, values = _arr(ints, np.int64, 3), _arr(values, np.float64, m)
     items = {
         k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
         for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
     }
-    publishes, quiet = t[16:18] if len(t) > 17 else (0, 0)  # rows written before these counters
-    text, text_items, text_version = t[18:21] if len(t) > 20 else (None, 0, -1)  # (before the text channel)
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
-                     requested, seen, publishes, quiet, _arr(text), text_items, text_version)
+                     requested, _arr(recent, np.int64).tolist(), publishes, quiet, _arr(text),
+                     text_items, text_version)
 
 
 def _pack_item(st: ItemState) -> tuple:
@@ -172,7 +171,6 @@ class StateTable(Generic[S]):
 class Tables:
     users: StateTable  # user id → core.incremental.UserState
     items: StateTable  # item id → core.incremental.ItemState
-    seen: Any  # unused: event-id de-duplication lives in the user rows (UserState.seen)
     stats: StateTable  # "p<partition>" → {"seen": users, "requested": label requests}
     labels: faust.GlobalTable  # "p<partition>" → persona label counts (Q̂), read by every worker
     model: Any = None  # GlobalTable "current" → persona model JSON (streams.refit), only in partition 0
@@ -193,7 +191,6 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
     return Tables(
         users=StateTable(_bytes_table(app, "users", partitions, "user-side push state")),
         items=StateTable(_bytes_table(app, "items", partitions, "item-side push state")),
-        seen=None,
         stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labelling budget")),
         labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes, options=dict(ROCKSDB_OPTIONS),
                                partitions=partitions, help="persona label counts per partition"),
@@ -210,6 +207,19 @@ def label_counts(table: faust.GlobalTable, n_personas: int) -> np.ndarray:
         if counts is not None and len(counts) == n_personas:
             total += counts
     return total
+
+
+def changelog_entry(key: str, state: Any) -> tuple[bytes, bytes]:
+    """(key, value) bytes of the changelog record a worker writes for one table row — what a
+    tool that writes the stream's state itself (a backfill) must produce, byte for byte.
+
+    The record goes to partition `streams.records.partition_for(key, partitions)` of
+    `changelog_topic(app_id, "users" | "items")` (a row lives in its user-ops / item-ops
+    partition); `stats` and `label-counts` rows are keyed "p<partition>" and live in that
+    partition. Values: `encode_state(UserState | ItemState | dict | counts array)`."""
+    from faust.serializers import codecs
+
+    return codecs.dumps("json", key), encode_state(state)  # Faust's table_key_serializer is json
 
 
 def changelog_topic(app_id: str, table: str) -> str:

@@ -173,10 +173,11 @@ def test_item_upsert_duplicate_and_stale_label_change_nothing():
     item = ItemState(M)
     lab = label_vector([1], M)
     out = item_upsert(item, "a", Membership("u", "a", 1, lab), theta=0.1)
-    assert out[0].users == ("u",) and item.seq == 1  # 0 → 1 in persona 1 crosses θ
+    assert out.told.users == ("u",) and out.pushed and item.seq == 1  # 0 → 1 in persona 1 crosses θ
     s_before = item.s.copy()
-    assert item_upsert(item, "a", Membership("u", "a", 1, lab), 0.1)[0].users == ("u",)
-    assert item_upsert(item, "a", Membership("u", "a", 0, None), 0.1)[0].seq == 1
+    again = item_upsert(item, "a", Membership("u", "a", 1, lab), 0.1)
+    assert again.told.users == ("u",) and not again.pushed
+    assert item_upsert(item, "a", Membership("u", "a", 0, None), 0.1).told.seq == 1
     np.testing.assert_array_equal(item.s, s_before)
     assert item.degree == 1
 
@@ -188,13 +189,13 @@ def test_item_pushes_only_over_relative_threshold():
     item_upsert(item, "a", Membership("p", "a", 1, lab), theta=0.6)  # M = 1, M̃ = 0 → push
     assert item.seq == 1
     out = item_upsert(item, "a", Membership("x", "a", 0, None), 0.6)  # M = 1/2: 1/2 > 0.3 → push
-    assert item.seq == 2 and set(out[0].users) == {"p", "x"}
+    assert item.seq == 2 and out.pushed and set(out.told.users) == {"p", "x"}
     out = item_upsert(item, "a", Membership("y", "a", 0, None), 0.6)  # M = 1/3: 1/6 ≤ 0.2 → keep
-    assert item.seq == 2 and out[0].users == ("y",)
+    assert item.seq == 2 and not out.pushed and out.told.users == ("y",)
     assert item.residual == pytest.approx(0.5 - 1 / 3)
     assert item.relative_residual == pytest.approx(0.5)
     out = item_upsert(item, "a", Membership("z", "a", 0, None), 0.6)  # M = 1/4: 1/4 > 0.15 → push
-    assert item.seq == 3 and len(out[0].users) == 4 and item.residual == 0
+    assert item.seq == 3 and out.pushed and len(out.told.users) == 4 and item.residual == 0
 
 
 def test_push_rule_is_scale_free():

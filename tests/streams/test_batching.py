@@ -13,10 +13,9 @@ import pytest
 
 from core.data import iter_events
 from core.events import PurchaseEvent
-from core.incremental import ItemState, UserItem, UserState, psi_raw
+from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw
 from streams.agents import Out
 from streams.records import (
-    ItemOp,
     UserOp,
     items_op,
     label_op,
@@ -142,7 +141,7 @@ def test_a_batch_sends_one_message_per_destination_partition():
 def test_item_pushes_are_coalesced_to_the_last_value_per_item():
     logic = _logic(eps=0.01, partitions=2)
     lab = [1.0, 0, 0, 0, 0]
-    ops = [ItemOp(user=f"u{k}", item="mug", version=1 if k % 2 else 0, label=lab if k % 2 else None)
+    ops = [items_op([(Membership(f"u{k}", "mug", 1 if k % 2 else 0, np.array(lab) if k % 2 else None), 0.0)])
            for k in range(12)]
     outs = logic.on_item_ops([(op, k) for k, op in enumerate(ops)])
     state = logic.tables.items.get("mug")
@@ -178,13 +177,36 @@ def test_user_rows_are_written_once_per_batch():
     assert logic.on_user_ops([(ops[0][0], 7)], 0) == [] and logic.tables.users.get("u").events == 10
 
 
-def test_batched_records_survive_kafka_and_read_the_single_forms_too():
+def test_a_purchases_replay_interleaved_with_new_events_counts_each_once():
+    """The purchases reader crashed after sending and re-reads from its last commit: the re-sent
+    events arrive at later user-ops offsets, re-cut and mixed with new ones, in any order; each
+    counts once while fewer than RECENT_IDS newer events of the user came between, and the
+    row stays bounded."""
+    from core.stream_protocol import RECENT_IDS
+
+    logic = _logic()
+    n = RECENT_IDS // 2
+    events = [PurchaseEvent(f"e{i}", "u", f"i{i % 7}", "x", 1, 1.0, 0.0) for i in range(2 * n)]
+    first = logic.on_purchases_raw([(b"u", e.to_json()) for e in events[:n]])
+    logic.on_user_ops([(_roundtrip(o.value), 0) for o in first], first[0].partition)
+    mixed = events[n // 2:][::-1]  # half re-sent, half new, reversed
+    again = logic.on_purchases_raw([(b"u", e.to_json()) for e in mixed])
+    logic.on_user_ops([(_roundtrip(o.value), 1) for o in again], again[0].partition)
+    state = logic.tables.users.get("u")
+    assert state.events == 2 * n and sum(it.count for it in state.items.values()) == 2 * n
+    many = [PurchaseEvent(f"x{i}", "u", "i0", "x", 1, 1.0, 0.0) for i in range(2 * RECENT_IDS)]
+    for k, chunk in enumerate((many[:RECENT_IDS], many[RECENT_IDS:])):
+        outs = logic.on_purchases_raw([(b"u", e.to_json()) for e in chunk])
+        logic.on_user_ops([(_roundtrip(o.value), 2 + k) for o in outs], outs[0].partition)
+    state = logic.tables.users.get("u")
+    assert state.events == 2 * n + 2 * RECENT_IDS and len(state.recent_ids) == RECENT_IDS
+
+
+def test_batched_records_survive_kafka():
     events = [PurchaseEvent("e1", "u", "i", "Mug", 2, 3.5, 10.0), PurchaseEvent("e2", "v", "j", "Cup", 1, 1.0, 11.0)]
     op = _roundtrip(purchases_op(events))
     assert op_events(op) == [("e1", "u", "i", "Mug", 2, 3.5, 10.0), ("e2", "v", "j", "Cup", 1, 1.0, 11.0)]
-    single = _roundtrip(UserOp(kind="purchase", users=["u"], event=events[0].to_dict()))
-    assert op_events(single) == op_events(op)[:1]
-    from core.incremental import ItemValue, Membership
+    from core.incremental import ItemValue
 
     vals = _roundtrip(values_op([(ItemValue("a", 3, np.array([0.5, 0.5]), ()), ["u", "v"], 1.0),
                                  (ItemValue("b", 1, np.array([1.0, 0.0]), ()), ["u"], 2.0)]))
@@ -196,26 +218,22 @@ def test_batched_records_survive_kafka_and_read_the_single_forms_too():
     assert json.loads(UserOp(kind="value", users=[]).dumps())["kind"] == "value"
 
 
-def test_packed_states_roundtrip_and_old_rows_still_decode():
+def test_packed_states_roundtrip():
     user = UserState(3)
     user.items["i"] = UserItem(2, 4, np.array([0.1, 0.2, 0.7]), 5, "Mug")
     user.items["j"] = UserItem(1, -1, None, 1, "Cup")
     user.total += [0.1, 0.2, 0.7]
-    user.label, user.label_personas, user.seen = np.array([0.0, 1.0, 0.0]), (1,), {"e1": 3}
+    user.label, user.label_personas = np.array([0.0, 1.0, 0.0]), (1,)
+    user.recent_ids = [-5, 2**62]
     back = decode_state(encode_state(user))
-    assert back.seen == {"e1": 3} and back.items["i"].value.tolist() == [0.1, 0.2, 0.7]
+    assert back.recent_ids == [-5, 2**62]
+    assert back.items["i"].value.tolist() == [0.1, 0.2, 0.7]
     assert back.items["j"].value is None and back.label.tolist() == [0.0, 1.0, 0.0]
     back.total += 1.0  # decoded arrays are writable
     item = ItemState(3, {"u": (1, np.array([1.0, 0, 0])), "v": (0, None)}, np.array([1.0, 0, 0]))
     got = decode_state(encode_state(item))
     assert got.buyers["u"][1].tolist() == [1.0, 0, 0] and got.buyers["v"] == (0, None)
     got.s -= 1.0
-    import pickle
-
-    old = pickle.dumps(("user", 3, ["i"], ["Mug"], np.array([[2, 4, 5]]), np.array([[0.1, 0.2, 0.7]]), None, (),
-                        0, np.array([0.1, 0.2, 0.7]), 2, 9, (), False))  # a row from before batching
-    legacy = decode_state(old)
-    assert legacy.seen == {} and legacy.applied_offset == 9 and legacy.items["i"].count == 2
 
 
 def test_state_cache_is_write_through_and_clears():

@@ -5,6 +5,7 @@ partitioned log (fast, exact), then once through the real broker."""
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -16,14 +17,14 @@ from core.affinity import exact_affinity, prototype_matrix
 from core.data import iter_events
 from core.events import PurchaseEvent
 from core.graph import BipartiteGraph
-from core.incremental import psi_raw, threshold
+from core.incremental import Membership, psi_raw, threshold
 from core.personas import Persona, PersonaSet
 from core.synthetic import make_shop
 from streams.agents import Out, StreamLogic
 from streams.config import StreamConfig
 from streams.labelling import LabelPolicy
-from streams.records import ItemOp, UserOp, label_op, label_record, partition_for
-from streams.tables import StateTable, Tables
+from streams.records import ItemOp, UserOp, items_op, label_op, label_record, op_pushes, partition_for
+from streams.tables import StateTable, Tables, changelog_entry, changelog_topic, decode_state
 from streams.topics import Topics, create_topics
 
 M = 5
@@ -32,7 +33,7 @@ M = 5
 def _logic(eps: float = 0.05, partitions: int = 3) -> StreamLogic:
     config = StreamConfig(eps=eps, partitions=partitions, labeler="none", label_budget=0.0, label_sources=("t",))
     personas = PersonaSet(Persona(f"p{i}", "") for i in range(M))
-    tables = Tables(users=StateTable({}), items=StateTable({}), seen={}, stats=StateTable({}), labels={})
+    tables = Tables(users=StateTable({}), items=StateTable({}), stats=StateTable({}), labels={})
     return StreamLogic(config, personas, tables, LabelPolicy(config))
 
 
@@ -81,9 +82,9 @@ class Log:
         if msg is None:  # lost in a crash
             return True
         if tp[0] == "user_ops":
-            outs = self.logic.on_user_op(msg, tp[1], offset)
+            outs = self.logic.on_user_ops([(msg, offset)], tp[1])
         else:
-            outs = self.logic.on_item_op(msg, offset)
+            outs = self.logic.on_item_ops([(msg, offset)])
         self.append(outs, source=(tp, offset))
         return True
 
@@ -173,11 +174,11 @@ def test_duplicate_event_id_changes_nothing():
     logic = _logic()
     ev = PurchaseEvent("e1", "u", "mug", "Mug", 2, 3.0, 0.0)
     op = _purchase(logic, ev)[0].value
-    assert [o.topic for o in logic.on_user_op(op, 0, 0)] == ["item_ops"]
+    assert [o.topic for o in logic.on_user_ops([(op, 0)], 0)] == ["item_ops"]
     before = logic.tables.users.table["u"]
-    assert logic.on_user_op(op, 0, 7) == []  # same event id at another offset: a duplicate
+    assert logic.on_user_ops([(op, 7)], 0) == []  # same event id at another offset: a duplicate
     assert logic.tables.users.table["u"] == before
-    replay = logic.on_user_op(op, 0, 0)  # same offset after a crash: re-sent, not re-counted
+    replay = logic.on_user_ops([(op, 0)], 0)  # same offset after a crash: re-sent, not re-counted
     assert [o.topic for o in replay] == ["item_ops"]
     assert logic.tables.users.get("u").items["mug"].count == 1
 
@@ -185,7 +186,7 @@ def test_duplicate_event_id_changes_nothing():
 def test_repeat_purchase_adds_count_not_edge():
     logic = _logic()
     for off, eid in enumerate(["e1", "e2", "e3"]):
-        outs = logic.on_user_op(_purchase(logic, PurchaseEvent(eid, "u", "mug", "Mug", 1, 3.0, 0.0))[0].value, 0, off)
+        outs = logic.on_user_ops([(_purchase(logic, PurchaseEvent(eid, "u", "mug", "Mug", 1, 3.0, 0.0))[0].value, off)], 0)
         assert [o.topic for o in outs] == (["item_ops"] if off == 0 else [])
     state = logic.tables.users.get("u")
     assert state.items["mug"].count == 3 and state.items["mug"].quantity == 3 and len(state.items) == 1
@@ -193,15 +194,45 @@ def test_repeat_purchase_adds_count_not_edge():
 
 def test_item_replay_retells_every_buyer():
     logic = _logic(eps=0.01)
-    ops = [ItemOp(user=u, item="mug", version=v, label=lab) for u, v, lab in
+    ops = [items_op([(Membership(u, "mug", v, None if lab is None else np.array(lab)), 0.0)]) for u, v, lab in
            [("p", 1, [1.0, 0, 0, 0, 0]), ("x", 0, None), ("y", 0, None)]]
     for off, op in enumerate(ops):
-        logic.on_item_op(op, off)
+        logic.on_item_ops([(op, off)])
     state = logic.tables.items.get("mug")
-    replay = logic.on_item_op(ops[1], 1)
-    told = {u for o in replay for u in o.value.users}
-    assert told == {"p", "x", "y"} and all(o.value.seq == state.seq for o in replay)
+    replay = logic.on_item_ops([(ops[1], 1)])
+    pushes = [p for o in replay for p in op_pushes(o.value)]
+    assert {u for p in pushes for u in p[3]} == {"p", "x", "y"} and all(p[1] == state.seq for p in pushes)
     assert logic.tables.items.get("mug").s.tolist() == state.s.tolist()
+
+
+def test_a_batch_retried_one_message_at_a_time_counts_metrics_once():
+    """A batch with a record that raises is applied again message by message (`guarded`): the
+    records applied count once in the metrics, the bad one once as a dead letter."""
+    from types import SimpleNamespace
+
+    from streams import metrics
+    from streams.agents import guarded
+
+    logic = _logic()
+    users = [u for u in (f"u{i}" for i in range(30)) if partition_for(u, 3) == 0][:2]
+    ops = [_purchase(logic, PurchaseEvent(f"e{u}", u, "mug", "Mug", 1, 1.0, 0.0))[0].value for u in users]
+    bad = UserOp(kind="value", users=["x"], pushes=[{"item": "mug", "seq": "not-a-number", "value": [], "users": []}])
+    batch = [ops[0], bad, ops[1]]
+    class Event(SimpleNamespace):  # (weak-referenceable, as Faust's events are)
+        pass
+
+    events = [Event(value=op, message=SimpleNamespace(offset=k, value=b"{}", key=b"k", partition=0))
+              for k, op in enumerate(batch)]
+
+    def sample(name: str, labels: dict | None = None) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    edges, dead = sample("gplr_edges_total"), sample("gplr_dlq_total", {"reason": "internal_error"})
+    outs = guarded(logic, events, 0, logic.on_user_ops, "user-ops")
+    assert sorted(o.topic for o in outs) == ["dlq", "item_ops", "item_ops"]
+    assert sample("gplr_edges_total") - edges == 2
+    assert sample("gplr_dlq_total", {"reason": "internal_error"}) - dead == 1
+    assert all(logic.tables.users.get(u).events == 1 for u in users)
 
 
 def test_invalid_purchase_goes_to_dlq_with_reason():
@@ -235,3 +266,36 @@ def test_duplicates_and_repeats_through_the_broker(stream_config, worker_factory
     counts = {u: sum(it.count for it in s.items.values()) for u, s in users.items()}
     assert counts == shop.frame.groupby("user_id").size().to_dict()
     assert [users[str(u)].degree for u in graph.user_ids] == graph.user_degree.tolist()
+    # the worker's changelog records are what `changelog_entry` builds (a backfill writes these)
+    last = _last_changelog_records(config, "users")
+    assert set(last) == set(users)
+    for user, (partition, key, value) in last.items():
+        assert partition == partition_for(user, config.partitions)
+        assert changelog_entry(user, decode_state(value)) == (key, value)
+
+
+def _last_changelog_records(config, table: str) -> dict[str, tuple[int, bytes, bytes]]:
+    """Per key, the (partition, raw key, raw value) of its last record in `table`'s changelog."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = changelog_topic(config.app_id, table)
+    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "raw-changelog",
+                         "enable.auto.commit": False, "log_level": 3})
+    try:
+        parts = [TopicPartition(topic, p, 0) for p in range(config.partitions)]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
+        consumer.assign(parts)
+        out: dict[str, tuple[int, bytes, bytes]] = {}
+        deadline = time.monotonic() + 60
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 5.0):
+                if msg.error():
+                    continue
+                out[json.loads(msg.key())] = (msg.partition(), msg.key(), msg.value())
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    todo.discard(msg.partition())
+        assert not todo, f"{topic}: partitions {sorted(todo)} not read"
+        return out
+    finally:
+        consumer.close()
