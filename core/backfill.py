@@ -147,6 +147,7 @@ class StateBuilder:
         self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
         self.total = np.zeros((index.n_users, n_personas))
         np.add.at(self.total, index.edge_user, self.told[index.edge_item])
+        self._edges: tuple[list, ...] | None = None
 
     def psi_raw(self) -> np.ndarray:
         """Ψ_raw = T / d_u per user code (the exact one-hop affinity the rows hold)."""
@@ -176,15 +177,27 @@ class StateBuilder:
             yield str(index.item_ids[v]), ItemState(self.m, buyers, self.item_s[v].copy(), self.told[v].copy(),
                                                     int(self.seq[v]))
 
+    def _edge_lists(self) -> tuple[list, ...]:
+        """Per-edge plain Python values, converted once (per-user slices of numpy arrays and
+        scalar conversions cost more than the rows themselves at millions of edges)."""
+        if self._edges is None:
+            index = self.index
+            told = list(self.told)  # row views, shared: a row's encoder copies them
+            item_names = [str(x) for x in index.item_ids]
+            seq = self.seq.tolist()
+            self._edges = ([item_names[i] for i in index.edge_item.tolist()], index.edge_count.tolist(),
+                           [seq[i] for i in index.edge_item.tolist()], [told[i] for i in index.edge_item.tolist()],
+                           index.edge_quantity.tolist(), [str(n) for n in index.edge_name],
+                           index.edge_ptr.tolist(), index.event_ptr.tolist(), index.event_ids.tolist())
+        return self._edges
+
     def user_row(self, u: int) -> UserState:
-        index = self.index
-        lo, hi = index.edge_ptr[u], index.edge_ptr[u + 1]
-        items = {str(index.item_ids[i]): UserItem(int(c), int(self.seq[i]), self.told[i], int(q), str(n))
-                 for i, c, q, n in zip(index.edge_item[lo:hi].tolist(), index.edge_count[lo:hi].tolist(),
-                                       index.edge_quantity[lo:hi].tolist(), index.edge_name[lo:hi])}
-        state = UserState(self.m, items, total=self.total[u].copy(),
-                          events=int(index.event_ptr[u + 1] - index.event_ptr[u]))
-        remember_events(state, index.event_ids[index.event_ptr[u]:index.event_ptr[u + 1]].tolist())
+        ids, counts, seqs, values, qty, names, eptr, vptr, events = self._edge_lists()
+        lo, hi = eptr[u], eptr[u + 1]
+        items = dict(zip(ids[lo:hi], map(UserItem, counts[lo:hi], seqs[lo:hi], values[lo:hi], qty[lo:hi],
+                                         names[lo:hi])))
+        state = UserState(self.m, items, total=self.total[u].copy(), events=vptr[u + 1] - vptr[u])
+        remember_events(state, events[vptr[u]:vptr[u + 1]])
         personas = self.labels.get(u)
         if personas:
             state.label, state.label_personas, state.label_version = self.phi[u].copy(), personas, 1

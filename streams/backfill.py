@@ -227,11 +227,13 @@ def _fit_model(frame: pd.DataFrame, index: HistoryIndex, labels: Mapping[int, Se
 
 
 def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, Sequence[int]] | None = None,
-                 publish_history: bool = False, progress: Callable[[str], None] | None = None) -> BackfillReport:
+                 publish_history: bool = False, progress: Callable[[str], None] | None = None,
+                 updates: bool = True) -> BackfillReport:
     """Backfill the deployment `config` points at from `frame` (canonical purchases).
 
     `labels`: operator labels (user id → persona indices) used as the prototypes; None → a fresh
-    budget through the configured labeler (`choose_prototypes`)."""
+    budget through the configured labeler (`choose_prototypes`). `updates=False` skips the
+    persona update per user (half the backfill's time: their evidence; the rows are the same)."""
     from core.backfill import HistoryIndex, StateBuilder
     from streams.agents import StreamLogic
     from streams.records import partition_for
@@ -291,7 +293,7 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
 
     stats: dict[int, dict[str, int]] = {}
     counts: dict[int, np.ndarray] = {}
-    updates = topics.persona_updates
+    updates_topic = topics.persona_updates
     for start in range(0, index.n_users, CHUNK_USERS):
         for u in range(start, min(start + CHUNK_USERS, index.n_users)):
             uid = str(index.user_ids[u])
@@ -302,12 +304,12 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
             if u in requested:
                 state.requested = True
                 row_stats["requested"] += 1
-            update = _decide(logic, uid, state, scores.get(u), index.last_ts)
+            update = _decide(logic, uid, state, scores.get(u), index.last_ts, updates)
             if state.label is not None:
                 counts.setdefault(p, np.zeros(m))[list(state.label_personas)] += 1
             sink.send(users_log, faust_key(uid), encode_state(state), p)
             if update is not None:
-                sink.send(updates, uid.encode(), _json(update), p)
+                sink.send(updates_topic, uid.encode(), _json(update), p)
         sink.flush()
         say(f"users: {min(start + CHUNK_USERS, index.n_users)}/{index.n_users}")
     for p in range(config.partitions):
@@ -344,10 +346,11 @@ def _excluded(config: StreamConfig) -> frozenset[str]:
     return frozenset(path.read_text().split()) if path is not None else frozenset()
 
 
-def _decide(logic: Any, user: str, state: Any, label_scores: tuple[float, ...] | None, ts: float
-            ) -> dict[str, Any] | None:
+def _decide(logic: Any, user: str, state: Any, label_scores: tuple[float, ...] | None, ts: float,
+            body: bool = True) -> dict[str, Any] | None:
     """The persona update the worker would have published last for this row (and the row's
-    `published`/`publishes` as `decide` leaves them): a prototype's label, else its decision."""
+    `published`/`publishes` as `decide` leaves them): a prototype's label, else its decision.
+    `body=False`: the row only (no update to send)."""
     from core.incremental import PersonaSnapshot, decide, psi_raw
 
     if state.label is not None:
@@ -355,9 +358,9 @@ def _decide(logic: Any, user: str, state: Any, label_scores: tuple[float, ...] |
         given = tuple(label_scores or ())
         snap = PersonaSnapshot(personas, given if len(given) == len(personas) else (1.0,) * len(personas))
         state.published = dict(zip(snap.personas, snap.scores))
-        return logic._update(user, state, snap, None, "labelled", ts).value
+        return logic._update(user, state, snap, None, "labelled", ts).value if body else None
     snap, reached = logic.snapshot(state, psi_raw(state))
-    if not decide(state, snap, logic.config.hysteresis):
+    if not decide(state, snap, logic.config.hysteresis) or not body:
         return None
     return logic._update(user, state, snap, None, "backfill" if reached else "prior", ts).value
 
@@ -399,7 +402,7 @@ def cmd_backfill(args) -> int:
     frame, _ = load_data(args, args.data, "backfill", require_ts=True)
     try:
         labels = None if args.labels is None else read_labels(args.labels, config.personas())
-        report = run_backfill(config, frame, labels, publish_history=args.publish_history,
+        report = run_backfill(config, frame, labels, publish_history=args.publish_history, updates=not args.no_updates,
                               progress=lambda msg: print(f"backfill: {msg}", file=sys.stderr, flush=True))
     except (BackfillError, ValueError, OSError) as exc:
         raise SystemExit(f"gplr backfill: {' '.join(str(exc).split())}") from None
@@ -425,4 +428,6 @@ def add_parser(subparsers) -> None:
                         "CSV); default: a fresh GPLR_LABEL_BUDGET through GPLR_LABELER")
     p.add_argument("--publish-history", action="store_true",
                    help="also produce the history to `purchases` (refits and `gplr trainer` read that topic)")
+    p.add_argument("--no-updates", action="store_true",
+                   help="no persona update per user (faster; `gplr export` then lists only users updated live)")
     p.set_defaults(func=cmd_backfill)
