@@ -16,8 +16,14 @@ purchase events; `--quick`: 1/10 of each) from `core.synthetic.make_shop` (16 pl
 5. replay estimate: a fresh deployment replays the first `--replay-slice` history events through
    one worker (labels first, as a live stream would have had them); history / its rate.
 
-    python bench/scale.py --quick     # 1.5M events, ~5 min on 2 busy cores
+    python bench/scale.py --quick     # 1.5M events, ~15 min on 2 busy cores
     python bench/scale.py             # 15M events
+    python bench/scale.py --rows-only # no broker: the backfill's rows at 15M events, sized and timed
+
+`--rows-only` builds and encodes every row (`streams.backfill.write_rows` into a counting sink)
+and reports their time, bytes per user/item row and the process's peak RSS: the full-scale
+numbers that need no broker (the embedded broker keeps its log in memory, which a 2-core, 23 GB
+machine shared with other work cannot give a 15M-event history plus a live phase).
 
 Prints progress lines, then one JSON object as the last line.
 """
@@ -44,7 +50,7 @@ from core.affinity import compute_affinity, prototype_matrix  # noqa: E402
 from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
-from streams.backfill import run_backfill  # noqa: E402
+from streams.backfill import CountingSink, run_backfill, write_rows  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import StreamConfig  # noqa: E402
 from streams.demo import LagWatcher, WorkerProcess  # noqa: E402
@@ -265,6 +271,30 @@ def max_abs_error(updates: list[dict[str, Any]], frame, labels: dict, n_personas
     return err
 
 
+def rows_only(config: StreamConfig, hist, labels, args) -> dict[str, Any]:
+    """The backfill's rows without a broker: seconds per stage, bytes per row, peak RSS."""
+    import resource
+
+    from streams.backfill import _laps
+    from streams.tables import changelog_topic
+
+    sink = CountingSink()
+    seconds, lap = _laps()
+    t0 = time.monotonic()
+    summary = write_rows(config, hist, {u: list(p) for u, p in labels.items()}, sink, updates=False,
+                         say=lambda msg: logger.info("rows: %s", msg), lap=lap)
+    total = time.monotonic() - t0
+    users = sink.by_topic[changelog_topic(config.app_id, "users")]
+    items = sink.by_topic[changelog_topic(config.app_id, "items")]
+    return {"bench": "scale-rows", "quick": args.quick, **{k: summary[k] for k in ("users", "items", "history_events",
+                                                                                    "edges", "prototypes")},
+            "personas": 16, "rows_seconds": round(total, 1), "stages_s": seconds,
+            "changelog_mb": round(sink.bytes / 1e6, 1), "user_row_bytes": round(users[1] / max(users[0], 1)),
+            "item_row_bytes": round(items[1] / max(items[0], 1)),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
@@ -274,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--eps", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows-only", action="store_true", help="no broker: build and size the backfill's rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("faust", "mode", "aiokafka"):
@@ -297,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gplr-scale-"))
     personas = work / "personas.json"
     personas.write_text(shop.personas.to_json())
+    if args.rows_only:
+        print(json.dumps(rows_only(_config("127.0.0.1:1", work, "rows", args.partitions, args.eps, personas),
+                                   hist, labels, args)))
+        return 0
     with EmbeddedBroker(data_dir=work / "broker", port=free_port()) as broker:
         cfg = _config(broker.bootstrap, work, "live", args.partitions, args.eps, personas)
         out = live_run(cfg, hist, live, paced, labels, work)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # (imported where used: `gplr --help` must not load Faust)
 
     from core.backfill import HistoryIndex
 
-__all__ = ["BackfillError", "BackfillReport", "run_backfill", "choose_prototypes", "label_users", "read_labels",
+__all__ = ["BackfillError", "BackfillReport", "run_backfill", "write_rows", "CountingSink", "choose_prototypes", "label_users", "read_labels",
            "cmd_backfill", "add_parser", "TABLES", "faust_key"]
 
 logger = logging.getLogger(__name__)
@@ -226,40 +226,49 @@ def _fit_model(frame: pd.DataFrame, index: HistoryIndex, labels: Mapping[int, Se
     return version, PersonaModel.from_dict(body), encode_model(version, body)
 
 
-def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, Sequence[int]] | None = None,
-                 publish_history: bool = False, progress: Callable[[str], None] | None = None,
-                 updates: bool = True) -> BackfillReport:
-    """Backfill the deployment `config` points at from `frame` (canonical purchases).
+class CountingSink:
+    """A sink that only counts (what `write_rows` would send): sizing without a broker."""
 
-    `labels`: operator labels (user id → persona indices) used as the prototypes; None → a fresh
-    budget through the configured labeler (`choose_prototypes`). `updates=False` skips the
-    persona update per user (half the backfill's time: their evidence; the rows are the same)."""
+    def __init__(self) -> None:
+        self.records = self.bytes = 0
+        self.by_topic: dict[str, list[int]] = {}
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
+        self.records += 1
+        self.bytes += len(value) + len(key or b"")
+        entry = self.by_topic.setdefault(topic, [0, 0])
+        entry[0] += 1
+        entry[1] += len(value) + len(key or b"")
+
+    def flush(self) -> None:
+        pass
+
+
+def _laps() -> tuple[dict[str, float], Callable[[str], None]]:
+    seconds: dict[str, float] = {}
+    clock = [time.monotonic()]
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        seconds[name] = round(seconds.get(name, 0.0) + now - clock[0], 3)
+        clock[0] = now
+
+    return seconds, lap
+
+
+def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, Sequence[int]] | None, sink: Any,
+               updates: bool = True, say: Callable[[str], None] = lambda _m: None,
+               lap: Callable[[str], None] = lambda _n: None) -> dict[str, Any]:
+    """Build every table row for `frame` and send it to `sink` (`send(topic, key, value,
+    partition)`, `flush()`); the history's summary. See `run_backfill`."""
     from core.backfill import HistoryIndex, StateBuilder
     from streams.agents import StreamLogic
     from streams.records import partition_for
     from streams.tables import changelog_topic, encode_state
     from streams.topics import topics_for
 
-    say = progress or (lambda _msg: None)
-    seconds: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.monotonic()
-        seconds[name] = round(now - clock, 3)
-        clock = now
-
     personas = config.personas()
     m = len(personas)
-    topics = topics_for(config)
-    _prepare_topics(config)
-    users_log = changelog_topic(config.app_id, "users")
-    if any(_ends(config.kafka_bootstrap, users_log).values()):
-        raise BackfillError(f"{users_log} already holds rows: backfill starts a new deployment "
-                            f"(use another GPLR_APP_ID, or delete the app's topics first)")
-    lap("prepare")
-
     index = HistoryIndex.from_frame(frame)
     lap("index")
     say(f"history: {index.events} purchases, {index.n_users} users, {index.n_items} items, "
@@ -284,8 +293,7 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
     if fitted is not None:
         logic.model_version, logic.model = fitted[0], fitted[1]
 
-    sink = _Sink(config.kafka_bootstrap)
-    items_log = changelog_topic(config.app_id, "items")
+    items_log, users_log = changelog_topic(config.app_id, "items"), changelog_topic(config.app_id, "users")
     for item, state in builder.item_rows():
         sink.send(items_log, faust_key(item), encode_state(state), partition_for(item, config.partitions))
     sink.flush()
@@ -293,7 +301,7 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
 
     stats: dict[int, dict[str, int]] = {}
     counts: dict[int, np.ndarray] = {}
-    updates_topic = topics.persona_updates
+    updates_topic = topics_for(config).persona_updates
     for start in range(0, index.n_users, CHUNK_USERS):
         for u in range(start, min(start + CHUNK_USERS, index.n_users)):
             uid = str(index.user_ids[u])
@@ -322,8 +330,33 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
         sink.send(changelog_topic(config.app_id, "persona-model"), faust_key("current"), fitted[2], 0)
     sink.flush()
     lap("users")
-    table_records, table_bytes = sink.records, sink.bytes
+    return {"users": index.n_users, "items": index.n_items, "history_events": index.events,
+            "edges": index.n_edges, "duplicates": index.duplicates, "prototypes": len(builder.labels),
+            "model_version": logic.model_version, "last_ts": index.last_ts}
 
+
+def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, Sequence[int]] | None = None,
+                 publish_history: bool = False, progress: Callable[[str], None] | None = None,
+                 updates: bool = True) -> BackfillReport:
+    """Backfill the deployment `config` points at from `frame` (canonical purchases).
+
+    `labels`: operator labels (user id → persona indices) used as the prototypes; None → a fresh
+    budget through the configured labeler (`choose_prototypes`). `updates=False` skips the
+    persona update per user (half the backfill's time: their evidence; the rows are the same)."""
+    from streams.tables import changelog_topic
+    from streams.topics import topics_for
+
+    say = progress or (lambda _msg: None)
+    seconds, lap = _laps()
+    topics = topics_for(config)
+    _prepare_topics(config)
+    users_log = changelog_topic(config.app_id, "users")
+    if any(_ends(config.kafka_bootstrap, users_log).values()):
+        raise BackfillError(f"{users_log} already holds rows: backfill starts a new deployment "
+                            f"(use another GPLR_APP_ID, or delete the app's topics first)")
+    lap("prepare")
+    sink = _Sink(config.kafka_bootstrap)
+    summary = write_rows(config, frame, labels, sink, updates, say, lap)
     published = 0
     if publish_history:
         from core.data import iter_events
@@ -334,11 +367,11 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
     ends = _ends(config.kafka_bootstrap, topics.purchases)
     _commit_start(config, topics.purchases, ends)
     lap("commit")
-    return BackfillReport(users=index.n_users, items=index.n_items, history_events=index.events,
-                          duplicates=index.duplicates, prototypes=len(builder.labels),
-                          model_version=logic.model_version, changelog_records=table_records,
-                          changelog_bytes=table_bytes, published_history=published, start_offsets=ends,
-                          last_ts=index.last_ts, seconds=seconds)
+    return BackfillReport(users=summary["users"], items=summary["items"], history_events=summary["history_events"],
+                          duplicates=summary["duplicates"], prototypes=summary["prototypes"],
+                          model_version=summary["model_version"], changelog_records=sink.records,
+                          changelog_bytes=sink.bytes, published_history=published, start_offsets=ends,
+                          last_ts=summary["last_ts"], seconds=seconds)
 
 
 def _excluded(config: StreamConfig) -> frozenset[str]:
