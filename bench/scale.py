@@ -135,6 +135,13 @@ def _ends(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def _changelog_records(config: StreamConfig) -> dict[str, int]:
+    """Records in the users and items changelogs (sum of end offsets: every row write is one)."""
+    from streams.tables import changelog_topic
+
+    return {t: sum(_ends(config.kafka_bootstrap, changelog_topic(config.app_id, t)).values()) for t in ("users", "items")}
+
+
 def _wait_log(worker: WorkerProcess, marker: str, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,10 +161,10 @@ def _config(bootstrap: str, work: Path, name: str, partitions: int, eps: float, 
                         personas_path=personas, label_sources=("bench",))
 
 
-def live_run(config: StreamConfig, hist, live, paced, labels, work: Path) -> dict[str, Any]:
+def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, updates: bool) -> dict[str, Any]:
     """Backfill, recover, live: the warm start's numbers."""
     t0 = time.monotonic()
-    report = run_backfill(config, hist, {u: list(p) for u, p in labels.items()},
+    report = run_backfill(config, hist, {u: list(p) for u, p in labels.items()}, updates=updates,
                           progress=lambda msg: logger.info("backfill: %s", msg))
     backfill_s = time.monotonic() - t0
     logger.info("backfill %.1fs %s", backfill_s, report.seconds)
@@ -181,10 +188,15 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path) -> dic
         recovered = _last_marker_time(worker, t_start)
         logger.info("recovery %.1fs, first live update %.1fs after worker start", recovered - t_start, first - t_start)
         watcher = LagWatcher(config)
+        if not watcher.wait_drained(timeout=600, settle=2.0):
+            raise RuntimeError(f"probe not drained (lag {watcher.lag()})")
+        before = _changelog_records(config)
         t_live = time.time()
         publish_events(config.kafka_bootstrap, topics.purchases, rest, stamp_now=True)
         if not watcher.wait_drained(timeout=1800, settle=2.0):
             raise RuntimeError(f"live phase not drained (lag {watcher.lag()})")
+        after = _changelog_records(config)
+        per_purchase = {t: round((after[t] - before[t]) / len(rest), 2) for t in after}
         t_last = max(u["ts"] for u in updates.items)
         throughput = len(rest) / max(1e-6, t_last - t_live)
         rate = 0.5 * throughput
@@ -206,7 +218,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path) -> dic
             "first_update_seconds": first - t_start, "live_events_per_s": throughput, "paced_rate": rate,
             "live_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
             "live_p99_s": float(np.percentile(lat, 99)) if lat.size else None, "latency_samples": int(lat.size),
-            "worker_peak_rss_mb": peak_rss, "worker_rss_mb": rss, "state_mb": _du_mb(config.data_dir),
+            "changelog_records_per_purchase": per_purchase, "worker_peak_rss_mb": peak_rss, "worker_rss_mb": rss, "state_mb": _du_mb(config.data_dir),
             "updates": [u for u in updates.items if u.get("source_ts", 0) >= t_start]}
 
 
@@ -271,12 +283,22 @@ def max_abs_error(updates: list[dict[str, Any]], frame, labels: dict, n_personas
     return err
 
 
+def _row_bytes(by_topic: dict[str, list[int]], app_id: str) -> dict[str, int]:
+    """Mean encoded bytes of a user row and an item row (key included)."""
+    from streams.tables import changelog_topic
+
+    out = {}
+    for table in ("users", "items"):
+        records, size = by_topic.get(changelog_topic(app_id, table), [0, 0])
+        out[f"{table[:-1]}_row_bytes"] = round(size / max(records, 1))
+    return out
+
+
 def rows_only(config: StreamConfig, hist, labels, args) -> dict[str, Any]:
     """The backfill's rows without a broker: seconds per stage, bytes per row, peak RSS."""
     import resource
 
     from streams.backfill import _laps
-    from streams.tables import changelog_topic
 
     sink = CountingSink()
     seconds, lap = _laps()
@@ -284,13 +306,10 @@ def rows_only(config: StreamConfig, hist, labels, args) -> dict[str, Any]:
     summary = write_rows(config, hist, {u: list(p) for u, p in labels.items()}, sink, updates=False,
                          say=lambda msg: logger.info("rows: %s", msg), lap=lap)
     total = time.monotonic() - t0
-    users = sink.by_topic[changelog_topic(config.app_id, "users")]
-    items = sink.by_topic[changelog_topic(config.app_id, "items")]
     return {"bench": "scale-rows", "quick": args.quick, **{k: summary[k] for k in ("users", "items", "history_events",
                                                                                     "edges", "prototypes")},
             "personas": 16, "rows_seconds": round(total, 1), "stages_s": seconds,
-            "changelog_mb": round(sink.bytes / 1e6, 1), "user_row_bytes": round(users[1] / max(users[0], 1)),
-            "item_row_bytes": round(items[1] / max(items[0], 1)),
+            "changelog_mb": round(sink.bytes / 1e6, 1), **_row_bytes(sink.by_topic, config.app_id),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
@@ -305,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eps", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-only", action="store_true", help="no broker: build and size the backfill's rows")
+    parser.add_argument("--updates", action="store_true",
+                        help="backfill also publishes a persona update per user (gplr backfill's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("faust", "mode", "aiokafka"):
@@ -334,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with EmbeddedBroker(data_dir=work / "broker", port=free_port()) as broker:
         cfg = _config(broker.bootstrap, work, "live", args.partitions, args.eps, personas)
-        out = live_run(cfg, hist, live, paced, labels, work)
+        out = live_run(cfg, hist, live, paced, labels, work, args.updates)
         broker_mb = _du_mb(work / "broker")
         replay = replay_rate(_config(broker.bootstrap, work, "replay", args.partitions, args.eps, personas),
                              hist.iloc[:n_slice], labels, work)
@@ -347,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "scale", "quick": args.quick, "users": report.users, "items": report.items,
         "history_events": report.history_events, "edges": int(BipartiteGraph.from_frame(hist).n_edges),
         "personas": len(shop.personas), "prototypes": report.prototypes, "partitions": args.partitions,
-        "backfill_seconds": round(out["backfill_seconds"], 1), "backfill_stages_s": report.seconds,
+        "backfill_updates": args.updates, "backfill_seconds": round(out["backfill_seconds"], 1), "backfill_stages_s": report.seconds,
         "changelog_mb": round(report.changelog_bytes / 1e6, 1), "changelog_records": report.changelog_records,
+        **_row_bytes(report.bytes_by_topic, cfg.app_id),
         "recovery_seconds": round(out["recovery_seconds"], 1), "first_update_seconds": round(out["first_update_seconds"], 1),
         "time_to_live_seconds": round(to_live, 1),
         "replay_estimate_seconds": round(replay_estimate, 1), "replay_slice_events": n_slice,
@@ -358,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_mb": round(out["state_mb"], 1), "broker_mb": round(broker_mb, 1),
         "worker_peak_rss_mb": round(out["worker_peak_rss_mb"], 1), "worker_rss_mb": round(out["worker_rss_mb"], 1),
         "live_events": n_live, "live_events_per_s": round(out["live_events_per_s"], 1),
+        "changelog_records_per_live_purchase": out["changelog_records_per_purchase"],
         "paced_events": n_paced, "paced_rate": round(out["paced_rate"], 1),
         "live_p50_s": out["live_p50_s"] and round(out["live_p50_s"], 3),
         "live_p99_s": out["live_p99_s"] and round(out["live_p99_s"], 3),

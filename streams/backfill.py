@@ -68,6 +68,7 @@ class BackfillReport:
     model_version: int
     changelog_records: int
     changelog_bytes: int
+    bytes_by_topic: dict[str, list[int]]
     published_history: int
     start_offsets: dict[int, int]
     last_ts: float
@@ -129,16 +130,34 @@ def label_users(index: HistoryIndex, users: Sequence[int], config: StreamConfig,
     return labels, scores
 
 
-class _Sink:
+class CountingSink:
+    """A sink that only counts (what `write_rows` would send): sizing without a broker."""
+
+    def __init__(self) -> None:
+        self.records = self.bytes = 0
+        self.by_topic: dict[str, list[int]] = {}
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
+        self.records += 1
+        self.bytes += len(value) + len(key or b"")
+        entry = self.by_topic.setdefault(topic, [0, 0])
+        entry[0] += 1
+        entry[1] += len(value) + len(key or b"")
+
+    def flush(self) -> None:
+        pass
+
+
+class _Sink(CountingSink):
     """A confluent-kafka producer counting records and bytes, failing loudly on a lost record."""
 
     def __init__(self, bootstrap: str) -> None:
         from confluent_kafka import Producer
 
+        super().__init__()
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                                   "batch.size": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
                                   "message.max.bytes": 16 * 1024**2, "log_level": 2})
-        self.records = self.bytes = 0
         self.failed: list[str] = []
 
     def _done(self, err, _msg) -> None:
@@ -153,8 +172,7 @@ class _Sink:
             except BufferError:
                 self.producer.poll(0.05)
         self.producer.poll(0)
-        self.records += 1
-        self.bytes += len(value) + len(key or b"")
+        super().send(topic, key, value, partition)
 
     def flush(self) -> None:
         left = self.producer.flush(120)
@@ -224,24 +242,6 @@ def _fit_model(frame: pd.DataFrame, index: HistoryIndex, labels: Mapping[int, Se
     if body is None:
         return None
     return version, PersonaModel.from_dict(body), encode_model(version, body)
-
-
-class CountingSink:
-    """A sink that only counts (what `write_rows` would send): sizing without a broker."""
-
-    def __init__(self) -> None:
-        self.records = self.bytes = 0
-        self.by_topic: dict[str, list[int]] = {}
-
-    def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
-        self.records += 1
-        self.bytes += len(value) + len(key or b"")
-        entry = self.by_topic.setdefault(topic, [0, 0])
-        entry[0] += 1
-        entry[1] += len(value) + len(key or b"")
-
-    def flush(self) -> None:
-        pass
 
 
 def _laps() -> tuple[dict[str, float], Callable[[str], None]]:
@@ -370,7 +370,8 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
     return BackfillReport(users=summary["users"], items=summary["items"], history_events=summary["history_events"],
                           duplicates=summary["duplicates"], prototypes=summary["prototypes"],
                           model_version=summary["model_version"], changelog_records=sink.records,
-                          changelog_bytes=sink.bytes, published_history=published, start_offsets=ends,
+                          changelog_bytes=sink.bytes,
+                          bytes_by_topic=sink.by_topic, published_history=published, start_offsets=ends,
                           last_ts=summary["last_ts"], seconds=seconds)
 
 

@@ -138,3 +138,69 @@ def test_backfill_refuses_a_running_deployment(stream_config, shop, tmp_path) ->
 
     with pytest.raises(BackfillError, match="already holds rows"):
         run_backfill(config, history, {})
+
+
+class _Capture:
+    """A sink keeping what `write_rows` sends: (topic, key, value, partition)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes, int]] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
+        self.records.append((topic, key, value, partition))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
+    """No labels given: per user partition, budget × users (rounded half up) prototypes through
+    the configured (replay) labeler, counted in the stats rows; the shipped persona model is the
+    one a refit fits on the same purchases (`streams.refit.fit_stream_model`), at the milestone."""
+    import math
+
+    from streams.agents import REFIT_RULE
+    from streams.backfill import write_rows
+    from streams.config import StreamConfig
+    from streams.refit import decode_model, fit_stream_model, milestone
+    from streams.tables import decode_state
+
+    personas = tmp_path / "personas.json"
+    personas.write_text(shop.personas.to_json())
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"CustomerID": list(shop.user_truth),
+                  "personas": ["|".join(shop.personas[p].name for p in ps) for ps in shop.user_truth.values()]}
+                 ).to_csv(truth, index=False)
+    config = StreamConfig(kafka_bootstrap="127.0.0.1:1", app_id="bf", personas_path=personas, labeler="replay",
+                          replay_labels=truth, label_budget=0.2, label_min_purchases=3, partitions=3, top_k=3)
+    sink = _Capture()
+    summary = write_rows(config, shop.frame, None, sink)
+    users = {decode_key(k): decode_state(v) for t, k, v, _ in sink.records if t == changelog_topic("bf", "users")}
+    stats = {decode_key(k): decode_state(v) for t, k, v, _ in sink.records if t == changelog_topic("bf", "stats")}
+    per_part: dict[int, list[str]] = {}
+    for user in users:
+        per_part.setdefault(partition_for(user, 3), []).append(user)
+    for p, members in per_part.items():
+        eligible = sum(len(users[u].items) >= 3 for u in members)
+        wanted = min(eligible, math.floor(0.2 * len(members) + 0.5))
+        labelled = [u for u in members if users[u].label is not None]
+        assert len(labelled) == wanted == stats[f"p{p}"]["requested"]
+        assert stats[f"p{p}"]["seen"] == len(members)
+        assert all(users[u].requested and users[u].label_personas == tuple(shop.user_truth[u]) for u in labelled)
+    prototypes = {u: s.label_personas for u, s in users.items() if s.label is not None}
+    assert summary["prototypes"] == len(prototypes)
+    mentions = sum(len(p) for p in prototypes.values())
+    (model_rec,) = [v for t, _k, v, p in sink.records if t == changelog_topic("bf", "persona-model") and p == 0]
+    version, model = decode_model(model_rec)
+    assert version == milestone(mentions) > 0
+    refit = fit_stream_model([e.to_json() for e in iter_events(shop.frame)], prototypes, len(shop.personas),
+                             REFIT_RULE, 3)
+    assert model.to_dict() == refit
+    unlabelled = [s for s in users.values() if s.label is None]
+    assert all(s.text_version == version and s.published for s in unlabelled)  # decided by the model
+
+
+def decode_key(key: bytes) -> str:
+    import json
+
+    return json.loads(key)
