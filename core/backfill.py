@@ -166,14 +166,18 @@ class StateBuilder:
         index = self.index
         order = np.argsort(index.edge_item, kind="stable")
         ptr = np.concatenate([[0], np.cumsum(np.bincount(index.edge_item, minlength=index.n_items))])
-        buyer_ids = index.user_ids[index.edge_user[order]]
         buyer_codes = index.edge_user[order]
+        buyer_ids = index.user_ids[buyer_codes].tolist()
+        labelled = np.zeros(index.n_users, dtype=bool)
+        labelled[list(self.labels)] = True
+        marked = np.flatnonzero(labelled[buyer_codes])  # buyer positions that are prototypes
+        mark_ptr = np.searchsorted(marked, ptr)
+        ptr, codes = ptr.tolist(), buyer_codes.tolist()
         for v in range(index.n_items):
             lo, hi = ptr[v], ptr[v + 1]
-            buyers: dict[str, tuple[int, np.ndarray | None]] = dict.fromkeys(buyer_ids[lo:hi].tolist(), (0, None))
-            for code, uid in zip(buyer_codes[lo:hi], buyer_ids[lo:hi]):
-                if int(code) in self.labels:
-                    buyers[uid] = (1, self.phi[code].copy())
+            buyers: dict[str, tuple[int, np.ndarray | None]] = dict.fromkeys(buyer_ids[lo:hi], (0, None))
+            for k in marked[mark_ptr[v]:mark_ptr[v + 1]].tolist():
+                buyers[buyer_ids[k]] = (1, self.phi[codes[k]].copy())
             yield str(index.item_ids[v]), ItemState(self.m, buyers, self.item_s[v].copy(), self.told[v].copy(),
                                                     int(self.seq[v]))
 

@@ -59,6 +59,12 @@ def test_rows_hold_exact_state(shop) -> None:
     items = dict(builder.item_rows())
     assert sum(len(s.buyers) for s in items.values()) == graph.n_edges
     assert all(s.relative_residual == 0 for s in items.values())
+    for state in items.values():  # S[v] is the sum of the labels its buyers carry, versions match
+        labelled = [lab for _v, lab in state.buyers.values() if lab is not None]
+        np.testing.assert_allclose(sum(labelled, np.zeros(len(shop.personas))), state.s, atol=1e-12)
+        assert all((v == 1) == (u in labels) for u, (v, _lab) in state.buyers.items())
+    assert sum(len([1 for v, _ in s.buyers.values() if v]) for s in items.values()) == sum(
+        len(rows[u].items) for u in labels)
 
 
 @pytest.mark.broker
