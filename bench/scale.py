@@ -139,7 +139,8 @@ def _changelog_records(config: StreamConfig) -> dict[str, int]:
     """Records in the users and items changelogs (sum of end offsets: every row write is one)."""
     from streams.tables import changelog_topic
 
-    return {t: sum(_ends(config.kafka_bootstrap, changelog_topic(config.app_id, t)).values()) for t in ("users", "items")}
+    return {t: sum(_ends(config.kafka_bootstrap, changelog_topic(config.app_id, t)).values())
+            for t in ("users", "items")}
 
 
 def _wait_log(worker: WorkerProcess, marker: str, timeout: float) -> float:
@@ -218,7 +219,8 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, update
             "first_update_seconds": first - t_start, "live_events_per_s": throughput, "paced_rate": rate,
             "live_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
             "live_p99_s": float(np.percentile(lat, 99)) if lat.size else None, "latency_samples": int(lat.size),
-            "changelog_records_per_purchase": per_purchase, "worker_peak_rss_mb": peak_rss, "worker_rss_mb": rss, "state_mb": _du_mb(config.data_dir),
+            "changelog_records_per_purchase": per_purchase, "worker_peak_rss_mb": peak_rss, "worker_rss_mb": rss,
+            "state_mb": _du_mb(config.data_dir),
             "updates": [u for u in updates.items if u.get("source_ts", 0) >= t_start]}
 
 
@@ -318,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
     parser.add_argument("--live", type=int, default=None, help="unpaced live purchases (default 100,000; quick 20,000)")
-    parser.add_argument("--paced", type=int, default=None, help="paced live purchases for latency (default 20,000; quick 5,000)")
-    parser.add_argument("--replay-slice", type=int, default=None, help="history events replayed (default 60,000; quick 20,000)")
+    parser.add_argument("--paced", type=int, default=None, 
+                        help="paced live purchases for latency (default 20,000; quick 5,000)")
+    parser.add_argument("--replay-slice", type=int, default=None, 
+                        help="history events replayed (default 60,000; quick 20,000)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--eps", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
@@ -368,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "scale", "quick": args.quick, "users": report.users, "items": report.items,
         "history_events": report.history_events, "edges": int(BipartiteGraph.from_frame(hist).n_edges),
         "personas": len(shop.personas), "prototypes": report.prototypes, "partitions": args.partitions,
-        "backfill_updates": args.updates, "backfill_seconds": round(out["backfill_seconds"], 1), "backfill_stages_s": report.seconds,
+        "backfill_updates": args.updates, "backfill_seconds": round(out["backfill_seconds"], 1),
+        "backfill_stages_s": report.seconds,
         "changelog_mb": round(report.changelog_bytes / 1e6, 1), "changelog_records": report.changelog_records,
         **_row_bytes(report.bytes_by_topic, cfg.app_id),
-        "recovery_seconds": round(out["recovery_seconds"], 1), "first_update_seconds": round(out["first_update_seconds"], 1),
+        "recovery_seconds": round(out["recovery_seconds"], 1),
+        "first_update_seconds": round(out["first_update_seconds"], 1),
         "time_to_live_seconds": round(to_live, 1),
         "replay_estimate_seconds": round(replay_estimate, 1), "replay_slice_events": n_slice,
         "replay_events_per_s": round(replay["events_per_s"], 1),

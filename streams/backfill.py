@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # (imported where used: `gplr --help` must not load Faust)
 
     from core.backfill import HistoryIndex
 
-__all__ = ["BackfillError", "BackfillReport", "run_backfill", "write_rows", "CountingSink", "choose_prototypes", "label_users", "read_labels",
+__all__ = ["BackfillError", "BackfillReport", "run_backfill", "write_rows", "CountingSink", "choose_prototypes",
+           "label_users", "read_labels",
            "cmd_backfill", "add_parser", "TABLES", "faust_key"]
 
 logger = logging.getLogger(__name__)
