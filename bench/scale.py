@@ -30,7 +30,6 @@ Prints progress lines, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -46,11 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from core.affinity import compute_affinity, prototype_matrix  # noqa: E402
 from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
-from streams.backfill import CountingSink, run_backfill, write_rows  # noqa: E402
+from bench.stream import _wait_ready_at, max_abs_error  # noqa: E402
+from streams.backfill import CountingSink, end_offsets, run_backfill, write_rows  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import StreamConfig  # noqa: E402
 from streams.demo import LagWatcher, WorkerProcess  # noqa: E402
@@ -124,34 +123,12 @@ class _Updates:
         self._consumer.close()
 
 
-def _ends(bootstrap: str, topic: str) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "scale-probe", "log_level": 3})
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
-    finally:
-        consumer.close()
-
-
 def _changelog_records(config: StreamConfig) -> dict[str, int]:
     """Records in the users and items changelogs (sum of end offsets: every row write is one)."""
     from streams.tables import changelog_topic
 
-    return {t: sum(_ends(config.kafka_bootstrap, changelog_topic(config.app_id, t)).values())
+    return {t: sum(end_offsets(config.kafka_bootstrap, changelog_topic(config.app_id, t)).values())
             for t in ("users", "items")}
-
-
-def _wait_log(worker: WorkerProcess, marker: str, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker in worker.log():
-            return time.time()
-        if not worker.is_running():
-            raise RuntimeError(f"worker exited:\n{worker.log()[-3000:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no {marker!r} in {timeout}s:\n{worker.log()[-3000:]}")
 
 
 def _config(bootstrap: str, work: Path, name: str, partitions: int, eps: float, personas: Path) -> StreamConfig:
@@ -170,7 +147,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, update
     backfill_s = time.monotonic() - t0
     logger.info("backfill %.1fs %s", backfill_s, report.seconds)
     topics = Topics(config.topic_prefix)
-    updates = _Updates(config, _ends(config.kafka_bootstrap, topics.persona_updates))
+    updates = _Updates(config, end_offsets(config.kafka_bootstrap, topics.persona_updates))
     live_events = list(iter_events(live))
     paced_events = list(iter_events(paced))
     worker = WorkerProcess(config, work / "live-worker.log").start()
@@ -257,7 +234,7 @@ def replay_rate(config: StreamConfig, slice_frame, labels, work: Path) -> dict[s
     worker = WorkerProcess(config, work / "replay-worker.log").start()
     watcher = LagWatcher(config)
     try:
-        t_ready = _wait_log(worker, "Ready", 300)
+        t_ready = _wait_ready_at(worker, "Ready", 300)
         if not watcher.wait_drained(timeout=1800, settle=2.0):
             raise RuntimeError(f"replay slice not drained (lag {watcher.lag()})")
         elapsed = time.time() - t_ready - 2.0  # wait_drained's settle
@@ -265,24 +242,6 @@ def replay_rate(config: StreamConfig, slice_frame, labels, work: Path) -> dict[s
         watcher.close()
         worker.kill()
     return {"events_per_s": len(slice_frame) / max(1e-6, elapsed), "publish_events_per_s": len(slice_frame) / publish_s}
-
-
-def max_abs_error(updates: list[dict[str, Any]], frame, labels: dict, n_personas: int) -> float:
-    """max |published score − exact Ψ| over every unlabelled user's last live-phase update."""
-    graph = BipartiteGraph.from_frame(frame)
-    row = {u: i for i, u in enumerate(graph.user_ids)}
-    phi = prototype_matrix(graph.n_users, {row[u]: p for u, p in labels.items() if u in row}, n_personas)
-    psi = compute_affinity(graph, phi, method="exact", hops=1, beta=0.0)
-    last: dict[str, dict[str, Any]] = {}
-    for u in updates:
-        last[str(u["user"])] = u
-    err = 0.0
-    for user, update in last.items():
-        if user in labels or user not in row or update.get("reason") == "prior":
-            continue
-        for p in update["personas"]:
-            err = max(err, abs(float(p["score"]) - psi[row[user], int(p["idx"])]))
-    return err
 
 
 def _row_bytes(by_topic: dict[str, list[int]], app_id: str) -> dict[str, int]:

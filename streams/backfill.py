@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # (imported where used: `gplr --help` must not load Faust)
     from core.backfill import HistoryIndex
 
 __all__ = ["BackfillError", "BackfillReport", "run_backfill", "write_rows", "CountingSink", "choose_prototypes",
-           "label_users", "read_labels",
+           "label_users", "read_labels", "end_offsets",
            "cmd_backfill", "add_parser", "TABLES", "faust_key"]
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ def _prepare_topics(config: StreamConfig) -> None:
                   config.partitions)  # waits until every partition is led
 
 
-def _ends(bootstrap: str, topic: str) -> dict[int, int]:
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """The end offset of every partition of `topic`."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "gplr-backfill-probe", "log_level": 3})
@@ -352,7 +353,7 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
     topics = topics_for(config)
     _prepare_topics(config)
     users_log = changelog_topic(config.app_id, "users")
-    if any(_ends(config.kafka_bootstrap, users_log).values()):
+    if any(end_offsets(config.kafka_bootstrap, users_log).values()):
         raise BackfillError(f"{users_log} already holds rows: backfill starts a new deployment "
                             f"(use another GPLR_APP_ID, or delete the app's topics first)")
     lap("prepare")
@@ -365,7 +366,7 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
 
         published = publish_events(config.kafka_bootstrap, topics.purchases, iter_events(frame), timeout=120.0)
         lap("publish_history")
-    ends = _ends(config.kafka_bootstrap, topics.purchases)
+    ends = end_offsets(config.kafka_bootstrap, topics.purchases)
     _commit_start(config, topics.purchases, ends)
     lap("commit")
     return BackfillReport(users=summary["users"], items=summary["items"], history_events=summary["history_events"],
