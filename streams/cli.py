@@ -1,4 +1,4 @@
-"""Stream subcommands of `gplr`: worker, produce, watch, export, demo, broker and trainer.
+"""Stream subcommands of `gplr`: worker, produce, watch, export, demo, broker, trainer and backfill.
 
 Settings come from the environment (`StreamConfig.from_env()`); flags only choose what to do.
 The producer loop and the topic reader they share with the demo and the benchmarks live in
@@ -411,6 +411,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_broker)
 
     _add_trainer(subparsers)
+    from streams.backfill import add_parser as add_backfill
+
+    add_backfill(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "applied_labels", "fit_stream_model",
+__all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "history_graph", "fit_graph_model", "applied_labels", "fit_stream_model",
            "encode_model", "decode_model"]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ def build_graph(purchases: list[bytes]):
     """The purchase graph of the valid, de-duplicated purchase records (as the worker counts them)."""
     from core.data import CANONICAL_COLUMNS
     from core.events import InvalidEvent, parse_purchase
-    from core.graph import BipartiteGraph
 
     rows = []
     for raw in purchases:
@@ -74,8 +73,15 @@ def build_graph(purchases: list[bytes]):
             rows.append(parse_purchase(raw).to_dict())
         except InvalidEvent:
             continue
-    frame = pd.DataFrame(rows, columns=list(CANONICAL_COLUMNS)).drop_duplicates("event_id")
-    frame = frame.sort_values("event_id", kind="stable").reset_index(drop=True)  # not the read order
+    return history_graph(pd.DataFrame(rows, columns=list(CANONICAL_COLUMNS)))
+
+
+def history_graph(frame: pd.DataFrame):
+    """The purchase graph of a canonical frame, de-duplicated by event id and ordered by it (not
+    by read order), so every reader of the same purchases fits the same model (`gplr backfill` too)."""
+    from core.graph import BipartiteGraph
+
+    frame = frame.drop_duplicates("event_id").sort_values("event_id", kind="stable").reset_index(drop=True)
     return BipartiteGraph.from_frame(frame)
 
 
@@ -98,9 +104,14 @@ def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[i
     """Fit the persona model on the stream's prototypes (`applied_labels`); its JSON-able dict,
     or None when no labelled user has bought anything yet. Deterministic given its input (the
     purchases are ordered by event id first), so fits on the same input ship the same model."""
+    return fit_graph_model(build_graph(purchases), prototypes, n_personas, rule, k)
+
+
+def fit_graph_model(graph, prototypes: Mapping[str, Sequence[int]], n_personas: int, rule: str,
+                    k: int) -> dict[str, Any] | None:
+    """`fit_stream_model` on a graph already built (`history_graph`)."""
     from core.decoder import fit_persona_model
 
-    graph = build_graph(purchases)
     index = {str(u): i for i, u in enumerate(graph.user_ids)}
     rows = {index[u]: tuple(p) for u, p in prototypes.items() if u in index and p}
     if not rows:

@@ -1,0 +1,209 @@
+"""Backfill: the stream's state for a purchase history, computed in batch (no Kafka).
+
+Why: replaying years of purchases through one worker takes most of an hour at Instacart scale,
+while the same graph's exact Ψ takes a second. `HistoryIndex` groups a history once (vectorised:
+edges, counts, quantities, first names, event ids per user) and `StateBuilder` turns it into
+the worker's own row objects (`core.incremental.UserState` / `ItemState`), in the state a worker
+reaches once every push has landed with M̃[v] = M[v] (so Ψ̂ = exact Ψ): every item told its
+buyers its exact M[v] (seq 1, or seq 0 for an item no prototype reaches: the shared reply the
+worker sends a new buyer), every user counted each item's value once. `streams.backfill` decides
+the personas with the worker's own functions and writes the rows to the tables' changelogs.
+
+What is per-row exact, as in the worker: purchase counts and quantities per (user, item) after
+event-id de-duplication (first occurrence in time order wins, as the worker counts the first
+offset), the item names a user first bought them under, the insertion order of a user's items
+(the text channel sums them in that order), and the event ids a row has seen (`remember_events`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from core.incremental import ItemState, UserItem, UserState, label_vector
+from core.stream_protocol import RECENT_IDS, event_key
+
+__all__ = ["HistoryIndex", "StateBuilder", "remember_events", "HISTORY_OFFSET"]
+
+#: The row's `applied_offset` after a backfill: below any user-ops offset a live worker will see
+#: (its user-ops topic starts empty), so no live message is mistaken for a replay.
+HISTORY_OFFSET = -1
+
+
+def remember_events(state: UserState, event_ids: Sequence[str]) -> None:
+    """Record history event ids in the row's de-duplication state as the worker would have.
+
+    One place, because the row's event-id window is the part of the row format most likely to
+    change (bounded per-user state): adapt here, nowhere else."""
+    state.recent_ids = [event_key(str(e)) for e in event_ids[-RECENT_IDS:]]
+    state.applied_offset = HISTORY_OFFSET
+
+
+@dataclass(frozen=True)
+class HistoryIndex:
+    """A de-duplicated purchase history grouped by user and by (user, item) edge.
+
+    Users and items are numbered in order of first appearance (time order); each user's edges are
+    contiguous (`edge_ptr`) and in the order the user first bought them."""
+
+    user_ids: np.ndarray  # object: user code → id
+    item_ids: np.ndarray  # object: item code → id
+    edge_ptr: np.ndarray  # user u's edges are edge_ptr[u]:edge_ptr[u + 1]
+    edge_item: np.ndarray  # item code per edge
+    edge_count: np.ndarray  # purchase events per edge
+    edge_quantity: np.ndarray  # summed quantity per edge
+    edge_name: np.ndarray  # object: item name at the edge's first event
+    event_ptr: np.ndarray  # user u's event ids are event_ids[event_ptr[u]:event_ptr[u + 1]]
+    event_ids: np.ndarray  # object, grouped by user, time order within a user
+    last_ts: float
+    events: int
+    duplicates: int
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "HistoryIndex":
+        """Group a canonical purchases frame (`core.data`). Rows in time order (stable), a
+        repeated event id counted once (its first occurrence), as the worker counts them."""
+        ordered = frame if frame["ts"].is_monotonic_increasing else frame.sort_values("ts", kind="stable")
+        first = ~ordered["event_id"].duplicated(keep="first").to_numpy()
+        ordered = ordered[first]
+        user_code, user_ids = pd.factorize(ordered["user_id"].astype(str), sort=False)
+        item_code, item_ids = pd.factorize(ordered["item_id"].astype(str), sort=False)
+        n_users, n_items = len(user_ids), len(item_ids)
+        edge_key = user_code.astype(np.int64) * n_items + item_code
+        edge_code, edge_keys = pd.factorize(edge_key, sort=False)  # edges in first-purchase order
+        n_edges = len(edge_keys)
+        first_row = np.full(n_edges, len(edge_code), dtype=np.int64)
+        np.minimum.at(first_row, edge_code, np.arange(len(edge_code)))
+        edge_user = (np.asarray(edge_keys) // n_items).astype(np.int64)
+        order = np.argsort(edge_user, kind="stable")  # group by user, first-purchase order within
+        names = ordered["item_name"].astype(str).to_numpy(dtype=object)
+        qty = ordered["quantity"].to_numpy(dtype=np.int64)
+        by_user = np.argsort(user_code, kind="stable")
+        return cls(
+            user_ids=np.asarray(user_ids, dtype=object),
+            item_ids=np.asarray(item_ids, dtype=object),
+            edge_ptr=np.concatenate([[0], np.cumsum(np.bincount(edge_user, minlength=n_users))]),
+            edge_item=(np.asarray(edge_keys) % n_items).astype(np.int64)[order],
+            edge_count=np.bincount(edge_code, minlength=n_edges).astype(np.int64)[order],
+            edge_quantity=np.bincount(edge_code, weights=qty, minlength=n_edges).astype(np.int64)[order],
+            edge_name=names[first_row][order],
+            event_ptr=np.concatenate([[0], np.cumsum(np.bincount(user_code, minlength=n_users))]),
+            event_ids=ordered["event_id"].astype(str).to_numpy(dtype=object)[by_user],
+            last_ts=float(ordered["ts"].max()),
+            events=int(len(ordered)),
+            duplicates=int((~first).sum()),
+        )
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edge_item)
+
+    @property
+    def degrees(self) -> np.ndarray:
+        """Distinct items per user (d_u)."""
+        return np.diff(self.edge_ptr)
+
+    @property
+    def edge_user(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_users), self.degrees)
+
+    def history(self, u: int) -> list[tuple[str, int]]:
+        """(item name, quantity) most bought first: `core.incremental.user_history` of u's row."""
+        lo, hi = self.edge_ptr[u], self.edge_ptr[u + 1]
+        order = np.argsort(-self.edge_quantity[lo:hi], kind="stable")
+        return [(str(self.edge_name[lo + k]), int(self.edge_quantity[lo + k])) for k in order]
+
+
+class StateBuilder:
+    """The worker's rows for a history and a set of prototypes (user code → label personas).
+
+    Item v: buyers {user: (label version, L[user] or None)}, S[v] = Σ L, M̃[v] = M[v] = S[v]/d_v,
+    seq 1 when M[v] has mass (it pushed) else 0 (the shared reply); user u: its edges with the
+    value they counted, T[u] = Σ_v M̃[v], its label (version 1), events and seen event ids."""
+
+    def __init__(self, index: HistoryIndex, prototypes: Mapping[int, Sequence[int]], n_personas: int) -> None:
+        self.index, self.m = index, n_personas
+        self.labels = {int(u): tuple(int(p) for p in dict.fromkeys(ps) if 0 <= int(p) < n_personas)
+                       for u, ps in prototypes.items()}
+        self.labels = {u: ps for u, ps in self.labels.items() if ps}
+        phi = np.zeros((index.n_users, n_personas))
+        for u, ps in self.labels.items():
+            phi[u] = label_vector(ps, n_personas)
+        self.phi = phi
+        s = np.zeros((index.n_items, n_personas))
+        np.add.at(s, index.edge_item, phi[index.edge_user])
+        degree = np.bincount(index.edge_item, minlength=index.n_items)
+        self.item_s = s
+        self.told = s / np.maximum(degree, 1)[:, None]
+        self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
+        self.total = np.zeros((index.n_users, n_personas))
+        np.add.at(self.total, index.edge_user, self.told[index.edge_item])
+        self._edges: tuple[list, ...] | None = None
+
+    def psi_raw(self) -> np.ndarray:
+        """Ψ_raw = T / d_u per user code (the exact one-hop affinity the rows hold)."""
+        return self.total / np.maximum(self.index.degrees, 1)[:, None]
+
+    def label_counts(self, users: np.ndarray | None = None) -> np.ndarray:
+        """Label mentions per persona (Q̂'s numerator) over `users` (codes; all when None)."""
+        counts = np.zeros(self.m)
+        chosen = self.labels if users is None else {int(u): self.labels[int(u)] for u in users
+                                                    if int(u) in self.labels}
+        for ps in chosen.values():
+            counts[list(ps)] += 1
+        return counts
+
+    def item_rows(self) -> Iterator[tuple[str, ItemState]]:
+        index = self.index
+        order = np.argsort(index.edge_item, kind="stable")
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(index.edge_item, minlength=index.n_items))])
+        buyer_codes = index.edge_user[order]
+        buyer_ids = index.user_ids[buyer_codes].tolist()
+        labelled = np.zeros(index.n_users, dtype=bool)
+        labelled[list(self.labels)] = True
+        marked = np.flatnonzero(labelled[buyer_codes])  # buyer positions that are prototypes
+        mark_ptr = np.searchsorted(marked, ptr)
+        ptr, codes = ptr.tolist(), buyer_codes.tolist()
+        for v in range(index.n_items):
+            lo, hi = ptr[v], ptr[v + 1]
+            buyers: dict[str, tuple[int, np.ndarray | None]] = dict.fromkeys(buyer_ids[lo:hi], (0, None))
+            for k in marked[mark_ptr[v]:mark_ptr[v + 1]].tolist():
+                buyers[buyer_ids[k]] = (1, self.phi[codes[k]].copy())
+            yield str(index.item_ids[v]), ItemState(self.m, buyers, self.item_s[v].copy(), self.told[v].copy(),
+                                                    int(self.seq[v]))
+
+    def _edge_lists(self) -> tuple[list, ...]:
+        """Per-edge plain Python values, converted once (per-user slices of numpy arrays and
+        scalar conversions cost more than the rows themselves at millions of edges)."""
+        if self._edges is None:
+            index = self.index
+            told = list(self.told)  # row views, shared: a row's encoder copies them
+            item_names = [str(x) for x in index.item_ids]
+            seq = self.seq.tolist()
+            self._edges = ([item_names[i] for i in index.edge_item.tolist()], index.edge_count.tolist(),
+                           [seq[i] for i in index.edge_item.tolist()], [told[i] for i in index.edge_item.tolist()],
+                           index.edge_quantity.tolist(), [str(n) for n in index.edge_name],
+                           index.edge_ptr.tolist(), index.event_ptr.tolist(), index.event_ids.tolist())
+        return self._edges
+
+    def user_row(self, u: int) -> UserState:
+        ids, counts, seqs, values, qty, names, eptr, vptr, events = self._edge_lists()
+        lo, hi = eptr[u], eptr[u + 1]
+        items = dict(zip(ids[lo:hi], map(UserItem, counts[lo:hi], seqs[lo:hi], values[lo:hi], qty[lo:hi],
+                                         names[lo:hi])))
+        state = UserState(self.m, items, total=self.total[u].copy(), events=vptr[u + 1] - vptr[u])
+        remember_events(state, events[vptr[u]:vptr[u + 1]])
+        personas = self.labels.get(u)
+        if personas:
+            state.label, state.label_personas, state.label_version = self.phi[u].copy(), personas, 1
+        return state
