@@ -17,12 +17,6 @@ The stream needs three things the libraries do not offer publicly:
   `async for`, so the agent sets it itself (`current_event`).
 - **The producer buffer** (`app.producer.buffer.max_messages`): Faust's default of 100 queued
   changelog records makes a batch's writes flush one by one (`widen_producer_buffer`).
-- **Pausing a topic's fetches** (`set_fetching`, for streams.flow). Faust's public
-  `Consumer.pause_partitions` only stops *delivering* a partition: aiokafka still fetches it,
-  Faust drops those records, and the offsets committed after the resume skip them (measured: a
-  30,000-purchase replay processed 9,984). Pausing in aiokafka itself (its public `pause`, on
-  the consumer Faust runs in its own thread, reached through `_thread`) stops the fetches and
-  discards buffered records without moving the position, so they are fetched again on resume.
 
 `check_hooks()` verifies at start-up that each hook still has the shape this module was written
 against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
@@ -41,7 +35,7 @@ from typing import Any, Iterator
 from aiokafka.consumer.fetcher import Fetcher
 
 __all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
-           "current_event", "widen_producer_buffer", "set_fetching", "DEFAULT_MIN_CYCLE_S"]
+           "current_event", "widen_producer_buffer", "DEFAULT_MIN_CYCLE_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,23 +135,3 @@ def widen_producer_buffer(app: Any, max_messages: int) -> None:
     if buffer is None or not hasattr(buffer, "max_messages"):
         raise CompatError("faust producer has no buffer.max_messages: streams/_compat.py needs updating")
     buffer.max_messages = max_messages
-
-
-async def set_fetching(consumer: Any, tps: Any, paused: bool) -> None:
-    """Pause (or resume) fetching `tps` in the aiokafka consumer under Faust's `consumer`, in its
-    thread; partitions not assigned any more are skipped. Idempotent."""
-    thread = getattr(consumer, "_thread", None)
-    if thread is None or not hasattr(thread, "call_thread") or not hasattr(thread, "_ensure_consumer"):
-        raise CompatError("faust consumer has no _thread.call_thread/_ensure_consumer: "
-                          "streams/_compat.py set_fetching needs updating")
-    from aiokafka import TopicPartition
-
-    wanted = {TopicPartition(tp.topic, tp.partition) for tp in tps}
-
-    def apply() -> None:
-        inner = thread._ensure_consumer()
-        parts = sorted(wanted & set(inner.assignment()))
-        if parts:
-            (inner.pause if paused else inner.resume)(*parts)
-
-    await thread.call_thread(apply)

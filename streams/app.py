@@ -9,7 +9,7 @@ import faust
 
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
-from streams.flow import register_flow_control
+from streams.flow import register_purge
 from streams._compat import check_hooks, configure_fetch_pacing, widen_producer_buffer
 from streams.labelling import LabelPolicy, register_labelling
 from streams.tables import define_tables
@@ -74,9 +74,7 @@ def create_app(config: StreamConfig) -> faust.App:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
     register_labelling(app, config, personas, topics, users=tables.users)
-    internal = [topics.user_ops.get_topic_name(), topics.item_ops.get_topic_name()]
-    register_flow_control(app, config, topics.purchases.get_topic_name(), internal,
-                          internal + ([topics.refit.get_topic_name()] if topics.refit is not None else []))
+    register_purge(app, config, [t.get_topic_name() for t in (topics.user_ops, topics.item_ops, topics.refit) if t])
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,
     # scipy and Faust loaded that is ~0.2 s each, seconds per assignment. Moving what exists now

@@ -21,7 +21,7 @@ __all__ = [
     "REGISTRY",
     "EVENTS_IN", "DLQ", "DUPLICATES", "EDGES", "PUSHES", "PUSH_MESSAGES", "RESIDUAL_MASS",
     "LABEL_REQUESTS", "LABEL_CALLS", "LABEL_ERRORS", "LABEL_LATENCY", "LABEL_BUDGET_REMAINING",
-    "PERSONA_CHANGES", "EVENT_TO_UPDATE", "CONSUMER_LAG", "INTERNAL_BACKLOG", "PURCHASES_PAUSED",
+    "PERSONA_CHANGES", "EVENT_TO_UPDATE", "CONSUMER_LAG",
     "TRAINER_LAST_TRAIN", "TRAINER_EPOCHS", "TRAINER_VALIDATION_NDCG",
     "TRAINER_RECOMMENDATIONS", "TRAINER_LAST_SUCCESS",
     "metric_names", "start_metrics_server", "BoundedMetricsServer", "measure_lag", "LagMonitor", "install_lag_monitor",
@@ -49,10 +49,6 @@ LABEL_LATENCY = Histogram("gplr_label_latency_seconds", "Labeler call latency", 
                           registry=REGISTRY)
 LABEL_BUDGET_REMAINING = Gauge("gplr_label_budget_remaining", "Labels still allowed by the budget",
                                registry=REGISTRY)
-INTERNAL_BACKLOG = Gauge("gplr_internal_backlog", "user-ops + item-ops messages not yet fetched (streams.flow)",
-                         registry=REGISTRY)
-PURCHASES_PAUSED = Gauge("gplr_purchases_paused", "1 while the purchases wait for the user side (streams.flow)",
-                         registry=REGISTRY)
 PERSONA_CHANGES = Counter("gplr_persona_changes", "Persona updates published", registry=REGISTRY)
 EVENT_TO_UPDATE = Histogram("gplr_event_to_update_seconds",
                             "Purchase timestamp to persona-update publication", buckets=_LATENCY_BUCKETS,

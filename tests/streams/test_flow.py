@@ -1,5 +1,5 @@
-"""streams.flow: the purchases backpressure's hysteresis and the purge of consumed internal records
-(through the real embedded broker), and the producer every command shares (murmur2, gzip)."""
+"""streams.flow: the purge of consumed internal records (through the real embedded broker), and
+the producer every command shares (murmur2 by key)."""
 from __future__ import annotations
 
 import json
@@ -7,37 +7,13 @@ from collections import Counter
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from core.events import PurchaseEvent
 from streams.broker import free_port
-from streams.flow import FlowGate, purge_consumed
+from streams.flow import purge_consumed
 from streams.records import partition_for
 from streams.topic_io import publish_events, publish_records, read_topic
 from streams.topics import create_topics
-
-
-@given(st.lists(st.integers(0, 200), max_size=60), st.integers(1, 50), st.integers(0, 50))
-@settings(max_examples=200, deadline=None)
-def test_gate_pauses_above_high_and_resumes_below_low(backlogs: list[int], high: int, gap: int) -> None:
-    low = max(0, high - gap)
-    gate, paused = FlowGate(high=high, low=low), False
-    for backlog in backlogs:
-        change = gate.update(backlog)
-        if change is True:
-            assert not paused and backlog > high
-        elif change is False:
-            assert paused and backlog < low
-        else:  # no change: the backlog sits inside the band on the current side
-            assert (backlog <= high) if not paused else (backlog >= low)
-        paused = gate.paused if change is None else change
-        assert gate.paused == paused
-
-
-def test_gate_needs_the_backlog_to_fall_below_low_to_resume() -> None:
-    gate = FlowGate(high=10, low=3)
-    assert [gate.update(b) for b in (10, 11, 9, 4, 3, 2, 20)] == [None, True, None, None, None, False, True]
 
 
 def _committed_group(bootstrap: str, topic: str, group: str, offsets: dict[int, int]) -> None:
