@@ -21,7 +21,11 @@ Setup (all seeded, fixed):
   users; `labelled_share` = prototypes / users seen by the stream; per-persona recall.
 
     python bench/stream_quality.py --data-dir /work/shared/data/online_retail
-    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min
+    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min on an idle machine
+
+`--workdir DIR` keeps the worker's RocksDB, the broker's data and both logs (default: a temporary
+folder, removed); `label_requests` and `events_in` (purchases the worker counted) in the JSON
+tell a stream that stopped short from one that decided badly.
 
 Prints progress lines, then one JSON object as the last line.
 """
