@@ -74,7 +74,7 @@ def create_app(config: StreamConfig) -> faust.App:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
     register_labelling(app, config, personas, topics, users=tables.users)
-    register_purge(app, config, [t.get_topic_name() for t in (topics.user_ops, topics.item_ops, topics.refit) if t])
+    register_purge(app, config, [topics.user_ops.get_topic_name(), topics.item_ops.get_topic_name()])
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,
     # scipy and Faust loaded that is ~0.2 s each, seconds per assignment. Moving what exists now
