@@ -11,7 +11,14 @@ from typing import Iterable
 
 from core.events import PurchaseEvent
 
-__all__ = ["publish_events", "publish_records", "read_topic", "latest_personas", "PRODUCER_CONFIG"]
+__all__ = ["publish_events", "publish_records", "read_topic", "latest_personas", "PRODUCER_CONFIG",
+           "READER_CONFIG"]
+
+#: Readers of a whole topic: noida-db 0.2.3 answers a fetch with more than librdkafka's 100 MB
+#: response limit once a partition is large (measured: 105 MB from the users changelog during the
+#: full Online Retail replay: "Invalid response size … increase receive.message.max.bytes"), so
+#: allow the largest response librdkafka accepts.
+READER_CONFIG = {"enable.auto.commit": False, "log_level": 3, "receive.message.max.bytes": 2**31 - 1}
 
 #: The one producer configuration of the commands, the demo and the benchmarks.
 #: murmur2 (Kafka's Java default, = streams.records.partition_for): a user's purchases land on its
@@ -114,8 +121,7 @@ def read_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes
 
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3})
+    consumer = Consumer({**READER_CONFIG, "bootstrap.servers": bootstrap, "group.id": f"gplr-read-{uuid.uuid4().hex}"})
     out: list[bytes] = []
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
