@@ -45,7 +45,7 @@ from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
 from streams.broker import bootstrap_or_embedded, free_port  # noqa: E402
-from streams.topic_io import publish_events  # noqa: E402
+from streams.topic_io import publish_events, publish_records  # noqa: E402
 from streams.config import StreamConfig, faust_settings  # noqa: E402
 from streams.demo import LagWatcher, UpdateLog, WorkerProcess  # noqa: E402
 from streams.records import label_record  # noqa: E402
@@ -232,13 +232,10 @@ def run_gplr(cfg: StreamConfig, n_workers: int, backlog: list, live: list, label
 
 
 def _publish_labels(cfg: StreamConfig, labels: dict[str, tuple[int, ...]]) -> None:
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "log_level": 3})
-    for user, personas in labels.items():
-        producer.produce(Topics(cfg.topic_prefix).labels, key=user,
-                         value=json.dumps(label_record(user, personas, [1.0] * len(personas), "bench")))
-    producer.flush(30)
+    """Labels keyed by user with the commands' producer (murmur2, as `gplr produce`)."""
+    publish_records(cfg.kafka_bootstrap, Topics(cfg.topic_prefix).labels,
+                    ((user, json.dumps(label_record(user, personas, [1.0] * len(personas), "bench")).encode())
+                     for user, personas in labels.items()))
 
 
 def max_abs_error(updates: list[dict[str, Any]], frame, labels: dict, n_personas: int) -> float:

@@ -21,7 +21,11 @@ Setup (all seeded, fixed):
   users; `labelled_share` = prototypes / users seen by the stream; per-persona recall.
 
     python bench/stream_quality.py --data-dir /work/shared/data/online_retail
-    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min
+    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min on an idle machine
+
+`--workdir DIR` keeps the worker's RocksDB, the broker's data and both logs (default: a temporary
+folder, removed); `label_requests` and `events_in` (purchases the worker counted) in the JSON
+tell a stream that stopped short from one that decided badly.
 
 Prints progress lines, then one JSON object as the last line.
 """
@@ -32,6 +36,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -147,6 +152,7 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
             costs = worker_metrics(cfg.metrics_port)
             updates = _read_topic(cfg.kafka_bootstrap, topics.persona_updates)
             labels = _read_topic(cfg.kafka_bootstrap, topics.labels)
+            requests = _read_topic(cfg.kafka_bootstrap, topics.label_requests)
         finally:
             watcher.close()
             worker.stop()
@@ -158,7 +164,7 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
     prototypes = {str(r["user"]): [int(p) for p in r["personas"]] for r in labels
                   if r.get("personas") and not r.get("error")}
     return {"sets": last, "reasons": reasons, "prototypes": prototypes, "seconds": seconds,
-            "events": len(events), "updates": len(updates), "costs": costs}
+            "events": len(events), "updates": len(updates), "costs": costs, "label_requests": len(requests)}
 
 
 # -- batch -----------------------------------------------------------------------------------------
@@ -192,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.05)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds the stream may take to drain")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the worker's and broker's data and logs here (default: a temporary folder, removed)")
     parser.add_argument("--rate", type=float, default=None,
                         help="publish at most this many purchases/s (default: all at once, a backlog; with a "
                              "large backlog the worker labels only once it has caught up)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the worker and broker on `kill` too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("streams.broker", "streams.topics", "core.gplr", "core.labelers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -216,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     scored = [str(u) for u in graph.user_ids if str(u) in held and str(u) in truth]
     logger.info("%d purchases, %d users, %d held out and scored", len(frame), graph.n_users, len(scored))
 
-    workdir = Path(tempfile.mkdtemp(prefix="gplr-sq-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gplr-sq-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
     logger.info("stream: %d events in %.1fs, %d prototypes, %d updates", stream["events"], stream["seconds"],
                 len(stream["prototypes"]), stream["updates"])
     t_batch = time.monotonic()
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_personas_per_user": s_batch["personas_per_user"],
         "labels_personas_per_user": s_labels["personas_per_user"],
         "labelled_share": round(len(stream["prototypes"]) / max(graph.n_users, 1), 4),
-        "prototypes": len(stream["prototypes"]), "persona_updates": stream["updates"],
+        "prototypes": len(stream["prototypes"]), "label_requests": stream["label_requests"],
+        "events_in": stream["costs"].get("gplr_events_in_total"), "persona_updates": stream["updates"],
         "unscored_no_update": sum(1 for u in scored if u not in stream["sets"]),
         "prior_updates_scored": sum(1 for u in scored if stream["reasons"].get(u) == "prior"),
         "stream_seconds": round(stream["seconds"], 1), "rate": args.rate,

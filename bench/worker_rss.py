@@ -42,7 +42,7 @@ def main() -> int:
     from core.data import iter_events
     from core.synthetic import make_shop
     from streams.broker import EmbeddedBroker
-    from streams.topic_io import publish_events
+    from streams.topic_io import publish_events, publish_records
     from streams.config import StreamConfig
     from streams.demo import LagWatcher, WorkerProcess
     from streams.records import label_record
@@ -62,12 +62,8 @@ def main() -> int:
         topics = Topics(config.topic_prefix)
         create_topics(broker.bootstrap, topics.all(), config.partitions)
         truth = sorted(shop.user_truth)[:: 20]
-        from confluent_kafka import Producer
-
-        producer = Producer({"bootstrap.servers": broker.bootstrap, "log_level": 3})
-        for u in truth:
-            producer.produce(topics.labels, key=u, value=json.dumps(label_record(u, shop.user_truth[u], [], "bench")))
-        producer.flush(30)
+        publish_records(broker.bootstrap, topics.labels,  # murmur2 by user, as `gplr produce`
+                        ((u, json.dumps(label_record(u, shop.user_truth[u], [], "bench")).encode()) for u in truth))
         worker = WorkerProcess(config, work / "worker.log").start().wait_ready(120)
         rss = [round(_rss_mb(worker.pid), 1)]
         print(f"ready: {rss[0]} MB", flush=True)

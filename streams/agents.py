@@ -692,11 +692,17 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     if due <= current:
         return
     names, cfg = Topics(logic.config.topic_prefix), logic.config
+    want = int(logic.q_counts.sum())  # label mentions applied so far (the label-count table)
 
     def fit() -> dict[str, Any] | None:
         purchases = read_values(cfg.kafka_bootstrap, names.purchases, timeout=120.0)
-        rows = read_table(cfg.kafka_bootstrap, cfg.app_id, "users", timeout=120.0)
-        return fit_stream_model(purchases, applied_labels(rows, logic.m), logic.m, REFIT_RULE, cfg.top_k)
+        deadline = time.monotonic() + 60.0
+        while True:  # the users changelog lags the table (Faust's producer buffer): wait for every applied label
+            labels = applied_labels(read_table(cfg.kafka_bootstrap, cfg.app_id, "users", timeout=120.0), logic.m)
+            if sum(map(len, labels.values())) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k)
 
     started = time.monotonic()
     try:

@@ -10,6 +10,7 @@ import faust
 from streams._compat import check_hooks, configure_fetch_pacing, track_changelog_sends, widen_producer_buffer
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
+from streams.flow import register_purge
 from streams.labelling import LabelPolicy, register_labelling
 from streams.tables import define_tables
 
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 PRODUCER_BUFFER_MESSAGES = 20_000
 #: Batches send bursts (a row write per touched row, an update per changed user): bigger produce
 #: batches (Faust's default is 16 KiB) mean fewer requests for the worker and the broker to handle.
-PRODUCER_SETTINGS = {"producer_max_batch_size": 256 * 1024}
+#: gzip: the embedded broker holds every record in memory (streams.flow); aiokafka reads gzip natively.
+PRODUCER_SETTINGS = {"producer_max_batch_size": 256 * 1024, "producer_compression_type": "gzip"}
 
 
 def group_instance_id(config: StreamConfig) -> str:
@@ -74,6 +76,7 @@ def create_app(config: StreamConfig) -> faust.App:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
     register_labelling(app, config, personas, topics, users=tables.users)
+    register_purge(app, config, [topics.user_ops.get_topic_name(), topics.item_ops.get_topic_name()])
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,
     # scipy and Faust loaded that is ~0.2 s each, seconds per assignment. Moving what exists now

@@ -235,9 +235,10 @@ def read_table(bootstrap: str, app_id: str, table: str, timeout: float = 30.0) -
     """
     from confluent_kafka import Consumer, TopicPartition
 
+    from streams.topic_io import READER_CONFIG
+
     topic = changelog_topic(app_id, table)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gplr-read-{table}",
-                         "enable.auto.commit": False, "log_level": 3})
+    consumer = Consumer({**READER_CONFIG, "bootstrap.servers": bootstrap, "group.id": f"gplr-read-{table}"})
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
