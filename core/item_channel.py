@@ -192,8 +192,9 @@ class ItemChannel:
     intercept: np.ndarray
 
     def __post_init__(self) -> None:
-        coef = np.asarray(self.coef, dtype=np.float64).reshape(len(self.words), -1)
         intercept = np.asarray(self.intercept, dtype=np.float64).ravel()
+        # an explicit column count: a fit that keeps no words has a (0, m) weight matrix
+        coef = np.asarray(self.coef, dtype=np.float64).reshape(len(self.words), intercept.size)
         if coef.shape[1] != intercept.size:
             raise ValueError(f"coef has {coef.shape[1]} personas, intercept {intercept.size}")
         if not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):

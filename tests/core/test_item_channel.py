@@ -138,6 +138,15 @@ def test_unfittable_persona_is_its_base_rate_everywhere() -> None:
     assert base_rate_logit(0, 4) < 0 < base_rate_logit(4, 4)  # finite at the extremes
 
 
+def test_a_fit_that_keeps_no_words_scores_every_user_at_the_base_rates() -> None:
+    # every prototype holds every persona: no persona is fittable, no word is kept (this
+    # crashed the stream's refits when a channel with zero words was built)
+    g = shop()
+    ch = fit_item_channel(g, {0: [0, 1], 1: [0, 1], 2: [0, 1]}, 2)
+    assert ch.words == () and ch.coef.shape == (0, 2)
+    np.testing.assert_allclose(user_text_logits(g, ch), np.tile(ch.intercept, (g.n_users, 1)))
+
+
 def test_words_generalise_to_new_item_names() -> None:
     ch = fit_item_channel(shop(), PROTOS, 3)
     s = ch.item_scores(["christmas candle", "garden chair", "zzz unseen"])
