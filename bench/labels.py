@@ -36,9 +36,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -49,14 +49,14 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from core import synthetic  # noqa: E402
 from core.data import load_online_retail  # noqa: E402
 from core.gplr import assign_personas, run_gplr, score_sets  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.labelers import histories_for, make_labeler  # noqa: E402
-from core import synthetic  # noqa: E402
 from core.labelers.embedding import EmbeddingLabeler, calibrate_threshold, purchase_weights, select_personas  # noqa: E402
-from core.labelers.set_posterior import expected_f1_sets, set_posterior  # noqa: E402
 from core.labelers.replay import normalise_id  # noqa: E402
+from core.labelers.set_posterior import expected_f1_sets, set_posterior  # noqa: E402
 from core.personas import PersonaSet, load_personas  # noqa: E402
 from core.synthetic import SyntheticShop, make_shop  # noqa: E402
 from core.word_personas import word_features, word_persona_scores  # noqa: E402
@@ -270,7 +270,8 @@ def embedding_agreement(setup: Setup, console: Console) -> dict:
         variants.append(row)
         tuned_note = (f"; lift ≥ {row['validation_threshold']} (validation): F1 {row['tuned_all']['f1']:.3f}, "
                       f"macro {row['tuned_all']['macro_f1']:.3f}") if "tuned_all" in row else ""
-        console.log(f"embedding {escape(f'[{label}]')} all customers: F1 {row['all']['f1']:.3f}, macro {row['all']['macro_f1']:.3f}, "
+        console.log(f"embedding {escape(f'[{label}]')} all customers: F1 {row['all']['f1']:.3f}, "
+                    f"macro {row['all']['macro_f1']:.3f}, "
                     f"held-out {row['heldout']['f1']:.3f}{tuned_note}")
     # the user rule chosen on the validation users (posterior, or lift at its validated threshold)
     candidates = [(r["valid"]["f1"], r["variant"], "all", "heldout") for r in variants[:2]]
@@ -303,7 +304,8 @@ def _planted_ceilings(shop: SyntheticShop, graph: BipartiteGraph, histories: lis
     within = member * bought[:, None]
     ratios = within / np.maximum(within.sum(axis=0, keepdims=True), 1e-12) / (bought / bought.sum())[:, None]
     _, prob, _ = set_posterior(counts, ratios, max_personas=labeler.max_personas)
-    votes = np.where(member.sum(axis=1, keepdims=True) > 0, member / np.maximum(member.sum(axis=1, keepdims=True), 1), 1.0 / m)
+    sums = member.sum(axis=1, keepdims=True)
+    votes = np.where(sums > 0, member / np.maximum(sums, 1), 1.0 / m)
     lift = _predict(user_items @ votes, votes.mean(axis=0), labeler.threshold, labeler.max_personas)
     return expected_f1_sets(prob, labeler.max_personas), lift
 
@@ -320,7 +322,8 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
         ("make_shop(400 users, 300 items, 12 personas, seed 11)", lambda: make_shop(400, 300, 12, seed=11)),
     ]
     if not quick:
-        shops.append(("make_shop(1000 users, 600 items, 16 personas, seed 3)", lambda: make_shop(1000, 600, 16, seed=3)))
+        shops.append(("make_shop(1000 users, 600 items, 16 personas, seed 3)",
+                      lambda: make_shop(1000, 600, 16, seed=3)))
         sparse = getattr(synthetic, "make_sparse_shop", None)
         if sparse is not None:
             shops.append(("make_sparse_shop(600 users, 3000 items, seed 5)", lambda: sparse(600, 3000, seed=5)))
@@ -348,7 +351,8 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
         pop = np.zeros_like(truth)
         pop[:, np.argsort(-truth.sum(axis=0), kind="stable")[:3]] = True
         recall = _recall_per_persona(pred, truth, shop.personas.names)
-        row = {"shop": label, **{k: v for k, v in _scored(pred, truth).items() if k in ("f1", "macro_f1", "mean_personas")},
+        row = {"shop": label,
+               **{k: v for k, v in _scored(pred, truth).items() if k in ("f1", "macro_f1", "mean_personas")},
                "ceiling_f1": _scored(ceiling, truth)["f1"], "ceiling_lift_rule_f1": _scored(ceiling_lift, truth)["f1"],
                "ceiling_min_recall": min(v for v in _recall_per_persona(ceiling, truth, shop.personas.names).values()
                                          if v is not None),
@@ -461,9 +465,11 @@ def make_grid(quick: bool) -> list[Propagation]:
         return base + [Propagation(0.05, "random", 0.0, 1, rounds=1)]
     grid = [Propagation(t, s, b, h) for t, s, b, h in
             itertools.product((0.05, 0.10, 0.20), ("du", "random"), (0.0, 0.5), (1, 2))]
-    grid += [Propagation(0.05, s, b, 1, w) for s, b, w in itertools.product(("du", "random"), (0.0, 0.5), ("count", "log"))]
+    grid += [Propagation(0.05, s, b, 1, w)
+             for s, b, w in itertools.product(("du", "random"), (0.0, 0.5), ("count", "log"))]
     grid += [Propagation(0.05, "du", b, 1, rounds=r) for b, r in itertools.product((0.0, 0.5), (2, 10))]
-    grid += [Propagation(0.05, s, b, 1, method="revaff", eps=0.1) for s, b in itertools.product(("du", "random"), (0.0, 0.5))]
+    grid += [Propagation(0.05, s, b, 1, method="revaff", eps=0.1)
+             for s, b in itertools.product(("du", "random"), (0.0, 0.5))]
     grid += [Propagation(0.05, "du", 0.25, 1), Propagation(0.05, "random", 0.25, 1), Propagation(0.05, "du", 1.0, 1)]
     # the plain reference of the data README: exact, l=1, beta=0, random prototypes (one round)
     grid += [Propagation(0.05, "random", 0.0, 1, rounds=1)]
@@ -512,10 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"popularity top-5: {popularity.get(0.05)}\nauthors' output: {authors}")
     effects = findings(rows)
     for f in effects:
-        console.print(f"{f['factor']}: {f['from']} -> {f['to']} under {f['under']}: held-out F1 {f['mean_delta_f1']:+.4f} "
+        console.print(f"{f['factor']}: {f['from']} -> {f['to']} under {f['under']}: "
+                      f"held-out F1 {f['mean_delta_f1']:+.4f} "
                       f"(over {f['pairs']} pairs, {f['min']:+.4f} .. {f['max']:+.4f})")
     console.print(f"chosen on validation (any decoder): {_label(best)} -> held-out F1 {best['heldout_f1']}")
-    console.print(f"chosen on validation (graph Ψ only): {_label(best_graph)} -> held-out F1 {best_graph['heldout_f1']}")
+    console.print(f"chosen on validation (graph Ψ only): {_label(best_graph)} "
+                  f"-> held-out F1 {best_graph['heldout_f1']}")
     keys = ("budget", "sampling", "beta", "hops", "weight", "rounds", "method", "eps", "decoder", "assign")
     summary = {
         "f1_at_5_budget_5pct": best["heldout_f1"],

@@ -45,10 +45,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from bench.stream import _wait_ready_at, max_abs_error  # noqa: E402
 from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
-from bench.stream import _wait_ready_at, max_abs_error  # noqa: E402
 from streams.backfill import CountingSink, end_offsets, run_backfill, write_rows  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import StreamConfig  # noqa: E402
@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
     parser.add_argument("--live", type=int, default=None, help="unpaced live purchases (default 100,000; quick 20,000)")
-    parser.add_argument("--paced", type=int, default=None, 
+    parser.add_argument("--paced", type=int, default=None,
                         help="paced live purchases for latency (default 20,000; quick 5,000)")
-    parser.add_argument("--replay-slice", type=int, default=None, 
+    parser.add_argument("--replay-slice", type=int, default=None,
                         help="history events replayed (default 60,000; quick 20,000)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--eps", type=float, default=0.2)

@@ -45,10 +45,10 @@ from core.data import iter_events  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.synthetic import make_shop  # noqa: E402
 from streams.broker import bootstrap_or_embedded, free_port  # noqa: E402
-from streams.topic_io import publish_events, publish_records  # noqa: E402
 from streams.config import StreamConfig, faust_settings  # noqa: E402
 from streams.demo import LagWatcher, UpdateLog, WorkerProcess  # noqa: E402
 from streams.records import label_record  # noqa: E402
+from streams.topic_io import publish_events, publish_records  # noqa: E402
 from streams.topics import Topics, create_topics  # noqa: E402
 
 logger = logging.getLogger("bench.stream")
@@ -81,7 +81,7 @@ def noop_worker(count: int) -> None:
 
 
 class _NoopProcess(WorkerProcess):
-    def start(self, count: int = 0) -> "_NoopProcess":  # type: ignore[override]
+    def start(self, count: int = 0) -> _NoopProcess:  # type: ignore[override]
         import subprocess
 
         env = {**os.environ, **self.config.as_env(), "PYTHONUNBUFFERED": "1"}
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2")
     parser.add_argument("--live-share", type=float, default=0.25, help="share of purchases for the latency phase")
     parser.add_argument("--live-rate", type=float, default=None,
-                        help="events/s of the latency phase (default: half the no-op ceiling, at most 80%% of 1 worker)")
+                        help="events/s of the latency phase "
+                             "(default: half the no-op ceiling, at most 80%% of 1 worker)")
     parser.add_argument("--noop-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.noop_worker is not None:

@@ -41,8 +41,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -121,10 +122,10 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
                timeout: float, rate: float | None = None) -> dict[str, Any]:
     """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
     from streams.broker import bootstrap_or_embedded, free_port
-    from streams.topic_io import publish_events
     from streams.config import StreamConfig
     from streams.demo import LagWatcher, WorkerProcess
     from streams.quality import worker_metrics
+    from streams.topic_io import publish_events
     from streams.topics import Topics, create_topics
 
     exclude = workdir / "held_out.txt"

@@ -42,10 +42,10 @@ def main() -> int:
     from core.data import iter_events
     from core.synthetic import make_shop
     from streams.broker import EmbeddedBroker
-    from streams.topic_io import publish_events, publish_records
     from streams.config import StreamConfig
     from streams.demo import LagWatcher, WorkerProcess
     from streams.records import label_record
+    from streams.topic_io import publish_events, publish_records
     from streams.topics import Topics, create_topics
 
     users = args.users or (1000 if args.quick else 10_000)

@@ -16,8 +16,9 @@ offset), the item names a user first bought them under, the insertion order of a
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,7 @@ class HistoryIndex:
     duplicates: int
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> "HistoryIndex":
+    def from_frame(cls, frame: pd.DataFrame) -> HistoryIndex:
         """Group a canonical purchases frame (`core.data`). Rows in time order (stable), a
         repeated event id counted once (its first occurrence), as the worker counts them."""
         ordered = frame if frame["ts"].is_monotonic_increasing else frame.sort_values("ts", kind="stable")
@@ -148,11 +149,12 @@ class StateBuilder:
         self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
         self.total = np.zeros((index.n_users, n_personas))
         np.add.at(self.total, index.edge_user, self.told[index.edge_item])
-        self._edges: tuple[list, ...] | None = None
+        self._edges: tuple[list[Any], ...] | None = None
 
     def psi_raw(self) -> np.ndarray:
         """Ψ_raw = T / d_u per user code (the exact one-hop affinity the rows hold)."""
-        return self.total / np.maximum(self.index.degrees, 1)[:, None]
+        psi: np.ndarray = self.total / np.maximum(self.index.degrees, 1)[:, None]
+        return psi
 
     def label_counts(self, users: np.ndarray | None = None) -> np.ndarray:
         """Label mentions per persona (Q̂'s numerator) over `users` (codes; all when None)."""
@@ -182,7 +184,7 @@ class StateBuilder:
             yield str(index.item_ids[v]), ItemState(self.m, buyers, self.item_s[v].copy(), self.told[v].copy(),
                                                     int(self.seq[v]))
 
-    def _edge_lists(self) -> tuple[list, ...]:
+    def _edge_lists(self) -> tuple[list[Any], ...]:
         """Per-edge plain Python values, converted once (per-user slices of numpy arrays and
         scalar conversions cost more than the rows themselves at millions of edges)."""
         if self._edges is None:

@@ -11,10 +11,11 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -22,9 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES
-from core.gplr import DECODERS, GPLRResult, Progress as ProgressCallback, run_gplr, score_sets
-from core.graph import BipartiteGraph
+from core.gplr import DECODERS, GPLRResult, run_gplr, score_sets
+from core.gplr import Progress as ProgressCallback
+from core.graph import BipartiteGraph, EdgeWeight
 from core.personas import PersonaSet
+
+if TYPE_CHECKING:
+    from core.labelers.base import Labeler
 
 __all__ = ["register", "cmd_label", "cmd_batch_demo", "write_assignments"]
 
@@ -103,7 +108,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, result: GPLRResult,
-                      hops: int = 1, weight: str = "binary") -> int:
+                      hops: int = 1, weight: EdgeWeight = "binary") -> int:
     """Write one row per user (id, persona names, scores, llm_labelled) as JSON lines or CSV; JSON
     lines also carry, per persona, its evidence items and prototypes (`core.evidence`, what
     `gplr explain` prints). `hops`/`weight` must be those the affinity was computed with."""
@@ -146,7 +151,8 @@ def _summary(console: Console, graph: BipartiteGraph, personas: PersonaSet, resu
     table.add_row("prototypes", f"{len(result.prototypes):,} labelled, {len(result.failed):,} failed{why}")
     table.add_row("LLM calls", f"{stats.get('calls', 0):,} (errors {stats.get('errors', 0):,}, "
                   f"retries {stats.get('retries', 0):,})")
-    table.add_row("tokens", f"prompt {stats.get('prompt_tokens', 0):,}, completion {stats.get('completion_tokens', 0):,}")
+    table.add_row("tokens", f"prompt {stats.get('prompt_tokens', 0):,}, "
+                            f"completion {stats.get('completion_tokens', 0):,}")
     dropped = ", ".join(f"{n} ×{c}" for n, c in sorted(result.dropped_names.items(), key=lambda kv: -kv[1])[:5])
     table.add_row("dropped personas", f"{stats.get('dropped_personas', 0):,}" + (f" ({dropped})" if dropped else ""))
     counts = result.assignment.counts()
@@ -200,7 +206,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str]):
+def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str]) -> Labeler:
     """The labeler `--labeler` names; an LLM endpoint is probed first so that a missing key or
     server fails in seconds, naming the URL, instead of labelling nobody. The embedding labeler
     calibrates on the whole `catalogue`, not just the prototypes' items."""
@@ -275,7 +281,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `label`, `batch-demo` (and `generate` when persona generation is installed)."""
     from core.data_options import add_data_options
 

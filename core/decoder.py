@@ -31,8 +31,9 @@ model is JSON-able (`to_dict`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from core.graph import BipartiteGraph, EdgeWeight
 from core.incremental import PersonaSnapshot
 from core.item_channel import (
     DEFAULT_C,
+    Features,
     ItemChannel,
     fit_item_channel,
     out_of_fold_text_logits,
@@ -86,7 +88,8 @@ def graph_share(psi_raw: np.ndarray) -> np.ndarray:
     """Ψ_raw rows divided by their sums (scale-free); rows no prototype reaches stay 0."""
     psi = np.atleast_2d(np.asarray(psi_raw, dtype=np.float64))
     sums = psi.sum(axis=1, keepdims=True)
-    return np.divide(psi, sums, out=np.zeros_like(psi), where=sums > 0)
+    share: np.ndarray = np.divide(psi, sums, out=np.zeros_like(psi), where=sums > 0)
+    return share
 
 
 def _channels(psi_raw: np.ndarray, text_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +218,8 @@ class PersonaDecoder:
         """z[u, m] = coef[m]·features[u, m] + intercept[m] (one formula for batch and stream)."""
         t, g = _channels(psi_raw, text_logit)
         c = self.coef
-        return t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
+        z: np.ndarray = t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
+        return z
 
     def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray) -> np.ndarray:
         """Calibrated p[u, m] in [0, 1]; users with no purchase and no affinity get the prior."""
@@ -243,7 +247,7 @@ class PersonaDecoder:
                 "prior": self.prior.tolist(), "max_personas": int(self.max_personas), "rule": self.rule}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PersonaDecoder":
+    def from_dict(cls, d: Mapping[str, Any]) -> PersonaDecoder:
         if d.get("kind") != "persona_decoder":
             raise ValueError("not a persona decoder dict (kind != 'persona_decoder')")
         if list(d.get("features", [])) != list(FEATURES):
@@ -340,7 +344,8 @@ def loo_psi_raw(graph: BipartiteGraph, prototypes: Mapping[int, Sequence[int]], 
         psi_raw = exact_affinity(graph, phi, hops, weight)
     own = phi[users] / np.maximum(phi[users].sum(axis=1, keepdims=True), 1e-300)
     loo = np.asarray(psi_raw)[users] - self_return(graph, users, hops, weight)[:, None] * own
-    return np.maximum(loo, 0.0)  # rounding may leave -1e-17
+    out: np.ndarray = np.maximum(loo, 0.0)  # rounding may leave -1e-17
+    return out
 
 
 @dataclass(frozen=True)
@@ -350,7 +355,7 @@ class PersonaModel:
     channel: ItemChannel
     decoder: PersonaDecoder
 
-    def text_logits(self, graph: BipartiteGraph, features=None) -> np.ndarray:  # noqa: ANN001
+    def text_logits(self, graph: BipartiteGraph, features: Features | None = None) -> np.ndarray:
         """Every user's text logits (`core.item_channel.user_text_logits`)."""
         return user_text_logits(graph, self.channel, features)
 
@@ -378,7 +383,7 @@ class PersonaModel:
         return {"kind": "persona_model", "channel": self.channel.to_dict(), "decoder": self.decoder.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PersonaModel":
+    def from_dict(cls, d: Mapping[str, Any]) -> PersonaModel:
         if d.get("kind") != "persona_model":
             raise ValueError("not a persona model dict (kind != 'persona_model')")
         return cls(ItemChannel.from_dict(d["channel"]), PersonaDecoder.from_dict(d["decoder"]))
@@ -411,9 +416,9 @@ def fit_persona_model(
     if not prototypes:
         raise ValueError("the persona model needs at least one labelled prototype")
     features = user_word_features(graph)
-    shared = dict(C=text_C, features=features)
-    channel = fit_item_channel(graph, prototypes, n_personas, **shared)
-    text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, **shared)
+    channel = fit_item_channel(graph, prototypes, n_personas, C=text_C, features=features)
+    text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, C=text_C,
+                                       features=features)
     psi_loo = loo_psi_raw(graph, prototypes, n_personas, psi_raw, hops, weight)
     y = prototype_matrix(len(prototypes), dict(enumerate(prototypes.values())), n_personas) > 0
     decoder = fit_decoder(psi_loo, text_oof, y, rule=rule, max_personas=max_personas, C=decoder_C,

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -77,7 +78,8 @@ class Assignment:
 
     def counts(self) -> np.ndarray:
         """Number of personas each user received."""
-        return (self.idx >= 0).sum(axis=1)
+        counts: np.ndarray = (self.idx >= 0).sum(axis=1)
+        return counts
 
     def as_matrix(self, n_personas: int) -> np.ndarray:
         """Boolean users × personas membership matrix."""
@@ -196,7 +198,7 @@ def assign_personas(
     k = min(k, n_personas)  # a persona set smaller than k: everyone may get all of them
     if adaptive is not None and not 0.0 < adaptive <= 1.0:
         raise ValueError(f"adaptive ratio must be in (0, 1], got {adaptive}")
-    scores_src = psi if prior is None else with_prior(psi, prior, ~(psi > 0).any(axis=1))
+    scores_src = psi if prior is None else with_prior(psi, prior, np.asarray(~(psi > 0).any(axis=1)))
     idx, scores = top_personas(scores_src, k)
     idx = np.asarray(idx, dtype=np.int64).copy()
     scores = np.asarray(scores, dtype=np.float64).copy()
@@ -227,8 +229,8 @@ def with_prototypes(idx: np.ndarray, scores: np.ndarray, source: np.ndarray,
     else:
         idx, scores = idx.copy(), scores.copy()
     labelled = np.zeros(n_users, dtype=bool)
-    for u, labels in prototypes.items():
-        labels = np.asarray(labels, dtype=np.int64)
+    for u, personas in prototypes.items():
+        labels = np.asarray(personas, dtype=np.int64)
         idx[u] = -1
         scores[u] = 0.0
         idx[u, : labels.size] = labels
@@ -352,7 +354,8 @@ def run_gplr(
             dropped[name] = dropped.get(name, 0) + c
         if labels:
             refresh()
-        infos.append(RoundInfo(r + 1, how, int(chosen.size), len(got), len(bad), q_hat.copy(), time.perf_counter() - t0))
+        infos.append(RoundInfo(r + 1, how, int(chosen.size), len(got), len(bad), q_hat.copy(),
+                               time.perf_counter() - t0))
         logger.info("round %d (%s): %d requested, %d labelled, %d failed", r + 1, how, chosen.size, len(got), len(bad))
     if not labels:
         logger.warning("no prototype was labelled; every user gets an empty assignment")

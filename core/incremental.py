@@ -42,8 +42,9 @@ is scale-free.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -97,7 +98,8 @@ def label_vector(personas: Sequence[int], n_personas: int) -> np.ndarray:
     if not idx:
         return vec
     vec[idx] = 1.0
-    return vec / vec.sum()
+    out: np.ndarray = vec / vec.sum()
+    return out
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -122,6 +124,11 @@ class ItemValue:
 
 
 # -- state ------------------------------------------------------------------------------
+def _unset() -> np.ndarray:
+    """Default of an always-set vector field: `__post_init__` replaces it with zeros of the right length."""
+    return np.empty(0, dtype=np.float64)
+
+
 @dataclass(slots=True)
 class UserItem:
     """One item of a user: purchase events, and the M̃ it counted (seq −1 = reply pending)."""
@@ -142,7 +149,7 @@ class UserState:
     label: np.ndarray | None = None
     label_personas: tuple[int, ...] = ()
     label_version: int = 0
-    total: np.ndarray | None = None  # T[u]
+    total: np.ndarray = field(default_factory=_unset)  # T[u] (zeros when not given)
     events: int = 0
     applied_offset: int = -1  # highest source offset whose effect is in this state
     published: dict[int, float] = field(default_factory=dict)  # persona -> score last published
@@ -156,7 +163,7 @@ class UserState:
     confirmed: int = field(default=0, init=False)  # edges whose item has answered (derived)
 
     def __post_init__(self) -> None:
-        if self.total is None:
+        if self.total.size == 0:
             self.total = np.zeros(self.n_personas, dtype=np.float64)
         self.confirmed = sum(1 for it in self.items.values() if it.seq >= 0)
 
@@ -173,15 +180,15 @@ class ItemState:
 
     n_personas: int
     buyers: dict[str, tuple[int, np.ndarray | None]] = field(default_factory=dict)
-    s: np.ndarray | None = None
-    told: np.ndarray | None = None
+    s: np.ndarray = field(default_factory=_unset)  # zeros when not given
+    told: np.ndarray = field(default_factory=_unset)  # zeros when not given
     seq: int = 0
     applied_offset: int = -1
 
     def __post_init__(self) -> None:
-        if self.s is None:
+        if self.s.size == 0:
             self.s = np.zeros(self.n_personas, dtype=np.float64)
-        if self.told is None:
+        if self.told.size == 0:
             self.told = np.zeros(self.n_personas, dtype=np.float64)
 
     @property
@@ -191,7 +198,8 @@ class ItemState:
     @property
     def exact(self) -> np.ndarray:
         """M[v] = S[v] / d_v."""
-        return self.s / max(self.degree, 1)
+        out: np.ndarray = self.s / max(self.degree, 1)
+        return out
 
     @property
     def residual(self) -> float:
@@ -276,7 +284,10 @@ def user_text_sum(state: UserState, add: Callable[[np.ndarray | None, list[str]]
 def psi_raw(state: UserState) -> np.ndarray:
     """Ψ̂_raw[u] = T[u] / d_u (zeros for a user with no confirmed edge)."""
     d = state.degree
-    return state.total / d if d else np.zeros(state.n_personas)
+    if not d:
+        return np.zeros(state.n_personas)
+    out: np.ndarray = state.total / d
+    return out
 
 
 # -- item side --------------------------------------------------------------------------
@@ -303,7 +314,7 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> U
     """
     old = state.buyers.get(msg.user)
     is_new = old is None
-    if not is_new and msg.version <= old[0]:
+    if old is not None and msg.version <= old[0]:
         return Upsert(item_value(state, item, (msg.user,)), False)
     if old is not None and old[1] is not None:
         state.s -= old[1]
@@ -342,8 +353,8 @@ def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
         scores = scores * debias
     if prior is not None and not np.any(scores > 0):
         scores = np.asarray(prior, dtype=np.float64)
-    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
-    order = [int(m) for m in order if scores[m] > 0]
+    ranked = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    order = [int(m) for m in ranked if scores[m] > 0]
     scale = float(scores[scores > 0].sum())
     return PersonaSnapshot(tuple(order), tuple(float(scores[m]) for m in order), scale or 1.0)
 
@@ -446,9 +457,9 @@ class LocalNetwork:
         self.users.update(work.rows_to_write())
         if self.hysteresis is not None:
             for user in work.changed:
-                self._decide(self.users[user])
+                self._decide(self.users[user], self.hysteresis)
 
-    def _decide(self, state: UserState) -> None:
+    def _decide(self, state: UserState, hysteresis: float) -> None:
         """The worker's decision for an unlabelled user whose Ψ̂ moved (`streams.agents`)."""
         if state.label is not None:
             return
@@ -462,11 +473,11 @@ class LocalNetwork:
         psi = psi_raw(state)
         prior = None if np.any(psi > 0) or not self.label_counts.any() else q_hat
         snap = rank_personas(psi, debias, self.k, prior)
-        self.published_updates += decide(state, snap, self.hysteresis)
+        self.published_updates += decide(state, snap, hysteresis)
 
     def personas(self, user_ids: Sequence[str]) -> list[tuple[int, ...]]:
         """The persona set each user last had published (prototypes: their label)."""
-        out = []
+        out: list[tuple[int, ...]] = []
         for user in user_ids:
             state = self.users.get(user)
             if state is None:

@@ -44,8 +44,9 @@ import logging
 import math
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -112,7 +113,9 @@ def base_rate_logit(positives: int, n: int) -> float:
 
 def word_matrix(names: Iterable[str]) -> tuple[sp.csr_matrix, np.ndarray, list[str]]:
     """(items × words binary incidence, the sorted word ids of its columns, one word per column)."""
-    rows, cols, first = [], [], {}
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    first: dict[int, str] = {}
     for row, name in enumerate(names):
         for w in tokens(name):
             first.setdefault(word_id(w), w)
@@ -190,6 +193,10 @@ class ItemChannel:
     words: tuple[str, ...]
     coef: np.ndarray
     intercept: np.ndarray
+    # derived in __post_init__: the word ids sorted, as floats (the text state's form), and their W rows
+    _ids: np.ndarray = field(init=False, repr=False, compare=False)
+    _fids: np.ndarray = field(init=False, repr=False, compare=False)
+    _rows: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         intercept = np.asarray(self.intercept, dtype=np.float64).ravel()
@@ -285,7 +292,7 @@ class ItemChannel:
                 "intercept": self.intercept.tolist()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ItemChannel":
+    def from_dict(cls, d: Mapping[str, Any]) -> ItemChannel:
         if d.get("kind") != "item_channel":
             raise ValueError("not an item channel dict (kind != 'item_channel')")
         if d.get("features") != "sublinear_word_counts":
@@ -409,7 +416,8 @@ def user_text_logits(graph: BipartiteGraph, channel: ItemChannel, features: Feat
     sparse product (the batch form of the stream's running counts). Users without purchases get
     the intercept (callers treat degree 0 as no text)."""
     x, ids, _ = user_word_features(graph) if features is None else features
-    return np.asarray(x @ channel._weights(ids)) + channel.intercept
+    out: np.ndarray = np.asarray(x @ channel._weights(ids)) + channel.intercept
+    return out
 
 
 def out_of_fold_text_logits(

@@ -42,8 +42,9 @@ reach the row in offset order; a rebuilt worker lost a purchase with it, so it i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Literal, overload
 
 import numpy as np
 
@@ -108,7 +109,12 @@ class UserBatch:
         self.replays = 0
         self.label_moves: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
 
+    @overload
+    def state(self, user: str, create: Literal[True] = ...) -> UserState: ...
+    @overload
+    def state(self, user: str, create: bool) -> UserState | None: ...
     def state(self, user: str, create: bool = True) -> UserState | None:
+        """The batch's row of `user`, loaded on first use (created empty unless `create` is False)."""
         state = self.rows.get(user)
         if state is None:
             state = self.get(user)
@@ -231,7 +237,8 @@ class ItemBatch:
     pushes: int = 0
 
 
-def apply_item_batch(get: Callable[[str], ItemState | None], batch: Sequence[tuple[int, Iterable[tuple[Membership, float]]]],
+def apply_item_batch(get: Callable[[str], ItemState | None],
+                     batch: Sequence[tuple[int, Iterable[tuple[Membership, float]]]],
                      n_personas: int, theta: float) -> ItemBatch:
     """Apply a batch of (offset, buyer upserts with source ts) of one item partition, in offset order."""
     out = ItemBatch()

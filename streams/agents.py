@@ -60,8 +60,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import faust
 import numpy as np
@@ -124,10 +125,10 @@ class StreamTopics:
     persona_updates: faust.TopicT
     label_requests: faust.TopicT
     labels: faust.TopicT
-    refit: faust.TopicT | None = None
+    refit: faust.TopicT
 
     @classmethod
-    def declare(cls, app: faust.App, config: StreamConfig) -> "StreamTopics":
+    def declare(cls, app: faust.App, config: StreamConfig) -> StreamTopics:
         names = Topics(config.topic_prefix)
         n = config.partitions
 
@@ -193,7 +194,7 @@ def _count(update: Callable[..., Any], *args: Any) -> None:
         _DEFERRED.append((update, args))
 
 
-def _attempt(handle: Callable[..., list["Out"]], *args: Any) -> list["Out"]:
+def _attempt(handle: Callable[..., list[Out]], *args: Any) -> list[Out]:
     """Run one attempt at a batch with its metric updates held back: applied when it returns,
     dropped when it raises, so a batch retried one message at a time (`guarded`) counts each
     applied record once. (Handlers are synchronous: no other agent runs meanwhile.)"""
@@ -394,7 +395,7 @@ class StreamLogic:
                 logger.warning("unknown user op kind %r skipped", op.kind)
         return work.finish()
 
-    def _user_purchases(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
+    def _user_purchases(self, work: _UserBatch, op: UserOp, offset: int) -> None:
         for eid, user, item, name, quantity, _price, ts in op_events(op):
             state = work.state(user)
             new_user = state.events == 0
@@ -417,7 +418,7 @@ class StreamLogic:
         self.applied_ops += 1
         self.last_applied = time.monotonic()
 
-    def _user_label(self, work: "_UserBatch", op: UserOp, offset: int) -> None:
+    def _user_label(self, work: _UserBatch, op: UserOp, offset: int) -> None:
         user = op.users[0]
         personas = tuple(p for p in dict.fromkeys(op.personas or ()) if 0 <= p < self.m)
         if work.label_is_noop(offset, user, personas, op.source_ts):
@@ -441,7 +442,8 @@ class StreamLogic:
 
     def _count_labels(self, partition: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         key = f"p{partition}"
-        self.tables.labels[key] = encode_state(count_labels(decode_state(self.tables.labels.get(key)), old, new, self.m))
+        counts = count_labels(decode_state(self.tables.labels.get(key)), old, new, self.m)
+        self.tables.labels[key] = encode_state(counts)
         self.q_counts = count_labels(self.q_counts, old, new, self.m)
 
     @staticmethod
@@ -463,7 +465,7 @@ class StreamLogic:
         _count(metrics.PERSONA_CHANGES.inc)
         return Out("persona_updates", user, body)
 
-    def _after_change(self, user: str, state: UserState, work: "_UserBatch", reason: str,
+    def _after_change(self, user: str, state: UserState, work: _UserBatch, reason: str,
                       source_ts: float) -> list[Out]:
         """Ψ̂[u] moved: publish on a (hysteresis-filtered) change; maybe ask for a label."""
         if state.label is not None:  # prototypes keep their own labels
@@ -569,7 +571,8 @@ class _UserBatch(UserBatch):
             logic._count_labels(self.partition, old, new)
         groups: dict[int, list[tuple[Membership, float]]] = {}
         for membership, source_ts in self.memberships():
-            groups.setdefault(partition_for(membership.item, logic.config.partitions), []).append((membership, source_ts))
+            part = partition_for(membership.item, logic.config.partitions)
+            groups.setdefault(part, []).append((membership, source_ts))
         out.extend(Out("item_ops", None, items_op(msgs), p) for p, msgs in groups.items())
         return out
 
@@ -641,9 +644,10 @@ async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
 
     Why wait: Faust commits a batch's offsets once it is acked, and its own flush before a commit
     may leave changelog records unsent (`streams._compat.changelog_written`); a kill -9 then
-    leaves committed input whose rows the changelog never got. Why not raise: Faust's `take_events` acks a batch in a `finally`, so an exception here would
-    commit offsets of records whose results (or dead letters) never left — the loss the
-    reliability tests look for. Exiting before the ack leaves the offsets uncommitted, and the
+    leaves committed input whose rows the changelog never got. Why not raise: Faust's
+    `take_events` acks a batch in a `finally`, so an exception here would commit offsets of
+    records whose results (or dead letters) never left — the loss the reliability tests look for.
+    Exiting before the ack leaves the offsets uncommitted, and the
     restarted worker replays the batch (idempotently, see the module docstring)."""
     try:
         await _send(topics, outs)
@@ -679,8 +683,8 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     import asyncio
 
     from streams.refit import applied_labels, decode_model, encode_model, fit_stream_model
-    from streams.topic_io import read_values
     from streams.tables import read_table
+    from streams.topic_io import read_values
     from streams.topics import Topics
 
     try:
@@ -737,7 +741,7 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
 
     @app.agent(topics.purchases, name="purchases")
     async def purchases(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["purchases"]):
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["purchases"]):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             await send_or_die(topics, logic.on_purchases_raw([(e.message.key, e.message.value) for e in events]))
 
     def per_partition(events: Sequence[faust.EventT], handle, source: str) -> list[Out]:
@@ -748,12 +752,12 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
 
     @app.agent(topics.user_ops, name="user-ops")
     async def user_ops(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["user-ops"]):
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["user-ops"]):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             await send_or_die(topics, per_partition(events, logic.on_user_ops, USER_OPS))
 
     @app.agent(topics.item_ops, name="item-ops")
     async def item_ops(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["item-ops"]):
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["item-ops"]):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             await send_or_die(topics, per_partition(events, lambda batch, _p: logic.on_item_ops(batch), ITEM_OPS))
 
     @app.timer(interval=1.0)

@@ -29,10 +29,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -296,8 +295,8 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
         logic.model_version, logic.model = fitted[0], fitted[1]
 
     items_log, users_log = changelog_topic(config.app_id, "items"), changelog_topic(config.app_id, "users")
-    for item, state in builder.item_rows():
-        sink.send(items_log, faust_key(item), encode_state(state), partition_for(item, config.partitions))
+    for item, item_state in builder.item_rows():
+        sink.send(items_log, faust_key(item), encode_state(item_state), partition_for(item, config.partitions))
     sink.flush()
     lap("items")
 

@@ -19,10 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterator
 
 from confluent_kafka.admin import AdminClient
 
@@ -116,7 +116,7 @@ class EmbeddedBroker:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the broker (wiping the data dir on the first start when `fresh`) and wait for it."""
         if self.is_running():
             return self
@@ -166,7 +166,7 @@ class EmbeddedBroker:
             proc.wait(5)
         self.stop()
 
-    def restart(self) -> "EmbeddedBroker":
+    def restart(self) -> EmbeddedBroker:
         """Stop and start again on the same port and data directory (data is kept)."""
         self.stop()
         return self.start()
@@ -184,7 +184,7 @@ class EmbeddedBroker:
         except OSError:
             return ""
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

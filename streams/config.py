@@ -45,6 +45,7 @@ from core.settings import (
 __all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace"]
 
 if TYPE_CHECKING:
+    from core.gplr import Decoder, Sampling
     from core.personas import PersonaSet
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class StreamConfig:
         None, "GPLR_LABEL_EXCLUDE", "file of user ids, one per line, never chosen as prototypes (a held-out "
         "set, as `bench/stream_quality.py` uses)", parse=_path,
         check=lambda v: v is None or v.is_file(), why="must name a file of user ids")
-    sampling: str = setting(
+    sampling: Sampling = setting(
         "random", "GPLR_SAMPLING", "who is labeled: `random` (decided when a purchase gives a user a new "
         "distinct item, with a seeded coin; the only reproducible choice, see \"Reproducibility\") or `du` "
         "(DU scores, decided when Ψ̂ moves; depends on timing)",
@@ -129,7 +130,7 @@ class StreamConfig:
         0.02, "GPLR_HYSTERESIS", "a user is re-published when its persona set changes or a persona's share "
         "of its score moves by more than this", parse=float, check=lambda v: v >= 0.0, why="must be >= 0")
     top_k: int = setting(5, "GPLR_TOP_K", "personas per user", parse=int, check=lambda v: v >= 1, why="must be >= 1")
-    decoder: str = setting(
+    decoder: Decoder = setting(
         "model", "GPLR_DECODER", "`model`: personas from the calibrated persona model (item-name channel + "
         "graph share, refitted on the stream's prototypes at label milestones, the same model as `gplr "
         "label`); `graph`: top-k of de-biased Ψ", parse=lower, check=lambda v: v in DECODERS,

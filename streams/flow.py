@@ -7,7 +7,8 @@ state as one JSON file in which record batches are arrays of decimal bytes (~3.5
 byte); what a save holds grows with everything ever produced (300 MB of JSON after the purchases
 alone, 1.7 GB broker RSS a few minutes in). Two remedies: the producers compress (gzip in
 `streams.topic_io` and in the worker; 7× fewer bytes on purchase JSON), and `purge_consumed`
-deletes the records of the worker's internal topics (user-ops, item-ops: the bulk; the few refit requests are kept) below the group's
+deletes the records of the worker's internal topics (user-ops, item-ops: the bulk; the few refit
+requests are kept) below the group's
 committed offsets (Kafka's DeleteRecords, as Kafka Streams does for its repartition topics):
 nothing reads them again, and a restarted worker resumes at the committed offset. Only on the
 embedded broker (a real Kafka has retention; it is left alone).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import faust
 

@@ -14,7 +14,8 @@ persona model, which is why `gplr label` defaults to it too.)
 against the current Q̂) is at or above the `du_quantile` of recently seen scores, the partition has budget
 left (requests ≤ `label_budget` × users seen in that partition, rounded half up; per partition so
 the count is kept in the partition's own table and survives restarts); the call rate
-only delays calls (RateLimiter.wait), it never decides. Rounding half up, not down: a floor lost about half a label per partition, a third
+only delays calls (RateLimiter.wait), it never decides. Rounding half up, not down: a floor lost
+about half a label per partition, a third
 of the budget on a small shop (5 instead of 7 prototypes for 145 users on 4 partitions), while
 rounding keeps the total within partitions/2 of budget × users, as batch GPLR spends it.
 
@@ -34,9 +35,10 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import faust
 import numpy as np
@@ -382,7 +384,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
 
     @app.agent(topics.labels, name="labels")
     async def labels(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(64, within=0.05):
+        async for events in stream.take_events(64, within=0.05):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             outs: list[Out] = []
             for event in events:
                 try:
@@ -422,7 +424,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
 
     @app.agent(topics.label_requests, name="labeller")
     async def labeller(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch, within=1.0):
+        async for events in stream.take_events(batch, within=1.0):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             valid: list[dict[str, Any]] = []
             outs: list[Out] = []
             for event in events:
@@ -431,7 +433,10 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
                 except Exception as exc:
                     logger.exception("label request dead-lettered as internal_error")
                     got = dead(event, "internal_error", error_summary(exc), "label-requests")
-                (outs if isinstance(got, Out) else valid).append(got)
+                if isinstance(got, Out):
+                    outs.append(got)
+                else:
+                    valid.append(got)
             await send_or_die(topics, outs)
             if valid:
                 await runtime.slots.acquire()  # bounded concurrency; the user side never waits here

@@ -20,9 +20,13 @@ from __future__ import annotations
 import logging
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from core.gplr import Decoder, Sampling
 
 __all__ = ["f1_against_truth", "popularity_baseline", "batch_same_prototypes", "batch_gplr",
            "worker_metrics"]
@@ -87,7 +91,7 @@ def batch_same_prototypes(frame: pd.DataFrame, prototypes: Mapping[str, Sequence
 
 
 def batch_gplr(frame: pd.DataFrame, personas, labeler, budget: float, k: int, eps: float, beta: float,
-               hops: int = 1, seed: int = 0, decoder: str = "graph", sampling: str = "du"
+               hops: int = 1, seed: int = 0, decoder: Decoder = "graph", sampling: Sampling = "du"
                ) -> tuple[dict[str, list[int]], set[str]]:
     """Batch GPLR (exact Ψ, 5 rounds) on the same purchases: (personas per user, prototypes);
     the paper's decoder and sampling unless told (the demo passes the stream's)."""

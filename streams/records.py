@@ -12,9 +12,10 @@ import base64
 import hashlib
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import faust
 import numpy as np
@@ -94,8 +95,9 @@ def label_op(user: str, personas: Sequence[int], scores: Sequence[float], labell
 
 def values_op(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
     """Several items' values for buyers of one user-ops partition: (value, users, source_ts)."""
-    pushes = [{"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users),
-               "source_ts": ts} for m, users, ts in msgs]
+    pushes: list[dict[str, Any]] = [
+        {"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users), "source_ts": ts}
+        for m, users, ts in msgs]
     return UserOp(kind="value", users=[u for p in pushes for u in p["users"]], pushes=pushes,
                   source_ts=min(ts for _, _, ts in msgs))
 

@@ -4,9 +4,11 @@ Why here: the worker decides personas with the same fitted `PersonaModel` that `
 so the model must be fitted on the stream's own prototypes and reach every worker.
 
 * Milestones: a refit is due whenever the number of persona labels (the label-count table, Q̂'s
-  numerator) reaches ⌊FIRST_MILESTONE × GROWTH^k⌋ (16, 24, 36, 54, 81, ...); any worker that sees one sends a request to the
+  numerator) reaches ⌊FIRST_MILESTONE × GROWTH^k⌋ (16, 24, 36, 54, 81, ...); any worker that sees
+  one sends a request to the
   `refit` topic (always partition 0, so one worker serves them all, in order).
-* Final refit: once there are FIRST_MILESTONE labels or more and a worker's user side has been idle for IDLE_REFIT_S after the labels or the
+* Final refit: once there are FIRST_MILESTONE labels or more and a worker's user side has been
+  idle for IDLE_REFIT_S after the labels or the
   purchases it applied changed since its last request, it asks for one more refit on everything
   (version: the label count, or the current version + 1 if that is not higher). A fit is a
   function of its input, so when the input ends, every deployment fed the same input (with
@@ -30,13 +32,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "history_graph", "fit_graph_model", "applied_labels", "fit_stream_model",
-           "encode_model", "decode_model"]
+__all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "history_graph", "fit_graph_model", "applied_labels",
+           "fit_stream_model", "encode_model", "decode_model"]
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,14 @@ import json
 import logging
 import pickle
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import faust
 import numpy as np
+from faust.types.tables import GlobalTableT, TableT
 
 from core.incremental import ItemState, UserItem, UserState
 from streams._compat import current_event
@@ -45,11 +47,15 @@ def _raw(arr: np.ndarray | None) -> bytes | None:
     return None if arr is None else np.ascontiguousarray(arr).tobytes()
 
 
+@overload
+def _arr(raw: bytes, dtype: type = ..., cols: int | None = ...) -> np.ndarray: ...
+@overload
+def _arr(raw: None, dtype: type = ..., cols: int | None = ...) -> None: ...
 def _arr(raw: bytes | None, dtype: type = np.float64, cols: int | None = None) -> np.ndarray | None:
     """Inverse of `_raw` (a writable copy)."""
     if raw is None:
         return None
-    arr = np.frombuffer(raw, dtype=dtype).copy()
+    arr: np.ndarray = np.frombuffer(raw, dtype=dtype).copy()
     return arr if cols is None else arr.reshape(-1, cols)
 
 
@@ -95,7 +101,7 @@ def _unpack_item(t: tuple) -> ItemState:
     lab: list[np.ndarray | None] = [None] * len(users)
     for i, row in zip(labelled, labels):
         lab[i] = row
-    buyers = {u: (int(v), l) for u, v, l in zip(users, versions.tolist(), lab)}
+    buyers = {u: (int(v), lb) for u, v, lb in zip(users, versions.tolist(), lab)}
     return ItemState(m, buyers, _arr(s), _arr(told), seq, applied)
 
 
@@ -172,7 +178,7 @@ class Tables:
     users: StateTable  # user id → core.incremental.UserState
     items: StateTable  # item id → core.incremental.ItemState
     stats: StateTable  # "p<partition>" → {"seen": users, "requested": label requests}
-    labels: faust.GlobalTable  # "p<partition>" → persona label counts (Q̂), read by every worker
+    labels: GlobalTableT  # "p<partition>" → persona label counts (Q̂), read by every worker
     model: Any = None  # GlobalTable "current" → persona model JSON (streams.refit), only in partition 0
 
     def clear_caches(self) -> None:
@@ -181,7 +187,7 @@ class Tables:
             table.clear_cache()
 
 
-def _bytes_table(app: faust.App, name: str, partitions: int, help: str) -> faust.Table:
+def _bytes_table(app: faust.App, name: str, partitions: int, help: str) -> TableT:
     return app.Table(name, key_type=str, value_type=bytes,
                      partitions=partitions, help=help, options=dict(ROCKSDB_OPTIONS))
 
@@ -199,7 +205,7 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
     )
 
 
-def label_counts(table: faust.GlobalTable, n_personas: int) -> np.ndarray:
+def label_counts(table: GlobalTableT, n_personas: int) -> np.ndarray:
     """Q̂ numerator: label counts summed over every partition's row."""
     total = np.zeros(n_personas)
     for raw in list(table.values()):
@@ -251,16 +257,17 @@ def read_table(bootstrap: str, app_id: str, table: str, timeout: float = 30.0) -
         deadline = time.monotonic() + timeout
         while todo and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
-                if msg.error():
+                offset, part, raw_key = msg.offset(), msg.partition(), msg.key()
+                if msg.error() or offset is None or part is None or raw_key is None:
                     continue
-                key = json.loads(msg.key())  # Faust's json key serializer
+                key = json.loads(raw_key)  # Faust's json key serializer
                 raw = msg.value()
                 if raw is None:
                     out.pop(key, None)
                 else:
                     out[key] = decode_state(raw) if raw[:1] == b"\x80" else json.loads(raw)
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    todo.discard(msg.partition())
+                if offset + 1 >= ends[part]:
+                    todo.discard(part)
         if todo:
             raise TimeoutError(f"{topic}: partitions {sorted(todo)} not read within {timeout}s")
         return out

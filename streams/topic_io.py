@@ -7,7 +7,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from core.events import PurchaseEvent
 
@@ -134,14 +134,16 @@ def read_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes
         deadline = time.monotonic() + timeout
         while todo and time.monotonic() < deadline:
             for msg in consumer.consume(5000, 0.5):
-                if msg.error() or msg.offset() >= ends[msg.partition()]:
+                offset, part, value = msg.offset(), msg.partition(), msg.value()
+                if msg.error() or offset is None or part is None or offset >= ends[part]:
                     continue
-                if msg.value() is not None:
-                    out.append(msg.value())
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    todo.discard(msg.partition())
+                if value is not None:
+                    out.append(value)
+                if offset + 1 >= ends[part]:
+                    todo.discard(part)
         if todo:
-            raise TimeoutError(f"reading {topic}: partitions {sorted(todo)} did not reach their end within {timeout:.0f}s")
+            raise TimeoutError(f"reading {topic}: partitions {sorted(todo)} did not reach their end "
+                               f"within {timeout:.0f}s")
     finally:
         consumer.close()
     return out

@@ -47,9 +47,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,7 +59,8 @@ from core.labelers.base import LabelerStats, LabelResult, UserHistory
 from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
 from core.personas import PersonaSet
 
-__all__ = ["EmbeddingLabeler", "RULES", "DEFAULT_RULE", "calibrate_threshold", "persona_bar", "purchase_weights", "select_personas", "tokens", "DEFAULT_THRESHOLD",
+__all__ = ["EmbeddingLabeler", "RULES", "DEFAULT_RULE", "calibrate_threshold", "persona_bar", "purchase_weights",
+           "select_personas", "tokens", "DEFAULT_THRESHOLD",
            "DEFAULT_TEMPERATURE", "DEFAULT_CALIBRATION", "DEFAULT_NAME_WEIGHT", "DEFAULT_MAX_DF"]
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,8 @@ def persona_bar(base: np.ndarray) -> np.ndarray:
     >>> persona_bar(np.array([0.6, 0.1, 0.3]))
     array([0.33333333, 0.1       , 0.3       ])
     """
-    return np.minimum(np.maximum(base, 1e-12), 1.0 / len(base))
+    bar: np.ndarray = np.minimum(np.maximum(base, 1e-12), 1.0 / len(base))
+    return bar
 
 
 def select_personas(
@@ -220,7 +223,7 @@ class EmbeddingLabeler:
         return self._persona_vectors
 
     # -- catalogue -----------------------------------------------------------------------
-    def fit(self, names: Iterable[str]) -> "EmbeddingLabeler":
+    def fit(self, names: Iterable[str]) -> EmbeddingLabeler:
         """Pin the catalogue to `names` (word IDF, per-persona moments); later names never refit."""
         with self._lock:
             self._seen = dict.fromkeys(str(n) for n in names)
@@ -293,7 +296,8 @@ class EmbeddingLabeler:
         norms = np.linalg.norm(words, axis=1, keepdims=True)
         words = np.divide(words, norms, out=whole.copy(), where=norms > 1e-12)  # no word: the name alone
         mixed = self.name_weight * whole + (1.0 - self.name_weight) * words
-        return mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+        unit: np.ndarray = mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+        return unit
 
     def _similarity(self, names: Sequence[str], calib: _Calibration) -> np.ndarray:
         return self.item_vectors(names, calib) @ self.persona_vectors().T.astype(np.float64)
@@ -301,13 +305,15 @@ class EmbeddingLabeler:
     def _calibrated(self, sims: np.ndarray, calib: _Calibration) -> np.ndarray:
         """Per-persona standardisation in cosine units, blended with the raw similarity."""
         standard = calib.mean.mean() + (sims - calib.mean) * (calib.scale / calib.std)
-        return (1.0 - self.calibration) * sims + self.calibration * standard
+        blended: np.ndarray = (1.0 - self.calibration) * sims + self.calibration * standard
+        return blended
 
     def _votes(self, calibrated: np.ndarray) -> np.ndarray:
         logits = calibrated / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         weights = np.exp(logits)
-        return weights / weights.sum(axis=1, keepdims=True)
+        shares: np.ndarray = weights / weights.sum(axis=1, keepdims=True)
+        return shares
 
     def calibrated_similarity(self, names: Sequence[str]) -> np.ndarray:
         """(len(names), |R|) per-persona standardised cosine similarity (before the softmax)."""
@@ -402,6 +408,7 @@ class EmbeddingLabeler:
                 top = keep[np.argsort(-row[keep], kind="stable")]
                 idx, vals = tuple(int(i) for i in top), tuple(float(row[i]) for i in top)
             else:
+                assert base is not None  # set whenever some history has items, as this one does
                 idx, vals = select_personas(row, base, self.threshold, self.max_personas)
             results.append(LabelResult(history.user_id, idx, vals))
         return results

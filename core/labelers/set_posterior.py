@@ -61,7 +61,10 @@ def set_posterior(
     n, m = weights.shape[0], likelihood.shape[1]
     per_edge = np.asarray(likelihood, dtype=np.float64)[coo.col]  # E × m
     per_user = sp.csr_matrix((w, (users, np.arange(len(users)))), shape=(n, len(users)))
-    loglik = lambda ratio: _user_loglik(per_user, ratio, eps)  # noqa: E731
+
+    def loglik(ratio: np.ndarray) -> np.ndarray:
+        return _user_loglik(per_user, ratio, eps)
+
     rho = np.full(m, RHO0) if prior is None else np.asarray(prior, dtype=np.float64)
     rows = np.arange(n)
     for _ in range(1 if prior is not None else iters):

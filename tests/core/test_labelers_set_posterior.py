@@ -1,12 +1,11 @@
 """The set model of core.labelers.set_posterior against brute force on tiny instances."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
 

@@ -163,7 +163,8 @@ def test_user_rows_are_written_once_per_batch():
     logic = _logic()
     logic.tables.users.table = Counting()
     events = [PurchaseEvent(f"e{i}", "u", f"i{i}", "x", 1, 1.0, 0.0) for i in range(10)]
-    ops = [(_roundtrip(o.value), k) for k, o in enumerate(_purchases(logic, events[:5]) + _purchases(logic, events[5:]))]
+    sent = _purchases(logic, events[:5]) + _purchases(logic, events[5:])
+    ops = [(_roundtrip(o.value), k) for k, o in enumerate(sent)]
     outs = logic.on_user_ops(ops, 0)
     assert Counting.writes == 1
     state = logic.tables.users.get("u")

@@ -128,7 +128,7 @@ def _check(logic: StreamLogic, frame, labels) -> None:
         assert state.degree == deg
     counts = frame.groupby("user_id").size().to_dict()
     assert {u: sum(it.count for it in logic.tables.users.get(u).items.values()) for u in map(str, users)} == counts
-    for item, raw in logic.tables.items.table.items():
+    for item, _raw in logic.tables.items.table.items():
         assert logic.tables.items.get(item).residual < threshold(logic.config.eps)
 
 
@@ -186,7 +186,8 @@ def test_duplicate_event_id_changes_nothing():
 def test_repeat_purchase_adds_count_not_edge():
     logic = _logic()
     for off, eid in enumerate(["e1", "e2", "e3"]):
-        outs = logic.on_user_ops([(_purchase(logic, PurchaseEvent(eid, "u", "mug", "Mug", 1, 3.0, 0.0))[0].value, off)], 0)
+        event = PurchaseEvent(eid, "u", "mug", "Mug", 1, 3.0, 0.0)
+        outs = logic.on_user_ops([(_purchase(logic, event)[0].value, off)], 0)
         assert [o.topic for o in outs] == (["item_ops"] if off == 0 else [])
     state = logic.tables.users.get("u")
     assert state.items["mug"].count == 3 and state.items["mug"].quantity == 3 and len(state.items) == 1
