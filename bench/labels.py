@@ -5,8 +5,8 @@ Setup (all seeded, fixed across configurations):
 * graph: the paper's Online Retail graph (`load_online_retail(paper_filter=True)`: 4,297 users,
   3,846 items, 263,267 edges);
 * oracle: `ReplayLabeler` over `user_personas_gpt4.csv.gz` stands in for GPT-4 (one call per user);
-* split: a fixed 20% of customers is **held out** — never labelled, the only set the reported
-  numbers come from — and another 20% is a **validation** set, also never labelled, on which
+* split: a fixed 20% of customers is **held out** — never labeled, the only set the reported
+  numbers come from — and another 20% is a **validation** set, also never labeled, on which
   the best configuration is chosen. Prototypes come from the remaining 60%; the budget τ is a
   fraction of *all* users (5% = 215 label requests);
 * metric: per-user F1 between the assigned persona set and GPT-4's (users GPT-4 left without a
@@ -14,7 +14,7 @@ Setup (all seeded, fixed across configurations):
 * decoders: GPLR's Ψ (`top-k`, or adaptive: scores ≥ r × the user's best) and the word decoder
   (`core.word_personas`: per-persona logistic regression on product-name words, trained on the
   same prototypes, personas with probability ≥ p);
-* baselines: popularity (everyone gets the 5 personas most common among the labelled users)
+* baselines: popularity (everyone gets the 5 personas most common among the labeled users)
   and the authors' released output;
 * the offline embedding labeler (`core.labelers.embedding`, no LLM) labels every customer
   directly: F1@5 and macro F1 against GPT-4 over all customers, at its default threshold and at
@@ -106,7 +106,7 @@ class Setup:
     truth: np.ndarray  # users × personas, GPT-4's labels
     held: np.ndarray  # scored users (held out, with a label)
     valid: np.ndarray  # selection users (validation, with a label)
-    excluded: np.ndarray  # never labelled: held-out + validation users
+    excluded: np.ndarray  # never labeled: held-out + validation users
     labels_path: Path
     data_dir: Path
     words: sp.csr_matrix  # word features of every user, computed once
@@ -129,7 +129,7 @@ def load_setup(data_dir: Path, console: Console) -> Setup:
     has = truth.any(axis=1)
     console.print(f"graph {graph.n_users:,} users, {graph.n_items:,} items, {graph.n_edges:,} edges; "
                   f"held out {n_fold:,} users ({has[held_all].sum():,} with GPT-4 labels), "
-                  f"validation {n_fold:,}, labelling pool {graph.n_users - 2 * n_fold:,}")
+                  f"validation {n_fold:,}, labeling pool {graph.n_users - 2 * n_fold:,}")
     return Setup(graph, personas, truth, np.sort(held_all[has[held_all]]), np.sort(valid_all[has[valid_all]]),
                  np.concatenate([held_all, valid_all]), labels_path, data_dir, word_features(graph))
 
@@ -218,7 +218,7 @@ EMBEDDING_VARIANTS: tuple[tuple[str, dict], ...] = (
 
 def _labels(labeler: EmbeddingLabeler, histories: list, threshold: float | None = None) -> np.ndarray:
     """Boolean users × personas by the labeler's rule; the posterior rule's prior is first fitted
-    on these (unlabelled) users, as a shop would fit it on its customers."""
+    on these (unlabeled) users, as a shop would fit it on its customers."""
     if labeler.rule == "posterior":
         labeler.fit_prior(histories)
         return expected_f1_sets(labeler.persona_posterior(histories), labeler.max_personas)
@@ -239,34 +239,34 @@ def embedding_agreement(setup: Setup, console: Console) -> dict:
     The catalogue is the graph's item names. Reported at the default lift threshold (chosen on
     synthetic shops) and at the threshold chosen on the validation users (GPT-4 gives ~4.75
     personas per customer, more than synthetic users have); popularity = the 5 personas most
-    common among all labelled customers (an upper bound on the bench's held-out popularity).
+    common among all labeled customers (an upper bound on the bench's held-out popularity).
     """
     t0 = time.perf_counter()
     graph, personas, truth = setup.graph, setup.personas, setup.truth
     names = [str(n) for n in graph.item_names]
-    labelled = np.flatnonzero(truth.any(axis=1))
+    labeled = np.flatnonzero(truth.any(axis=1))
     histories = histories_for(graph, range(graph.n_users))
     cache: dict = {}
-    out: dict = {"customers": int(labelled.size)}
+    out: dict = {"customers": int(labeled.size)}
     pop = np.zeros_like(truth)
-    pop[:, np.argsort(-truth[labelled].sum(axis=0), kind="stable")[:5]] = True
-    out["popularity_all"] = _scored(pop[labelled], truth[labelled])
+    pop[:, np.argsort(-truth[labeled].sum(axis=0), kind="stable")[:5]] = True
+    out["popularity_all"] = _scored(pop[labeled], truth[labeled])
     variants = []
     for label, options in EMBEDDING_VARIANTS:
         labeler = _variant(personas, names, cache, **options)
         pred = _labels(labeler, histories)
         row = {"variant": label, "options": options, "rule": labeler.rule, "threshold": labeler.threshold,
-               "all": _scored(pred[labelled], truth[labelled]), "heldout": _scored(pred[setup.held], truth[setup.held]),
+               "all": _scored(pred[labeled], truth[labeled]), "heldout": _scored(pred[setup.held], truth[setup.held]),
                "valid": _scored(pred[setup.valid], truth[setup.valid])}
         if labeler.rule == "lift":  # its one knob, chosen on the validation users
             valid_truth = [np.flatnonzero(truth[u]) for u in setup.valid]
             chosen = calibrate_threshold(labeler, [histories[u] for u in setup.valid], valid_truth)
             tuned = _labels(labeler, histories, chosen)
-            row.update(validation_threshold=chosen, tuned_all=_scored(tuned[labelled], truth[labelled]),
+            row.update(validation_threshold=chosen, tuned_all=_scored(tuned[labeled], truth[labeled]),
                        tuned_heldout=_scored(tuned[setup.held], truth[setup.held]),
                        tuned_valid=_scored(tuned[setup.valid], truth[setup.valid]))
         if label == "default":
-            row["recall_per_persona"] = _recall_per_persona(pred[labelled], truth[labelled], personas.names)
+            row["recall_per_persona"] = _recall_per_persona(pred[labeled], truth[labeled], personas.names)
         variants.append(row)
         tuned_note = (f"; lift ≥ {row['validation_threshold']} (validation): F1 {row['tuned_all']['f1']:.3f}, "
                       f"macro {row['tuned_all']['macro_f1']:.3f}") if "tuned_all" in row else ""
@@ -287,7 +287,7 @@ def embedding_agreement(setup: Setup, console: Console) -> dict:
 
 def _planted_ceilings(shop: SyntheticShop, graph: BipartiteGraph, histories: list,
                       labeler: EmbeddingLabeler) -> tuple[np.ndarray, np.ndarray]:
-    """What a perfect item labeller would reach: the user rules fed the planted item personas.
+    """What a perfect item labeler would reach: the user rules fed the planted item personas.
 
     Posterior rule: likelihood ratios p(item | persona) / p(item) from the purchase counts of
     each persona's planted items (generic items: ratio 0 for every persona, left to the noise
@@ -314,7 +314,7 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
     """The embedding labeler against planted truth on synthetic shops (default settings).
 
     `ceiling`: the user rules fed the planted item personas instead of embedding votes (what a
-    perfect item labeller would reach, `_planted_ceilings`); `popularity`: everyone gets the 3
+    perfect item labeler would reach, `_planted_ceilings`); `popularity`: everyone gets the 3
     most common.
     """
     shops: list[tuple[str, Callable[[], SyntheticShop]]] = [
@@ -343,7 +343,7 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
             lab = _variant(shop.personas, [str(n) for n in graph.item_names], cache, **options)
             variants[name] = _scored(_labels(lab, histories), truth)["f1"]
         labeler = _variant(shop.personas, [str(n) for n in graph.item_names], cache)  # default settings
-        labeler.fit_prior(histories)  # the shop's unlabelled users
+        labeler.fit_prior(histories)  # the shop's unlabeled users
         pred = np.zeros_like(truth)
         for u, r in enumerate(labeler.label(histories)):
             pred[u, list(r.personas)] = True
@@ -533,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         "gplr_f1_at_5_budget_5pct": best_graph["heldout_f1"],
         "gplr_macro_f1_budget_5pct": best_graph["heldout_macro_f1"],
         "gplr_config": {k: best_graph[k] for k in keys},
-        "selection": "best validation F1 (a separate 20% of users, never labelled) among rules with at most "
-                     "5 personas at a 5% budget; the held-out 20% (never labelled) is only scored",
+        "selection": "best validation F1 (a separate 20% of users, never labeled) among rules with at most "
+                     "5 personas at a 5% budget; the held-out 20% (never labeled) is only scored",
         "plain_gplr_f1_at_5": plain["heldout_f1"] if plain else None,
         "popularity_f1_at_5": popularity.get(0.05, {}).get("f1"),
         "popularity": popularity,

@@ -2,7 +2,7 @@
 
 Protocol (the same split as bench/labels.py, imported from it): the paper-filtered graph, the
 recorded GPT-4 labels replayed for the prototypes, a fixed 20% of customers held out (never
-labelled, the only scored set), another 20% for validation (never labelled, the only set the
+labeled, the only scored set), another 20% for validation (never labeled, the only set the
 configuration is chosen on), prototypes from the rest; budget 5% of all users; 3 seeds.
 
 Grid: prototype sampling (random / DU) × decoder: the paper's top-5 of Ψ (β = 0.5), and the
@@ -14,7 +14,7 @@ passes when given no option.
 
 Metrics on held-out users: F1@5 (mean per-user F1, ≤ 5 personas), macro F1, `top_set_share`
 (share of users whose set equals the most common set) next to the labels' own, `prevalence_tv`
-(total variation between predicted and labelled persona prevalence), per-persona recall; means
+(total variation between predicted and labeled persona prevalence), per-persona recall; means
 over seeds, and for `gplr label`'s defaults also the medians (`batch_median_over_seeds`).
 
 Synthetic check: `core.synthetic.make_shop` with planted personas as the labeler; the persona

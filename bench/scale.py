@@ -2,7 +2,7 @@
 
 A synthetic history at the paper's Instacart Full shape (206,209 users, 49,677 items, 15M
 purchase events; `--quick`: 1/10 of each) from `core.synthetic.make_shop` (16 planted personas,
-5% of users labelled from the planted truth as operator labels), on an embedded broker:
+5% of users labeled from the planted truth as operator labels), on an embedded broker:
 
 1. backfill (`streams.backfill.run_backfill`): index, rows, changelogs, start offsets;
 2. a fresh worker recovers the tables from the changelogs; `recovery_seconds` = worker start →

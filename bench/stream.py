@@ -239,7 +239,7 @@ def _publish_labels(cfg: StreamConfig, labels: dict[str, tuple[int, ...]]) -> No
 
 
 def max_abs_error(updates: list[dict[str, Any]], frame, labels: dict, n_personas: int) -> float:
-    """max |published score − exact Ψ| over every unlabelled user's last update."""
+    """max |published score − exact Ψ| over every unlabeled user's last update."""
     graph = BipartiteGraph.from_frame(frame)
     row = {u: i for i, u in enumerate(graph.user_ids)}
     phi = prototype_matrix(graph.n_users, {row[u]: p for u, p in labels.items()}, n_personas)

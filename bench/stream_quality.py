@@ -11,14 +11,14 @@ Setup (all seeded, fixed):
   the only users scored;
 * stream result: each user's last persona-update once the worker has drained;
 * batch: `gplr label` with its defaults (the CLI's own parser) on the same purchases and budget,
-  held-out users excluded from labelling (`run_gplr(exclude=...)`);
+  held-out users excluded from labeling (`run_gplr(exclude=...)`);
 * metrics (`core.gplr.score_sets`, the numbers bench/labels.py reports): per-user F1 of the persona
   set ("F1@5": at most 5 personas) and per-persona macro F1 against GPT-4's labels on held-out users
   that have one; the popularity baseline gives everyone the 5 personas most common among the
   stream's prototypes; `top_set_share` = share of scored users whose set is the most common set
   (`labels_top_set_share` the same for GPT-4's sets); `prevalence_tv` = total variation distance
   between the predicted and GPT-4 persona prevalence (persona mentions, normalised) over those
-  users; `labelled_share` = prototypes / users seen by the stream; per-persona recall.
+  users; `labeled_share` = prototypes / users seen by the stream; per-persona recall.
 
     python bench/stream_quality.py --data-dir /work/shared/data/online_retail
     python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min on an idle machine
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     t_batch = time.monotonic()
     batch = run_batch(graph, personas, data_dir, held, args.budget)
     logger.info("batch gplr label: %.1fs", time.monotonic() - t_batch)
-    assert not set(stream["prototypes"]) & held, "a held-out user was labelled"
+    assert not set(stream["prototypes"]) & held, "a held-out user was labeled"
 
     m = len(personas)
     pop = popularity(stream["prototypes"], m)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream_personas_per_user": s_stream["personas_per_user"],
         "batch_personas_per_user": s_batch["personas_per_user"],
         "labels_personas_per_user": s_labels["personas_per_user"],
-        "labelled_share": round(len(stream["prototypes"]) / max(graph.n_users, 1), 4),
+        "labeled_share": round(len(stream["prototypes"]) / max(graph.n_users, 1), 4),
         "prototypes": len(stream["prototypes"]), "label_requests": stream["label_requests"],
         "events_in": stream["costs"].get("gplr_events_in_total"), "persona_updates": stream["updates"],
         "unscored_no_update": sum(1 for u in scored if u not in stream["sets"]),

@@ -171,9 +171,9 @@ class StateBuilder:
         ptr = np.concatenate([[0], np.cumsum(np.bincount(index.edge_item, minlength=index.n_items))])
         buyer_codes = index.edge_user[order]
         buyer_ids = index.user_ids[buyer_codes].tolist()
-        labelled = np.zeros(index.n_users, dtype=bool)
-        labelled[list(self.labels)] = True
-        marked = np.flatnonzero(labelled[buyer_codes])  # buyer positions that are prototypes
+        labeled = np.zeros(index.n_users, dtype=bool)
+        labeled[list(self.labels)] = True
+        marked = np.flatnonzero(labeled[buyer_codes])  # buyer positions that are prototypes
         mark_ptr = np.searchsorted(marked, ptr)
         ptr, codes = ptr.tolist(), buyer_codes.tolist()
         for v in range(index.n_items):

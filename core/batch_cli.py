@@ -49,7 +49,7 @@ def _add_gplr_options(p: argparse.ArgumentParser, k: int, budget: float) -> None
     p.add_argument("--weight", choices=("binary", "count", "log"), default="binary",
                    help="edge weight for the transition matrices")
     p.add_argument("--k", type=int, default=k,
-                   help="personas per unlabelled user (the cap with --decoder model or --adaptive)")
+                   help="personas per unlabeled user (the cap with --decoder model or --adaptive)")
     p.add_argument("--adaptive", nargs="?", type=float, const=0.5, default=None, metavar="RATIO",
                    help="keep personas scoring >= RATIO x the user's best (default ratio 0.5), up to --k")
     p.add_argument("--decoder", choices=DECODERS, default="model",
@@ -63,7 +63,7 @@ def _add_gplr_options(p: argparse.ArgumentParser, k: int, budget: float) -> None
                         "prototypes' persona prevalence (default %(default)s; 0 = pure expected F1)")
     p.add_argument("--min-score", type=float, default=None,
                    help="drop personas scoring below this (use ~0.35 with --decoder words)")
-    p.add_argument("--rounds", type=int, default=5, help="labelling rounds T (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="labeling rounds T (default 5)")
     p.add_argument("--sampling", choices=("du", "random"), default="random",
                    help="how rounds after the first pick prototypes (default random: measured best with "
                         "--decoder model on Online Retail; du = the paper's distribution uncertainty)")
@@ -148,7 +148,7 @@ def _summary(console: Console, graph: BipartiteGraph, personas: PersonaSet, resu
     table.add_row("graph", f"{graph.n_users:,} users, {graph.n_items:,} items, {graph.n_edges:,} edges")
     reasons = Counter(result.failed.values()).most_common(3)
     why = f" ({', '.join(f'{r} {n:,}' for r, n in reasons)})" if reasons else ""
-    table.add_row("prototypes", f"{len(result.prototypes):,} labelled, {len(result.failed):,} failed{why}")
+    table.add_row("prototypes", f"{len(result.prototypes):,} labeled, {len(result.failed):,} failed{why}")
     table.add_row("LLM calls", f"{stats.get('calls', 0):,} (errors {stats.get('errors', 0):,}, "
                   f"retries {stats.get('retries', 0):,})")
     table.add_row("tokens", f"prompt {stats.get('prompt_tokens', 0):,}, "
@@ -198,7 +198,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
     if not result.prototypes:  # every label call failed: an empty persona list for everyone is no answer
         reasons = ", ".join(f"{r} {n:,}" for r, n in Counter(result.failed.values()).most_common(3))
-        raise SystemExit(f"gplr label: the {args.labeler} labeler labelled none of {len(result.failed):,} "
+        raise SystemExit(f"gplr label: the {args.labeler} labeler labeled none of {len(result.failed):,} "
                          f"prototype users ({reasons or 'no calls'}); nothing written to {out}")
     n = write_assignments(out, graph, personas, result, args.hops, args.weight)
     _summary(console, graph, personas, result, time.perf_counter() - t0)
@@ -208,7 +208,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str]) -> Labeler:
     """The labeler `--labeler` names; an LLM endpoint is probed first so that a missing key or
-    server fails in seconds, naming the URL, instead of labelling nobody. The embedding labeler
+    server fails in seconds, naming the URL, instead of labeling nobody. The embedding labeler
     calibrates on the whole `catalogue`, not just the prototypes' items."""
     from core.labelers import make_labeler
 
@@ -269,7 +269,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
     quality = Table(title="against the planted personas")
     for col in ("users", "precision", "recall", "F1", "macro F1"):
         quality.add_column(col, justify="right")
-    for name, mask in (("labelled by the labeler", ~rest), ("propagated by GPLR", rest)):
+    for name, mask in (("labeled by the labeler", ~rest), ("propagated by GPLR", rest)):
         if mask.any():
             s = score_sets(pred[mask], truth[mask])
             quality.add_row(f"{name} ({s['users']:,})", f"{s['precision']:.3f}", f"{s['recall']:.3f}",

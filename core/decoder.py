@@ -12,7 +12,7 @@ with t the item channel's text logit (sublinear counts of the words of the user'
 g = Ψ_raw[u, m] / Σ_m' Ψ_raw[u, m'] the user's share of graph affinity. It is fitted on the
 prototypes with leave-one-out graph scores (a prototype's own label is removed from its Ψ_raw,
 exactly, by linearity: `core.affinity.self_return`) and out-of-fold text logits, because an
-unlabelled user never sees its own label. A persona is decided when p ≥ its own threshold
+unlabeled user never sees its own label. A persona is decided when p ≥ its own threshold
 (fitted per persona on the same held-out scores), best first, at most `max_personas`, at least
 one; so a niche persona needs only to beat its own cut-off, not a global one. The default rule
 ("expected_f1") instead keeps, per user, the top-k that maximises the expected F1 of the set
@@ -156,7 +156,7 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
 
 
 def fit_thresholds(probs: np.ndarray, y: np.ndarray, rule: str = "f1") -> np.ndarray:
-    """Per-persona thresholds on held-out probabilities of labelled users.
+    """Per-persona thresholds on held-out probabilities of labeled users.
 
     "f1": the cut maximising that persona's F1 over the prototypes (the lowest such cut);
     "prevalence": the cut at which as many prototypes pass as carry the persona. A persona no
@@ -266,7 +266,7 @@ def fit_decoder(
     C: float = DECODER_C,
     per_persona: bool = False,
 ) -> PersonaDecoder:
-    """Fit the decoder on labelled users' held-out scores (rows: prototypes).
+    """Fit the decoder on labeled users' held-out scores (rows: prototypes).
 
     `psi_raw` must be leave-one-out (`loo_psi_raw`) and `text_logit` out-of-fold. The slopes
     are shared by all personas (pooled over prototype × persona pairs, with a persona's own
@@ -307,7 +307,7 @@ def fit_decoder(
 
 def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
                      strength: float = 0.5, iters: int = 30) -> PersonaDecoder:
-    """The decoder with its intercepts shifted so that its decisions over these (unlabelled)
+    """The decoder with its intercepts shifted so that its decisions over these (unlabeled)
     users move towards the prototypes' persona prevalence; `strength` in [0, 1] is the share of
     the full matching shift applied (0: unchanged, 1: prevalence matched).
 
@@ -414,7 +414,7 @@ def fit_persona_model(
     when omitted). Deterministic given the prototypes and `seed` (the fold split).
     """
     if not prototypes:
-        raise ValueError("the persona model needs at least one labelled prototype")
+        raise ValueError("the persona model needs at least one labeled prototype")
     features = user_word_features(graph)
     channel = fit_item_channel(graph, prototypes, n_personas, C=text_C, features=features)
     text_oof = out_of_fold_text_logits(graph, prototypes, n_personas, folds=folds, seed=seed, C=text_C,

@@ -14,7 +14,7 @@ prototypes' own labels and gives everyone else
 
 Budget accounting: the budget counts label *requests*. A user whose request failed (error or
 no persona left after dropping names outside the set) spent its request, is never asked
-again, is reported in `GPLRResult.failed`, and is assigned from Ψ like any unlabelled user.
+again, is reported in `GPLRResult.failed`, and is assigned from Ψ like any unlabeled user.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ Sampling = Literal["du", "random"]
 Method = Literal["exact", "revaff"]
 Decoder = Literal["model", "graph", "words"]
 DECODERS: tuple[str, ...] = ("model", "graph", "words")
-#: progress(stage, done, total): stage is e.g. "round 2/5: labelling" or "affinity".
+#: progress(stage, done, total): stage is e.g. "round 2/5: labeling" or "affinity".
 Progress = Callable[[str, int, int], None]
 
 LABEL_BATCH = 32  # users per labeler call, so progress moves while an LLM works
@@ -94,7 +94,7 @@ class RoundInfo:
     round: int
     sampling: str
     requested: int
-    labelled: int
+    labeled: int
     failed: int
     q_hat: np.ndarray
     seconds: float
@@ -228,15 +228,15 @@ def with_prototypes(idx: np.ndarray, scores: np.ndarray, source: np.ndarray,
         scores = np.pad(scores, ((0, 0), (0, width - k)))
     else:
         idx, scores = idx.copy(), scores.copy()
-    labelled = np.zeros(n_users, dtype=bool)
+    labeled = np.zeros(n_users, dtype=bool)
     for u, personas in prototypes.items():
         labels = np.asarray(personas, dtype=np.int64)
         idx[u] = -1
         scores[u] = 0.0
         idx[u, : labels.size] = labels
         scores[u, : labels.size] = source[u, labels]
-        labelled[u] = True
-    return Assignment(idx, scores, labelled)
+        labeled[u] = True
+    return Assignment(idx, scores, labeled)
 
 
 def _label_users(
@@ -347,7 +347,7 @@ def run_gplr(
         else:
             chosen = select_du(du_scores(psi, q_hat), candidates, size)
         candidates[chosen] = False
-        got, bad, drop = _label_users(graph, labeler, chosen, f"round {r + 1}/{len(sizes)}: labelling", progress)
+        got, bad, drop = _label_users(graph, labeler, chosen, f"round {r + 1}/{len(sizes)}: labeling", progress)
         labels.update(got)
         failed.update(bad)
         for name, c in drop.items():
@@ -356,9 +356,9 @@ def run_gplr(
             refresh()
         infos.append(RoundInfo(r + 1, how, int(chosen.size), len(got), len(bad), q_hat.copy(),
                                time.perf_counter() - t0))
-        logger.info("round %d (%s): %d requested, %d labelled, %d failed", r + 1, how, chosen.size, len(got), len(bad))
+        logger.info("round %d (%s): %d requested, %d labeled, %d failed", r + 1, how, chosen.size, len(got), len(bad))
     if not labels:
-        logger.warning("no prototype was labelled; every user gets an empty assignment")
+        logger.warning("no prototype was labeled; every user gets an empty assignment")
     scores, model = psi, None
     if decoder == "model" and labels:
         if progress:

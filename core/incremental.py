@@ -18,7 +18,7 @@ and the user's persona distribution Q_u = Ψ_raw[u] / ‖Ψ_raw[u]‖₁ is with
 error is still ≤ (ε/2)‖Ψ_raw[u]‖₁ ≤ ε/2 (‖Ψ_raw[u]‖₁ ≤ 1), and the de-biased distribution is
 within ε / min_m c_m. None of this depends on degrees, density or the number of personas: a
 sparse catalogue whose scores are 100× smaller gets the same relative accuracy, at the same
-cost — a new buyer moves M[v] by ‖M[v]‖₁/(d_v+1) (unlabelled) so about θ·d_v buyers pass
+cost — a new buyer moves M[v] by ‖M[v]‖₁/(d_v+1) (unlabeled) so about θ·d_v buyers pass
 between two pushes of d_v messages: O(1/θ) amortised per purchase.
 
 Why absolute values instead of the note's deltas: the stream is at-least-once, so any message
@@ -239,7 +239,7 @@ def user_membership(state: UserState, user: str, item: str) -> Membership:
 
 
 def user_set_label(state: UserState, user: str, label: np.ndarray) -> list[Membership]:
-    """u becomes a prototype (or is relabelled): new version, one upsert per item it bought."""
+    """u becomes a prototype (or is relabeled): new version, one upsert per item it bought."""
     state.label = np.asarray(label, dtype=np.float64)
     state.label_version += 1
     return [user_membership(state, user, item) for item in state.items]
@@ -381,7 +381,7 @@ def persona_change(
 
 
 def decide(state: UserState, snapshot: PersonaSnapshot, hysteresis: float) -> bool:
-    """Publish `snapshot` for this (unlabelled) user? Applies `persona_change`, records what was
+    """Publish `snapshot` for this (unlabeled) user? Applies `persona_change`, records what was
     published, and counts publications and silent Ψ̂ changes (`publishes`, `quiet`: how long the
     thresholds kept the user unpublished). The worker and `LocalNetwork` both decide here."""
     publish = persona_change(state.published, snapshot, hysteresis)
@@ -460,7 +460,7 @@ class LocalNetwork:
                 self._decide(self.users[user], self.hysteresis)
 
     def _decide(self, state: UserState, hysteresis: float) -> None:
-        """The worker's decision for an unlabelled user whose Ψ̂ moved (`streams.agents`)."""
+        """The worker's decision for an unlabeled user whose Ψ̂ moved (`streams.agents`)."""
         if state.label is not None:
             return
         key = self.label_counts.tobytes()

@@ -400,7 +400,7 @@ def fit_item_channel(
     Deterministic.
     """
     if not prototypes:
-        raise ValueError("the item channel needs at least one labelled prototype")
+        raise ValueError("the item channel needs at least one labeled prototype")
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
     x, _, words = user_word_features(graph) if features is None else features

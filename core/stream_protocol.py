@@ -207,7 +207,7 @@ class UserBatch:
         return state
 
     def refresh(self, offset: int, users: Iterable[str], source_ts: float) -> None:
-        """A new persona model: unlabelled users decide again."""
+        """A new persona model: unlabeled users decide again."""
         for user in users:
             state = self.state(user, create=False)
             if state is not None and state.label is None and not self.replay(user, offset):

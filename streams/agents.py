@@ -87,7 +87,7 @@ from core.stream_protocol import UserBatch, apply_item_batch, count_labels
 from streams import metrics
 from streams._compat import changelog_written
 from streams.config import StreamConfig
-from streams.labelling import LabelPolicy
+from streams.labeling import LabelPolicy
 from streams.records import (
     ItemOp,
     UserOp,
@@ -149,7 +149,7 @@ class StreamTopics:
                                value_type=ItemOp, partitions=n, internal=True),
             persona_updates=json_topic(names.persona_updates),
             label_requests=raw_topic(names.label_requests),  # anyone may write these two:
-            labels=raw_topic(names.labels),  # streams.labelling validates the bytes itself
+            labels=raw_topic(names.labels),  # streams.labeling validates the bytes itself
             refit=app.topic(names.name(REFIT), key_type=str, key_serializer="raw", value_serializer="json",
                             partitions=n, internal=True),
         )
@@ -170,7 +170,7 @@ def label_rejection(config: StreamConfig, state: UserState | None, labelled_by: 
 
     Operator sources (GPLR_LABEL_SOURCES) are trusted; the worker's own labeler may only label a
     user the worker asked about (its row says `requested`, which the label policy sets within
-    budget) and not yet labelled. Anything else on `labels` is forged or stale."""
+    budget) and not yet labeled. Anything else on `labels` is forged or stale."""
     if labelled_by in config.label_sources:
         return None
     if not config.accepts_labels_from(labelled_by):
@@ -472,7 +472,7 @@ class StreamLogic:
             return []
         psi = psi_raw(state)
         # Until some prototype reaches the user (and before the first persona model), the most
-        # common labelled personas stand in (as in batch GPLR); such an update says so ("prior").
+        # common labeled personas stand in (as in batch GPLR); such an update says so ("prior").
         snap, reached = self.snapshot(state, psi)
         out: list[Out] = []
         previous = self._published(state)
@@ -483,7 +483,7 @@ class StreamLogic:
         frozen_now = _frozen(state)
         _count(self.frozen.observe, first and state.publishes == 1, frozen_now and not frozen_before,
                             frozen_before and not frozen_now)
-        if not state.requested and self.config.sampling == "du":  # not reproducible (see labelling)
+        if not state.requested and self.config.sampling == "du":  # not reproducible (see labeling)
             request = self.policy.consider(user, state, psi, self.q_hat(), work.stats())
             if request is not None:
                 work.request(user, state, request)
@@ -519,7 +519,7 @@ class StreamLogic:
 def replay_reason(state: UserState, model_shipped: bool = False) -> str:
     """Reason of a re-sent update: "replay", or "prior" when what is re-sent is the prior (no
     prototype reaches the user yet and no persona model decides), so readers treat it as they
-    treated the original: a re-sent prior labelled "replay" read as affinity scores off by up to
+    treated the original: a re-sent prior labeled "replay" read as affinity scores off by up to
     Q̂'s largest share."""
     if state.label is None and not model_shipped and not np.any(psi_raw(state) > 0):
         return "prior"
@@ -533,7 +533,7 @@ def _frozen(state: UserState) -> bool:
 
 class _UserBatch(UserBatch):
     """`core.stream_protocol.UserBatch` plus what the worker decides for it: the partition's
-    labelling budget row, label requests, persona updates and dead letters to send."""
+    labeling budget row, label requests, persona updates and dead letters to send."""
 
     def __init__(self, logic: StreamLogic, partition: int) -> None:
         super().__init__(logic.tables.users.get, logic.m)

@@ -11,7 +11,7 @@ from streams._compat import check_hooks, configure_fetch_pacing, track_changelog
 from streams.agents import StreamLogic, StreamTopics, register_agents
 from streams.config import StreamConfig, faust_settings
 from streams.flow import register_purge
-from streams.labelling import LabelPolicy, register_labelling
+from streams.labeling import LabelPolicy, register_labeling
 from streams.tables import define_tables
 
 __all__ = ["create_app", "group_instance_id"]
@@ -75,7 +75,7 @@ def create_app(config: StreamConfig) -> faust.App:
     async def _forget_assigned(sender: faust.App, assigned: object, **kwargs: object) -> None:
         tables.clear_caches()  # rows recovered from the changelog replace what was cached
 
-    register_labelling(app, config, personas, topics, users=tables.users)
+    register_labeling(app, config, personas, topics, users=tables.users)
     register_purge(app, config, [topics.user_ops.get_topic_name(), topics.item_ops.get_topic_name()])
     app.gplr = logic  # type: ignore[attr-defined]  # for tests and the web views
     # Faust's RocksDB store runs gc.collect() for every table on every rebalance; with numpy,

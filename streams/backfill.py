@@ -6,9 +6,9 @@ computes the same state in seconds. This module:
 1. groups the history and builds every row the worker keeps (`core.backfill`: user rows with
    their edges, told values, T[u], label and seen event ids; item rows with buyers, S[v], M̃[v]
    and push seq), with prototypes from a labels file (operator labels) or a fresh budget chosen
-   with the stream's own `random` coin (`streams.labelling.seeded_unit`, per partition, budget ×
-   users rounded half up as `LabelPolicy.allowed`) and labelled by the configured labeler;
-2. decides every unlabelled user's personas with the worker's own `StreamLogic.snapshot` and
+   with the stream's own `random` coin (`streams.labeling.seeded_unit`, per partition, budget ×
+   users rounded half up as `LabelPolicy.allowed`) and labeled by the configured labeler;
+2. decides every unlabeled user's personas with the worker's own `StreamLogic.snapshot` and
    `decide` (the persona model is fitted on the history as `streams.refit` would, and shipped
    when the labels reach the first milestone), and publishes one persona update per user
    (reason "backfill", or "prior" where no prototype reaches the user), so `gplr export` works;
@@ -90,7 +90,7 @@ def choose_prototypes(index: HistoryIndex, config: StreamConfig, excluded: froze
     """Users (codes) to label: per user partition, budget × its users rounded half up (as
     `LabelPolicy.allowed` spends it), among users with ≥ GPLR_LABEL_MIN_PURCHASES distinct items,
     the highest `seeded_unit(user, d_u)` first (the stream's reproducible `random` coin)."""
-    from streams.labelling import seeded_unit
+    from streams.labeling import seeded_unit
     from streams.records import partition_for
 
     if config.labeler == "none" or config.label_budget <= 0:
@@ -114,7 +114,7 @@ def choose_prototypes(index: HistoryIndex, config: StreamConfig, excluded: froze
 def label_users(index: HistoryIndex, users: Sequence[int], config: StreamConfig, personas
                 ) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[float, ...]]]:
     """Label `users` with the configured labeler (histories as the worker's requests carry them)."""
-    from streams.labelling import build_labeler, label_batch
+    from streams.labeling import build_labeler, label_batch
 
     labeler = build_labeler(config, personas)
     if labeler is None or not len(users):

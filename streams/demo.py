@@ -492,7 +492,7 @@ def _summary(console, scenario: _Scenario, cfg: StreamConfig, log: UpdateLog, se
 def _accuracy(scenario: _Scenario, truth: Mapping[str, Sequence[int]], cfg: StreamConfig, log: UpdateLog,
               labeled: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """F1@k of the streamed personas beside the batch yardsticks and the popularity baseline."""
-    from streams.labelling import build_labeler
+    from streams.labeling import build_labeler
     from streams.quality import batch_gplr, batch_same_prototypes, popularity_baseline
 
     k = cfg.top_k

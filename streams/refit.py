@@ -12,7 +12,7 @@ so the model must be fitted on the stream's own prototypes and reach every worke
   purchases it applied changed since its last request, it asks for one more refit on everything
   (version: the label count, or the current version + 1 if that is not higher). A fit is a
   function of its input, so when the input ends, every deployment fed the same input (with
-  `random` sampling, see `streams.labelling`) ships the same last model and ends with the same
+  `random` sampling, see `streams.labeling`) ships the same last model and ends with the same
   personas, whatever the milestone fits in between read.
 * Refit: that worker reads the purchases topic and the users table's changelog (only labels the
   worker applied: see `applied_labels`) to their current end, rebuilds the
@@ -105,7 +105,7 @@ def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[
 def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[int]], n_personas: int,
                      rule: str, k: int) -> dict[str, Any] | None:
     """Fit the persona model on the stream's prototypes (`applied_labels`); its JSON-able dict,
-    or None when no labelled user has bought anything yet. Deterministic given its input (the
+    or None when no labeled user has bought anything yet. Deterministic given its input (the
     purchases are ordered by event id first), so fits on the same input ship the same model."""
     return fit_graph_model(build_graph(purchases), prototypes, n_personas, rule, k)
 

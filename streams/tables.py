@@ -89,17 +89,17 @@ def _unpack_user(t: tuple) -> UserState:
 def _pack_item(st: ItemState) -> tuple:
     users = list(st.buyers)
     versions = np.array([v for v, _ in st.buyers.values()], dtype=np.int64)
-    labelled = [i for i, (_, lab) in enumerate(st.buyers.values()) if lab is not None]
-    labels = np.array([st.buyers[users[i]][1] for i in labelled]).reshape(len(labelled), st.n_personas)
-    return ("item", st.n_personas, users, _raw(versions), labelled, _raw(labels), _raw(st.s), _raw(st.told),
+    labeled = [i for i, (_, lab) in enumerate(st.buyers.values()) if lab is not None]
+    labels = np.array([st.buyers[users[i]][1] for i in labeled]).reshape(len(labeled), st.n_personas)
+    return ("item", st.n_personas, users, _raw(versions), labeled, _raw(labels), _raw(st.s), _raw(st.told),
             st.seq, st.applied_offset)
 
 
 def _unpack_item(t: tuple) -> ItemState:
-    _, m, users, versions, labelled, labels, s, told, seq, applied = t
+    _, m, users, versions, labeled, labels, s, told, seq, applied = t
     versions, labels = _arr(versions, np.int64), _arr(labels, np.float64, m)
     lab: list[np.ndarray | None] = [None] * len(users)
-    for i, row in zip(labelled, labels):
+    for i, row in zip(labeled, labels):
         lab[i] = row
     buyers = {u: (int(v), lb) for u, v, lb in zip(users, versions.tolist(), lab)}
     return ItemState(m, buyers, _arr(s), _arr(told), seq, applied)
@@ -197,7 +197,7 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
     return Tables(
         users=StateTable(_bytes_table(app, "users", partitions, "user-side push state")),
         items=StateTable(_bytes_table(app, "items", partitions, "item-side push state")),
-        stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labelling budget")),
+        stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labeling budget")),
         labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes, options=dict(ROCKSDB_OPTIONS),
                                partitions=partitions, help="persona label counts per partition"),
         model=app.GlobalTable("persona-model", key_type=str, value_type=bytes, partitions=partitions,

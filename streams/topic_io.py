@@ -22,7 +22,7 @@ READER_CONFIG = {"enable.auto.commit": False, "log_level": 3, "receive.message.m
 
 #: The one producer configuration of the commands, the demo and the benchmarks.
 #: murmur2 (Kafka's Java default, = streams.records.partition_for): a user's purchases land on its
-#: own user partition, so each user partition sees them in one order (reproducible labelling).
+#: own user partition, so each user partition sees them in one order (reproducible labeling).
 #: gzip: the embedded broker keeps every record in memory and autosaves them as JSON (streams.flow);
 #: purchase JSON compresses about 7× (measured on noida-db 0.2.3), and aiokafka reads gzip natively
 #: (lz4/zstd would need extra packages in the worker).

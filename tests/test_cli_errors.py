@@ -101,7 +101,7 @@ def test_openai_labeler_failing_every_call_writes_nothing(shop, tmp_path, capsys
                        "GPLR_LLM_MAX_RETRIES": "0"}.items():
         monkeypatch.setenv(key, value)
     status, err = run(label(shop, tmp_path / "o.jsonl", "--labeler", "openai"), capsys)
-    assert status != 0 and "labelled none of" in last_line(err) and "server_error" in last_line(err)
+    assert status != 0 and "labeled none of" in last_line(err) and "server_error" in last_line(err)
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -1,6 +1,6 @@
 """A free, offline labeler: sentence embeddings of product names against persona definitions.
 
-Without an LLM budget, the next best oracle reads what a customer bought. Items are labelled
+Without an LLM budget, the next best oracle reads what a customer bought. Items are labeled
 first, then users:
 
 1. **Item vectors, words weighted by rarity.** Each product name is embedded (all-MiniLM-L6-v2,
@@ -22,7 +22,7 @@ first, then users:
    that set, else anything; an item's likelihood ratio for a persona is its vote over the
    persona's catalogue share. Each persona's posterior probability given the user's purchases
    (every distinct item one unit of evidence, so two purchases count less than twenty) and a
-   persona prior (`fit_prior` on a shop's unlabelled users, EM; else `RHO0` each), then the
+   persona prior (`fit_prior` on a shop's unlabeled users, EM; else `RHO0` each), then the
    1..`max_personas` most probable personas that maximise the expected F1. No threshold.
    `rule="lift"`, the previous rule: the quantity-weighted mean vote (weight 1 + log q) must
    reach `threshold` times the persona's bar — its catalogue share capped at 1/|R|
@@ -364,7 +364,7 @@ class EmbeddingLabeler:
         return sp.csr_matrix(counts), votes / np.maximum(self.persona_base(), 1e-12)[None, :]
 
     def fit_prior(self, histories: Sequence[UserHistory]) -> np.ndarray:
-        """Fit the set model's persona prior on a shop's (unlabelled) users and keep it.
+        """Fit the set model's persona prior on a shop's (unlabeled) users and keep it.
 
         Labels then depend on each user alone, never on the batch they come in. Without this
         every persona has prior `RHO0`.
@@ -466,7 +466,7 @@ def calibrate_threshold(
     truth: Mapping[str, Sequence[int]] | Sequence[Sequence[int]],
     grid: Sequence[float] | None = None,
 ) -> float:
-    """The lift threshold maximising mean per-user F1 on labelled histories.
+    """The lift threshold maximising mean per-user F1 on labeled histories.
 
     `truth` maps user ids to true persona indices (or is aligned with `histories`). Ties go to
     the smallest threshold. The labeler's threshold is not modified (its catalogue may grow).

@@ -17,12 +17,12 @@ gain while it is positive, 1..`max_personas`), then each persona's conditional p
 probability given the rest of that set (add it or drop it). Given a `prior` that is all; without
 one, the prior is fitted on these users: from `RHO0`, `iters` rounds of re-estimating `rho` as
 the mean of the probabilities over the users (EM-like; no labels needed, so a labeler fits it
-on a shop's unlabelled customers and then labels each user independently of the batch).
+on a shop's unlabeled customers and then labels each user independently of the batch).
 `expected_f1_sets` then keeps, per user, the k most probable personas with k maximising the
 expected F1 ``2 * sum_{i<=k} p_(i) / (k + sum_r p_r)``.
 
 Measured (bench/labels.py): with the planted item personas as L this rule reaches F1 0.79,
-0.80, 0.76 and 0.89 on the four synthetic shops (the ceiling of any item labeller with this
+0.80, 0.76 and 0.89 on the four synthetic shops (the ceiling of any item labeler with this
 user rule); with the embedding labeler's votes 0.73, 0.72, 0.68 and 0.80.
 """
 from __future__ import annotations

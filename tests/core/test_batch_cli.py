@@ -133,7 +133,7 @@ def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture,
     text = capsys.readouterr().out
     assert made["labeler"].stats.calls == 30
     # the labeler answered the planted truth, so the labeled users' row is perfect
-    line = next(ln for ln in text.splitlines() if "labelled by the labeler" in ln)
+    line = next(ln for ln in text.splitlines() if "labeled by the labeler" in ln)
     assert line.count("1.000") == 4
     assert "propagated by GPLR (120)" in text
 

@@ -60,8 +60,8 @@ def test_rows_hold_exact_state(shop) -> None:
     assert sum(len(s.buyers) for s in items.values()) == graph.n_edges
     assert all(s.relative_residual == 0 for s in items.values())
     for state in items.values():  # S[v] is the sum of the labels its buyers carry, versions match
-        labelled = [lab for _v, lab in state.buyers.values() if lab is not None]
-        np.testing.assert_allclose(sum(labelled, np.zeros(len(shop.personas))), state.s, atol=1e-12)
+        labeled = [lab for _v, lab in state.buyers.values() if lab is not None]
+        np.testing.assert_allclose(sum(labeled, np.zeros(len(shop.personas))), state.s, atol=1e-12)
         assert all((v == 1) == (u in labels) for u, (v, _lab) in state.buyers.items())
     assert sum(len([1 for v, _ in s.buyers.values() if v]) for s in items.values()) == sum(
         len(rows[u].items) for u in labels)
@@ -104,8 +104,8 @@ def test_backfill_then_live(stream_config, worker_factory, produce, shop, tmp_pa
     updates = [r for r in consume(config.kafka_bootstrap, names.persona_updates) if isinstance(r, dict)]
     assert {r["user"] for r in updates if r["reason"] == "backfill"}  # the backfill's own updates
     assert {r["user"] for r in updates if r["reason"] == "propagated"} & live_users  # live ones after it
-    labelled = read_table(config.kafka_bootstrap, config.app_id, "label-counts")
-    assert sum(np.asarray(c).sum() for c in labelled.values()) == sum(len(p) for p in labels.values())
+    labeled = read_table(config.kafka_bootstrap, config.app_id, "label-counts")
+    assert sum(np.asarray(c).sum() for c in labeled.values()) == sum(len(p) for p in labels.values())
 
 
 def _gplr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -189,10 +189,10 @@ def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
     for p, members in per_part.items():
         eligible = sum(len(users[u].items) >= 3 for u in members)
         wanted = min(eligible, math.floor(0.2 * len(members) + 0.5))
-        labelled = [u for u in members if users[u].label is not None]
-        assert len(labelled) == wanted == stats[f"p{p}"]["requested"]
+        labeled = [u for u in members if users[u].label is not None]
+        assert len(labeled) == wanted == stats[f"p{p}"]["requested"]
         assert stats[f"p{p}"]["seen"] == len(members)
-        assert all(users[u].requested and users[u].label_personas == tuple(shop.user_truth[u]) for u in labelled)
+        assert all(users[u].requested and users[u].label_personas == tuple(shop.user_truth[u]) for u in labeled)
     prototypes = {u: s.label_personas for u, s in users.items() if s.label is not None}
     assert summary["prototypes"] == len(prototypes)
     mentions = sum(len(p) for p in prototypes.values())
@@ -202,8 +202,8 @@ def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
     refit = fit_stream_model([e.to_json() for e in iter_events(shop.frame)], prototypes, len(shop.personas),
                              REFIT_RULE, 3)
     assert model.to_dict() == refit
-    unlabelled = [s for s in users.values() if s.label is None]
-    assert all(s.text_version == version and s.published for s in unlabelled)  # decided by the model
+    unlabeled = [s for s in users.values() if s.label is None]
+    assert all(s.text_version == version and s.published for s in unlabeled)  # decided by the model
 
 
 def decode_key(key: bytes) -> str:

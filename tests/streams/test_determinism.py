@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from core.incremental import UserState, user_purchase
-from streams import labelling
+from streams import labeling
 from streams.config import StreamConfig
-from streams.labelling import LabelPolicy, RateLimiter
+from streams.labeling import LabelPolicy, RateLimiter
 from streams.records import partition_for
 
 M = 4
@@ -72,7 +72,7 @@ def test_rate_limiter_wait_delays_but_never_refuses(monkeypatch):
     async def fake_sleep(seconds: float) -> None:  # simulated time: no timing in the test
         now[0] += seconds
 
-    monkeypatch.setattr(labelling.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(labeling.asyncio, "sleep", fake_sleep)
     limiter = RateLimiter(600, clock=lambda: now[0])  # 10/s, burst 50
     asyncio.run(limiter.wait(55))  # all 55 granted: 50 at once, 5 more at 10/s
     assert 0.45 <= now[0] <= 0.6
@@ -125,10 +125,10 @@ def test_random_sampling_is_a_function_of_each_partitions_purchase_order():
 
 
 def test_seeded_unit_is_uniform_and_stable():
-    values = np.array([labelling.seeded_unit(f"u{i}", 3) for i in range(4000)])
+    values = np.array([labeling.seeded_unit(f"u{i}", 3) for i in range(4000)])
     assert values.min() >= 0.0 and values.max() < 1.0
     assert abs(values.mean() - 0.5) < 0.03 and abs((values < 0.2).mean() - 0.2) < 0.03
-    assert labelling.seeded_unit("u1", 3) == labelling.seeded_unit("u1", 3) != labelling.seeded_unit("u1", 4)
+    assert labeling.seeded_unit("u1", 3) == labeling.seeded_unit("u1", 3) != labeling.seeded_unit("u1", 4)
 
 
 def test_du_sampling_is_not_asked_at_purchases():

@@ -22,7 +22,7 @@ from core.personas import Persona, PersonaSet
 from core.synthetic import make_shop
 from streams.agents import Out, StreamLogic
 from streams.config import StreamConfig
-from streams.labelling import LabelPolicy
+from streams.labeling import LabelPolicy
 from streams.records import ItemOp, UserOp, items_op, label_op, label_record, op_pushes, partition_for
 from streams.tables import StateTable, Tables, changelog_entry, changelog_topic, decode_state
 from streams.topics import Topics, create_topics

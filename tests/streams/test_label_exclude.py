@@ -6,7 +6,7 @@ import pytest
 
 from core.incremental import UserState, user_purchase
 from streams.config import ConfigError, StreamConfig
-from streams.labelling import LabelPolicy
+from streams.labeling import LabelPolicy
 
 
 def _user() -> UserState:

@@ -1,7 +1,7 @@
-"""Online label sampling and the labeller agent: which users the LLM labels, and calling it safely.
+"""Online label sampling and the labeler agent: which users the LLM labels, and calling it safely.
 
 Two samplings (GPLR_SAMPLING). `random` (the default, and the only reproducible one): when a
-purchase gives u a new distinct item (in the user partition's offset order), u is not labelled or
+purchase gives u a new distinct item (in the user partition's offset order), u is not labeled or
 requested yet, has bought at least `label_min_purchases` distinct items, a seeded hash of
 (u, its item count) is at or above `du_quantile` (so each such point admits 1 − du_quantile of the
 candidates, spreading the budget over the stream), and the partition has budget left (below).
@@ -19,11 +19,11 @@ about half a label per partition, a third
 of the budget on a small shop (5 instead of 7 prototypes for 145 users on 4 partitions), while
 rounding keeps the total within partitions/2 of budget × users, as batch GPLR spends it.
 
-Labeller: batches label-requests (`stream.take`), runs the core labeler in a thread pool with
+Labeler: batches label-requests (`stream.take`), runs the core labeler in a thread pool with
 bounded concurrency and a timeout, and publishes each result on `labels`; the labels agent turns
 those into user-side label ops. The stream never waits on the LLM: requests sit in their own
 topic, and a failed, empty or timed-out call is counted and dropped (the user simply stays
-unlabelled), so an outage degrades labelling without stalling propagation.
+unlabeled), so an outage degrades labeling without stalling propagation.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from streams.config import StreamConfig
 from streams.records import error_summary, label_op, label_record, label_request, partition_for
 
 __all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "seeded_unit", "build_labeler", "label_batch",
-           "register_labelling"]
+           "register_labeling"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,10 @@ class LabelPolicy:
     def _within_budget(self, stats: dict[str, int]) -> bool:
         remaining = self.allowed(stats) - stats["requested"]
         metrics.LABEL_BUDGET_REMAINING.set(max(remaining, 0))
-        return remaining > 0  # (the call rate is enforced by the labeller, which delays calls)
+        return remaining > 0  # (the call rate is enforced by the labeler, which delays calls)
 
     def consider_purchase(self, user: str, state: UserState, stats: dict[str, int]) -> dict[str, Any] | None:
-        """`random` sampling: a label-requests body when u should be labelled now, else None.
+        """`random` sampling: a label-requests body when u should be labeled now, else None.
 
         Called when a purchase gives u a new distinct item, in the partition's offset order, with
         that partition's counters as they stand at that offset: the decision is a function of the
@@ -153,7 +153,7 @@ class LabelPolicy:
 
     def consider(self, user: str, state: UserState, psi: np.ndarray, q_hat: np.ndarray,
                  stats: dict[str, int]) -> dict[str, Any] | None:
-        """`du` sampling: a label-requests body when u should be labelled now (Ψ̂[u] moved), else None."""
+        """`du` sampling: a label-requests body when u should be labeled now (Ψ̂[u] moved), else None."""
         if not self._eligible(user, state):
             return None
         score = float(du_scores(psi[None, :], q_hat)[0])
@@ -174,7 +174,7 @@ def seeded_unit(user: str, n_items: int) -> float:
 
 
 def build_labeler(config: StreamConfig, personas: PersonaSet) -> Labeler | None:
-    """The configured core labeler, or None (labelling off, or it cannot be built)."""
+    """The configured core labeler, or None (labeling off, or it cannot be built)."""
     if config.labeler == "none":
         return None
     options: dict[str, Any] = {}
@@ -185,7 +185,7 @@ def build_labeler(config: StreamConfig, personas: PersonaSet) -> Labeler | None:
     try:
         return make_labeler(config.labeler, personas, **options)
     except Exception as exc:  # a missing model or endpoint must not stop propagation
-        logger.error("labeler %r unavailable (%s); labelling disabled", config.labeler, exc)
+        logger.error("labeler %r unavailable (%s); labeling disabled", config.labeler, exc)
         return None
 
 
@@ -196,8 +196,8 @@ def label_batch(labeler: Labeler, requests: Sequence[dict[str, Any]]) -> list[La
     return labeler.label(histories)
 
 
-class _LabellerRuntime:
-    """Lazy labeler + thread pool + concurrency bound shared by the labeller agent."""
+class _LabelerRuntime:
+    """Lazy labeler + thread pool + concurrency bound shared by the labeler agent."""
 
     def __init__(self, config: StreamConfig, personas: PersonaSet, concurrency: int, timeout: float) -> None:
         self.config, self.personas = config, personas
@@ -355,12 +355,12 @@ def request_rejection(state: UserState | None, history: Sequence[tuple[str, int]
     return None
 
 
-def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSet, topics: Any,
+def register_labeling(app: faust.App, config: StreamConfig, personas: PersonaSet, topics: Any,
                        users: Any = None, concurrency: int = 2, timeout: float = 60.0, batch: int = 8) -> None:
-    """Attach the labeller (label-requests → labels) and the labels → user-ops agents.
+    """Attach the labeler (label-requests → labels) and the labels → user-ops agents.
 
-    `users` (user id → UserState, e.g. `Tables.users`) lets the labeller check that a request
-    was made by this worker; without it every well-formed request is labelled.
+    `users` (user id → UserState, e.g. `Tables.users`) lets the labeler check that a request
+    was made by this worker; without it every well-formed request is labeled.
     Malformed or refused records on either topic are dead-lettered on the DLQ topic with
     `source` "labels" / "label-requests" and the reason; nothing there raises."""
     from streams.agents import Out, dead_letter, send_or_die  # (agents imports this module)
@@ -375,7 +375,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
             msg = parse_label(event.message.value, m)
         except InvalidEvent as exc:
             return [dead(event, exc.reason, exc.detail, "labels")]
-        if not msg.personas:  # a failed labelling: counted where it failed, nothing to apply
+        if not msg.personas:  # a failed labeling: counted where it failed, nothing to apply
             return []
         if not config.accepts_labels_from(msg.labelled_by):
             return [dead(event, "unknown_labeler", f"labelled_by={msg.labelled_by!r}", "labels")]
@@ -396,7 +396,7 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
 
     if config.labeler == "none":
         return
-    runtime = _LabellerRuntime(config, personas, concurrency, timeout)
+    runtime = _LabelerRuntime(config, personas, concurrency, timeout)
     pacer = RateLimiter(config.label_rate_per_min)
 
     async def label_and_publish(requests: list[dict[str, Any]]) -> None:
@@ -422,8 +422,8 @@ def register_labelling(app: faust.App, config: StreamConfig, personas: PersonaSe
         """Load the labeler (e.g. the embedding model) in the pool as the worker starts."""
         await asyncio.get_running_loop().run_in_executor(runtime.pool, runtime.labeler)
 
-    @app.agent(topics.label_requests, name="labeller")
-    async def labeller(stream: faust.StreamT) -> None:
+    @app.agent(topics.label_requests, name="labeler")
+    async def labeler(stream: faust.StreamT) -> None:
         async for events in stream.take_events(batch, within=1.0):  # type: ignore[attr-defined]  # not in faust's StreamT stub
             valid: list[dict[str, Any]] = []
             outs: list[Out] = []

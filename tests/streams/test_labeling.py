@@ -1,4 +1,4 @@
-"""DU trigger, budget, rate limit and the labeller runtime (unit), then labelling end to end
+"""DU trigger, budget, rate limit and the labeler runtime (unit), then labeling end to end
 through the broker with a fake OpenAI endpoint."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from core.incremental import UserState, psi_raw, user_purchase
 from core.labelers.base import LabelerStats, LabelResult
 from core.personas import Persona, PersonaSet
 from streams.config import StreamConfig
-from streams.labelling import LabelPolicy, OnlineQuantile, RateLimiter, _LabellerRuntime
+from streams.labeling import LabelPolicy, OnlineQuantile, RateLimiter, _LabelerRuntime
 
 M = 4
 
@@ -61,9 +61,9 @@ def test_policy_requires_min_purchases_budget_and_high_score():
     assert req["user"] == "u" and len(req["history"]) == 3
     assert req["du_score"] == pytest.approx(float(du_scores(psi[None], q)[0]))
     assert policy.consider("u", _user(3), psi, q, {"seen": 10, "requested": 5}) is None  # budget 0.5×10 spent
-    labelled = _user(3)
-    labelled.label = np.ones(M) / M
-    assert policy.consider("u", labelled, psi, q, {"seen": 10, "requested": 0}) is None
+    labeled = _user(3)
+    labeled.label = np.ones(M) / M
+    assert policy.consider("u", labeled, psi, q, {"seen": 10, "requested": 0}) is None
     assert LabelPolicy(_config(labeler="none")).consider("u", _user(3), psi, q, {"seen": 10, "requested": 0}) is None
 
 
@@ -108,12 +108,12 @@ class _FakeLabeler:
 
 
 @pytest.mark.parametrize("behaviour,ok", [("good", True), ("raise", False), ("slow", False), ("empty", False)])
-def test_labeller_runtime_never_raises(behaviour, ok):
+def test_labeler_runtime_never_raises(behaviour, ok):
     config = _config(labeler="openai")
     requests = [{"user": "a", "history": [["Mug", 2]]}, {"user": "b", "history": []}]
 
     async def run():
-        runtime = _LabellerRuntime(config, _FakeLabeler(behaviour).personas, concurrency=1, timeout=0.5)
+        runtime = _LabelerRuntime(config, _FakeLabeler(behaviour).personas, concurrency=1, timeout=0.5)
         runtime._labeler, runtime._built = _FakeLabeler(behaviour), True
         return await runtime.run(requests)
 
@@ -127,7 +127,7 @@ def test_labeller_runtime_never_raises(behaviour, ok):
 
 # -- end to end --------------------------------------------------------------------------------
 @pytest.mark.broker
-def test_labelling_end_to_end_with_fake_llm(stream_config, worker_factory, produce, consume, fake_openai, tmp_path):
+def test_labeling_end_to_end_with_fake_llm(stream_config, worker_factory, produce, consume, fake_openai, tmp_path):
     """DU picks users, the (fake) LLM labels them, they become prototypes, the invariant holds."""
     from core.affinity import exact_affinity, prototype_matrix
     from core.data import iter_events
@@ -173,6 +173,6 @@ def test_labelling_end_to_end_with_fake_llm(stream_config, worker_factory, produ
         expected[personas] += 1
     np.testing.assert_array_equal(counts, expected)  # Q̂'s numerator, summed over partitions
     updates = consume(config.kafka_bootstrap, names.persona_updates, timeout=20)
-    labelled = [u for u in updates if isinstance(u, dict) and u.get("reason") == "labelled"]
-    assert {u["user"] for u in labelled} == set(final)
-    assert all(u["labelled_by"] == "openai" for u in labelled)
+    labeled = [u for u in updates if isinstance(u, dict) and u.get("reason") == "labelled"]
+    assert {u["user"] for u in labeled} == set(final)
+    assert all(u["labelled_by"] == "openai" for u in labeled)
