@@ -91,16 +91,16 @@ from streams.labeling import LabelPolicy
 from streams.records import (
     ItemOp,
     UserOp,
+    decode_memberships,
+    decode_purchases,
+    decode_values,
     dlq_record,
+    encode_memberships,
+    encode_purchases,
+    encode_values,
     error_summary,
-    items_op,
-    op_events,
-    op_members,
-    op_pushes,
     partition_for,
     persona_update,
-    purchases_op,
-    values_op,
 )
 from streams.tables import Tables, decode_state, encode_state, in_partition, label_counts
 from streams.topics import Topics, register_internal
@@ -371,7 +371,7 @@ class StreamLogic:
             group[event.event_id] = event
         for p, events in groups.items():
             evs = list(events.values())
-            out.append(Out("user_ops", evs[0].user_id if len(evs) == 1 else None, purchases_op(evs), p))
+            out.append(Out("user_ops", evs[0].user_id if len(evs) == 1 else None, encode_purchases(evs), p))
         return out
 
     # -- user side -------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ class StreamLogic:
             if op.kind == "purchase":
                 self._user_purchases(work, op, offset)
             elif op.kind == "value":
-                for item, seq, value, users, ts in op_pushes(op):
+                for item, seq, value, users, ts in decode_values(op):
                     for user in work.value(offset, item, seq, np.asarray(value, dtype=np.float64), users, ts):
                         logger.warning("value for unknown user %s skipped", user)
             elif op.kind == "label":
@@ -396,7 +396,7 @@ class StreamLogic:
         return work.finish()
 
     def _user_purchases(self, work: _UserBatch, op: UserOp, offset: int) -> None:
-        for eid, user, item, name, quantity, _price, ts in op_events(op):
+        for eid, user, item, name, quantity, _price, ts in decode_purchases(op):
             state = work.state(user)
             new_user = state.events == 0
             outcome = work.purchase(offset, eid, user, item, name, quantity, ts)
@@ -494,7 +494,7 @@ class StreamLogic:
         """A batch of item-ops messages of one partition, in offset order: upserts applied and
         pushes coalesced by `core.stream_protocol.apply_item_batch`; each touched row written
         once, and one user-ops message per destination partition."""
-        done = apply_item_batch(self.tables.items.get, [(offset, op_members(op)) for op, offset in batch],
+        done = apply_item_batch(self.tables.items.get, [(offset, decode_memberships(op)) for op, offset in batch],
                                 self.m, self.theta)
         for item, state in done.rows.items():
             self.tables.items.put(item, state)
@@ -513,7 +513,7 @@ class StreamLogic:
             for p, members in by_part.items():
                 groups.setdefault(p, []).append((value, members, ts))
         _count(metrics.PUSH_MESSAGES.inc, len(groups))
-        return [Out("user_ops", None, values_op(msgs), p) for p, msgs in groups.items()]
+        return [Out("user_ops", None, encode_values(msgs), p) for p, msgs in groups.items()]
 
 
 def replay_reason(state: UserState, model_shipped: bool = False) -> str:
@@ -573,7 +573,7 @@ class _UserBatch(UserBatch):
         for membership, source_ts in self.memberships():
             part = partition_for(membership.item, logic.config.partitions)
             groups.setdefault(part, []).append((membership, source_ts))
-        out.extend(Out("item_ops", None, items_op(msgs), p) for p, msgs in groups.items())
+        out.extend(Out("item_ops", None, encode_memberships(msgs), p) for p, msgs in groups.items())
         return out
 
 

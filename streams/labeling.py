@@ -50,7 +50,7 @@ from core.labelers import Labeler, LabelResult, UserHistory, make_labeler
 from core.personas import PersonaSet
 from streams import metrics
 from streams.config import StreamConfig
-from streams.records import error_summary, label_op, label_record, label_request, partition_for
+from streams.records import encode_label, error_summary, label_record, label_request, partition_for
 
 __all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "seeded_unit", "build_labeler", "label_batch",
            "register_labeling"]
@@ -379,7 +379,7 @@ def register_labeling(app: faust.App, config: StreamConfig, personas: PersonaSet
             return []
         if not config.accepts_labels_from(msg.labelled_by):
             return [dead(event, "unknown_labeler", f"labelled_by={msg.labelled_by!r}", "labels")]
-        op = label_op(msg.user, msg.personas, msg.scores, msg.labelled_by)
+        op = encode_label(msg.user, msg.personas, msg.scores, msg.labelled_by)
         return [Out("user_ops", msg.user, op, partition_for(msg.user, config.partitions))]
 
     @app.agent(topics.labels, name="labels")

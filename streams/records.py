@@ -28,13 +28,13 @@ __all__ = [
     "partition_for",
     "UserOp",
     "ItemOp",
-    "purchases_op",
-    "op_events",
-    "values_op",
-    "op_pushes",
-    "items_op",
-    "op_members",
-    "label_op",
+    "encode_purchases",
+    "decode_purchases",
+    "encode_values",
+    "decode_values",
+    "encode_memberships",
+    "decode_memberships",
+    "encode_label",
     "dlq_record",
     "error_summary",
     "DLQ_PAYLOAD_BYTES",
@@ -73,7 +73,7 @@ class ItemOp(faust.Record, serializer="json"):
     members: list[list[Any]] | None = None
 
 
-def purchases_op(events: Sequence[Any]) -> UserOp:
+def encode_purchases(events: Sequence[Any]) -> UserOp:
     """Several validated events of one user-ops partition in one message (as field lists: a
     dict per event would repeat every field name, and `dataclasses.asdict` is slow)."""
     return UserOp(kind="purchase", users=[e.user_id for e in events],
@@ -82,18 +82,19 @@ def purchases_op(events: Sequence[Any]) -> UserOp:
                   source_ts=min(e.ts for e in events))
 
 
-def op_events(op: UserOp) -> list[tuple[str, str, str, str, int, float, float]]:
+def decode_purchases(op: UserOp) -> list[tuple[str, str, str, str, int, float, float]]:
     """The purchase events of a purchase op as (event_id, user_id, item_id, item_name, quantity,
     price, ts)."""
     return [(str(e), str(u), str(i), str(n), int(q), float(p), float(t)) for e, u, i, n, q, p, t in op.events or ()]
 
 
-def label_op(user: str, personas: Sequence[int], scores: Sequence[float], labelled_by: str) -> UserOp:
+def encode_label(user: str, personas: Sequence[int], scores: Sequence[float], labelled_by: str) -> UserOp:
+    """A validated label for one user, as an op of that user's user-ops partition."""
     return UserOp(kind="label", users=[user], personas=[int(p) for p in personas],
                   scores=[float(s) for s in scores], labelled_by=labelled_by, source_ts=time.time())
 
 
-def values_op(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
+def encode_values(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
     """Several items' values for buyers of one user-ops partition: (value, users, source_ts)."""
     pushes: list[dict[str, Any]] = [
         {"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users), "source_ts": ts}
@@ -102,19 +103,19 @@ def values_op(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
                   source_ts=min(ts for _, _, ts in msgs))
 
 
-def op_pushes(op: UserOp) -> list[tuple[str, int, list[float], list[str], float]]:
+def decode_values(op: UserOp) -> list[tuple[str, int, list[float], list[str], float]]:
     """(item, seq, value, users, source_ts) of a value op."""
     return [(str(p["item"]), int(p["seq"]), p["value"], list(p["users"]), float(p.get("source_ts", 0.0)))
             for p in op.pushes or ()]
 
 
-def items_op(msgs: Sequence[tuple[Membership, float]]) -> ItemOp:
+def encode_memberships(msgs: Sequence[tuple[Membership, float]]) -> ItemOp:
     """Several buyer upserts for items of one item-ops partition: (membership, source_ts)."""
     return ItemOp(members=[[m.user, m.item, int(m.version), None if m.label is None else [float(x) for x in m.label],
                             ts] for m, ts in msgs])
 
 
-def op_members(op: ItemOp) -> list[tuple[Membership, float]]:
+def decode_memberships(op: ItemOp) -> list[tuple[Membership, float]]:
     """(membership, source_ts) of an item op."""
     return [(Membership(str(u), str(i), int(v), None if lab is None else np.asarray(lab, dtype=np.float64)),
              float(ts)) for u, i, v, lab, ts in op.members or ()]

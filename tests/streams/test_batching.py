@@ -17,14 +17,14 @@ from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw
 from streams.agents import Out
 from streams.records import (
     UserOp,
-    items_op,
-    label_op,
-    op_events,
-    op_members,
-    op_pushes,
+    decode_memberships,
+    decode_purchases,
+    decode_values,
+    encode_label,
+    encode_memberships,
+    encode_purchases,
+    encode_values,
     partition_for,
-    purchases_op,
-    values_op,
 )
 from streams.tables import StateTable, decode_state, encode_state
 from tests.streams.test_idempotence import Log, _check, _labels, _logic, _roundtrip
@@ -86,14 +86,14 @@ def test_batched_duplicates_and_crash_replays_converge_to_exact(shop, seed):
         i += n
         if pending and rng.random() < 0.3:
             user, personas = pending.pop()
-            log.append([Out("user_ops", user, label_op(user, personas, [], "t"),
+            log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
                             partition_for(user, logic.config.partitions))])
         for _ in range(int(rng.integers(0, 4))):
             log.step()
             if rng.random() < 0.1:
                 log.crash()
     for user, personas in pending:
-        log.append([Out("user_ops", user, label_op(user, personas, [], "t"),
+        log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
                         partition_for(user, logic.config.partitions))])
     log.drain(crashes=0.1)
     _check(logic, shop.frame, labels)
@@ -108,7 +108,7 @@ def test_batched_and_one_by_one_reach_the_same_state(shop):
         logic = _logic()
         log = BatchLog(logic, np.random.default_rng(0), max_batch=max_batch)
         for user, personas in labels.items():
-            log.append([Out("user_ops", user, label_op(user, personas, [], "t"),
+            log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
                             partition_for(user, logic.config.partitions))])
         for k in range(0, len(events), 25):
             log.append(_purchases(logic, events[k:k + 25]))
@@ -127,25 +127,25 @@ def test_a_batch_sends_one_message_per_destination_partition():
     events = [PurchaseEvent(f"e{i}", f"u{i % 7}", f"i{i % 5}", "x", 1, 1.0, float(i)) for i in range(40)]
     outs = _purchases(logic, events + events[:5])  # the repeats are dropped within the batch
     assert len(outs) == len({partition_for(e.user_id, 3) for e in events})
-    assert sum(len(op_events(o.value)) for o in outs) == 40
+    assert sum(len(decode_purchases(o.value)) for o in outs) == 40
     item_ops = []
     for out in outs:
         item_ops += logic.on_user_ops([(_roundtrip(out.value), 0)], out.partition)
     assert all(o.topic == "item_ops" for o in item_ops)
     # one message per (source partition, destination partition), each item's buyers in one
     assert len(item_ops) <= len(outs) * 3
-    members = [m for o in item_ops for m, _ in op_members(_roundtrip(o.value))]
+    members = [m for o in item_ops for m, _ in decode_memberships(_roundtrip(o.value))]
     assert sorted((m.user, m.item) for m in members) == sorted({(e.user_id, e.item_id) for e in events})
 
 
 def test_item_pushes_are_coalesced_to_the_last_value_per_item():
     logic = _logic(eps=0.01, partitions=2)
     lab = [1.0, 0, 0, 0, 0]
-    ops = [items_op([(Membership(f"u{k}", "mug", 1 if k % 2 else 0, np.array(lab) if k % 2 else None), 0.0)])
+    ops = [encode_memberships([(Membership(f"u{k}", "mug", 1 if k % 2 else 0, np.array(lab) if k % 2 else None), 0.0)])
            for k in range(12)]
     outs = logic.on_item_ops([(op, k) for k, op in enumerate(ops)])
     state = logic.tables.items.get("mug")
-    pushes = [p for o in outs for p in op_pushes(_roundtrip(o.value))]
+    pushes = [p for o in outs for p in decode_values(_roundtrip(o.value))]
     assert len(outs) <= 2 and len(pushes) == len(outs)  # one value of the item per partition
     assert {u for p in pushes for u in p[3]} == {f"u{k}" for k in range(12)}
     assert all(p[1] == state.seq and np.allclose(p[2], state.told) for p in pushes)
@@ -169,11 +169,11 @@ def test_user_rows_are_written_once_per_batch():
     assert Counting.writes == 1
     state = logic.tables.users.get("u")
     assert state.events == 10 and len(state.items) == 10 and state.applied_offset == 1
-    assert sum(len(op_members(_roundtrip(o.value))) for o in outs) == 10
+    assert sum(len(decode_memberships(_roundtrip(o.value))) for o in outs) == 10
     # the same batch again (a crash before the ack): nothing counted twice, everything re-sent
     again = logic.on_user_ops(ops, 0)
     assert logic.tables.users.get("u").events == 10
-    assert sum(len(op_members(_roundtrip(o.value))) for o in again) == 10
+    assert sum(len(decode_memberships(_roundtrip(o.value))) for o in again) == 10
     # the same event ids at a later offset: producer duplicates
     assert logic.on_user_ops([(ops[0][0], 7)], 0) == [] and logic.tables.users.get("u").events == 10
 
@@ -205,14 +205,14 @@ def test_a_purchases_replay_interleaved_with_new_events_counts_each_once():
 
 def test_batched_records_survive_kafka():
     events = [PurchaseEvent("e1", "u", "i", "Mug", 2, 3.5, 10.0), PurchaseEvent("e2", "v", "j", "Cup", 1, 1.0, 11.0)]
-    op = _roundtrip(purchases_op(events))
-    assert op_events(op) == [("e1", "u", "i", "Mug", 2, 3.5, 10.0), ("e2", "v", "j", "Cup", 1, 1.0, 11.0)]
+    op = _roundtrip(encode_purchases(events))
+    assert decode_purchases(op) == [("e1", "u", "i", "Mug", 2, 3.5, 10.0), ("e2", "v", "j", "Cup", 1, 1.0, 11.0)]
     from core.incremental import ItemValue
 
-    vals = _roundtrip(values_op([(ItemValue("a", 3, np.array([0.5, 0.5]), ()), ["u", "v"], 1.0),
+    vals = _roundtrip(encode_values([(ItemValue("a", 3, np.array([0.5, 0.5]), ()), ["u", "v"], 1.0),
                                  (ItemValue("b", 1, np.array([1.0, 0.0]), ()), ["u"], 2.0)]))
-    assert op_pushes(vals) == [("a", 3, [0.5, 0.5], ["u", "v"], 1.0), ("b", 1, [1.0, 0.0], ["u"], 2.0)]
-    members = op_members(_roundtrip(items_op([(Membership("u", "a", 2, np.array([1.0, 0.0])), 5.0),
+    assert decode_values(vals) == [("a", 3, [0.5, 0.5], ["u", "v"], 1.0), ("b", 1, [1.0, 0.0], ["u"], 2.0)]
+    members = decode_memberships(_roundtrip(encode_memberships([(Membership("u", "a", 2, np.array([1.0, 0.0])), 5.0),
                                               (Membership("v", "a", 0, None), 6.0)])))
     assert [(m.user, m.item, m.version, None if m.label is None else m.label.tolist(), ts)
             for m, ts in members] == [("u", "a", 2, [1.0, 0.0], 5.0), ("v", "a", 0, None, 6.0)]

@@ -17,7 +17,7 @@ from core.graph import BipartiteGraph
 from core.incremental import LocalNetwork, PersonaSnapshot, psi_raw
 from core.synthetic import make_shop
 from streams.agents import Out
-from streams.records import label_op, partition_for
+from streams.records import encode_label, partition_for
 from tests.streams.test_idempotence import Log, _logic, _purchase
 
 M = 5  # the persona count of test_idempotence's `_logic`
@@ -84,7 +84,7 @@ def test_worker_persona_updates_carry_the_batch_evidence(shop):
     for event in iter_events(shop.frame):
         log.append(_purchase(logic, event))
     for user, personas in labels.items():
-        log.append([Out("user_ops", user, label_op(user, personas, [], "t"),
+        log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
                         partition_for(user, logic.config.partitions))])
     log.drain()
     model = fit_persona_model(graph, {row[u]: p for u, p in labels.items()}, M)

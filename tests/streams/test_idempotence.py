@@ -23,7 +23,7 @@ from core.synthetic import make_shop
 from streams.agents import Out, StreamLogic
 from streams.config import StreamConfig
 from streams.labeling import LabelPolicy
-from streams.records import ItemOp, UserOp, items_op, label_op, label_record, op_pushes, partition_for
+from streams.records import ItemOp, UserOp, decode_values, encode_label, encode_memberships, label_record, partition_for
 from streams.tables import StateTable, Tables, changelog_entry, changelog_topic, decode_state
 from streams.topics import Topics, create_topics
 
@@ -160,7 +160,7 @@ def test_duplicates_repeats_and_crash_replays_converge_to_exact(shop, seed):
         log.append(_purchase(logic, stream[i]))
         if n in label_at and pending:
             user, personas = pending.pop()
-            log.append([Out("user_ops", user, label_op(user, personas, [], "t"),
+            log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
                             partition_for(user, logic.config.partitions))])
         for _ in range(int(rng.integers(0, 4))):
             log.step()
@@ -195,13 +195,13 @@ def test_repeat_purchase_adds_count_not_edge():
 
 def test_item_replay_retells_every_buyer():
     logic = _logic(eps=0.01)
-    ops = [items_op([(Membership(u, "mug", v, None if lab is None else np.array(lab)), 0.0)]) for u, v, lab in
+    ops = [encode_memberships([(Membership(u, "mug", v, None if lab is None else np.array(lab)), 0.0)]) for u, v, lab in
            [("p", 1, [1.0, 0, 0, 0, 0]), ("x", 0, None), ("y", 0, None)]]
     for off, op in enumerate(ops):
         logic.on_item_ops([(op, off)])
     state = logic.tables.items.get("mug")
     replay = logic.on_item_ops([(ops[1], 1)])
-    pushes = [p for o in replay for p in op_pushes(o.value)]
+    pushes = [p for o in replay for p in decode_values(o.value)]
     assert {u for p in pushes for u in p[3]} == {"p", "x", "y"} and all(p[1] == state.seq for p in pushes)
     assert logic.tables.items.get("mug").s.tolist() == state.s.tolist()
 
