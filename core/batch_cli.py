@@ -30,6 +30,7 @@ from core.personas import PersonaSet
 
 if TYPE_CHECKING:
     from core.labelers.base import Labeler
+    from core.labelers.embedding import EmbeddingLabeler
 
 __all__ = ["register", "cmd_label", "cmd_batch_demo", "write_assignments"]
 
@@ -192,7 +193,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise SystemExit(f"gplr label: {exc}") from None
     frame, _ = load_data(args, args.data, "label", fmt, require_ts=False, **opts)
     graph = BipartiteGraph.from_frame(frame)
-    labeler = _labeler(args, personas, catalogue=[str(n) for n in graph.item_names])
+    labeler = _labeler(args, personas, graph)
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))
@@ -206,10 +207,22 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str]) -> Labeler:
+def embedding_labeler(personas: PersonaSet, graph: BipartiteGraph) -> EmbeddingLabeler:
+    """The offline labeler calibrated on the whole shop: the catalogue (every item, not just the
+    prototypes') and its persona prior fitted on every user's purchases (unlabeled; see
+    `EmbeddingLabeler.fit_prior`), as bench/labels.py measures it."""
+    from core.labelers import histories_for
+    from core.labelers.embedding import EmbeddingLabeler
+
+    labeler = EmbeddingLabeler(personas, catalogue=[str(n) for n in graph.item_names])
+    labeler.fit_prior(histories_for(graph, range(graph.n_users)))
+    return labeler
+
+
+def _labeler(args: argparse.Namespace, personas: PersonaSet, graph: BipartiteGraph) -> Labeler:
     """The labeler `--labeler` names; an LLM endpoint is probed first so that a missing key or
     server fails in seconds, naming the URL, instead of labeling nobody. The embedding labeler
-    calibrates on the whole `catalogue`, not just the prototypes' items."""
+    calibrates on the whole shop (`embedding_labeler`), not just the prototypes."""
     from core.labelers import make_labeler
 
     options: dict[str, Any] = {}
@@ -219,7 +232,7 @@ def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str
                 raise SystemExit("gplr label: --labeler replay needs --replay-file")
             options["path"] = args.replay_file
         elif args.labeler == "embedding":
-            options["catalogue"] = catalogue
+            return embedding_labeler(personas, graph)
         elif args.labeler == "openai":
             from core.labelers.openai_labeler import LLMConfig, LLMError, check_endpoint
 
@@ -235,7 +248,6 @@ def _labeler(args: argparse.Namespace, personas: PersonaSet, catalogue: list[str
 
 # -- gplr batch-demo -------------------------------------------------------------------------
 def cmd_batch_demo(args: argparse.Namespace) -> int:
-    from core.labelers import make_labeler
     from core.synthetic import make_shop
 
     _check_args(args)
@@ -245,7 +257,7 @@ def cmd_batch_demo(args: argparse.Namespace) -> int:
     personas = shop.personas
     console.print(f"synthetic shop: {graph.n_users:,} users, {graph.n_items:,} items, "
                   f"{graph.n_edges:,} edges, {len(personas)} planted personas")
-    labeler = make_labeler("embedding", personas, catalogue=[str(n) for n in graph.item_names])
+    labeler = embedding_labeler(personas, graph)
     t0 = time.perf_counter()
     with _progress_bars(console) as progress:
         result = run_gplr(graph, personas, labeler, progress=progress, **_run_kwargs(args))

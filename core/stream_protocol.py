@@ -108,6 +108,7 @@ class UserBatch:
         self.replayed: set[str] = set()
         self.replays = 0
         self.label_moves: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (old, new) label personas
+        self.labeled: dict[str, tuple[int, ...]] = {}  # user → label personas applied in this batch
 
     @overload
     def state(self, user: str, create: Literal[True] = ...) -> UserState: ...
@@ -200,6 +201,7 @@ class UserBatch:
         state = self.state(user)
         assert state is not None
         self.label_moves.append((state.label_personas, personas))
+        self.labeled[user] = personas
         for m in user_set_label(state, user, label_vector(personas, self.n_personas)):
             self.membership(user, m.item, source_ts)
         state.label_personas = personas

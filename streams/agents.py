@@ -567,6 +567,9 @@ class _UserBatch(UserBatch):
             logic.tables.stats.put(f"p{self.partition}", self.stats())
         for user, state in self.rows_to_write().items():
             logic.tables.users.put(user, state)
+        if logic.tables.prototypes is not None:
+            for user, personas in self.labeled.items():
+                logic.tables.prototypes.put(user, list(personas))
         for old, new in self.label_moves:  # after the rows, as before batching
             logic._count_labels(self.partition, old, new)
         groups: dict[int, list[tuple[Membership, float]]] = {}
@@ -682,7 +685,7 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     """Fit the persona model for a milestone in a thread and ship it (`streams.refit`)."""
     import asyncio
 
-    from streams.refit import applied_labels, decode_model, encode_model, fit_stream_model
+    from streams.refit import decode_model, encode_model, fit_stream_model, prototype_labels
     from streams.tables import read_table
     from streams.topic_io import read_values
     from streams.topics import Topics
@@ -701,8 +704,9 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
     def fit() -> dict[str, Any] | None:
         purchases = read_values(cfg.kafka_bootstrap, names.purchases, timeout=120.0)
         deadline = time.monotonic() + 60.0
-        while True:  # the users changelog lags the table (Faust's producer buffer): wait for every applied label
-            labels = applied_labels(read_table(cfg.kafka_bootstrap, cfg.app_id, "users", timeout=120.0), logic.m)
+        while True:  # the changelog lags the table (Faust's producer buffer): wait for every applied label
+            labels = prototype_labels(read_table(cfg.kafka_bootstrap, cfg.app_id, "prototypes", timeout=120.0),
+                                      logic.m)
             if sum(map(len, labels.values())) >= want or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

@@ -49,7 +49,7 @@ __all__ = ["BackfillError", "BackfillReport", "run_backfill", "write_rows", "Cou
 logger = logging.getLogger(__name__)
 
 #: The worker's tables (streams.tables.define_tables) whose changelogs a backfill writes.
-TABLES = ("users", "items", "stats", "label-counts", "persona-model")
+TABLES = ("users", "items", "stats", "label-counts", "persona-model", "prototypes")
 #: Rows per produce/flush round (bounds the backfill's memory: rows are built, sent and dropped).
 CHUNK_USERS = 20_000
 
@@ -316,6 +316,8 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
             update = _decide(logic, uid, state, scores.get(u), index.last_ts, updates)
             if state.label is not None:
                 counts.setdefault(p, np.zeros(m))[list(state.label_personas)] += 1
+                sink.send(changelog_topic(config.app_id, "prototypes"), faust_key(uid),
+                          encode_state(list(state.label_personas)), p)
             sink.send(users_log, faust_key(uid), encode_state(state), p)
             if update is not None:
                 sink.send(updates_topic, uid.encode(), _json(update), p)

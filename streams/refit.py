@@ -14,8 +14,9 @@ so the model must be fitted on the stream's own prototypes and reach every worke
   function of its input, so when the input ends, every deployment fed the same input (with
   `random` sampling, see `streams.labeling`) ships the same last model and ends with the same
   personas, whatever the milestone fits in between read.
-* Refit: that worker reads the purchases topic and the users table's changelog (only labels the
-  worker applied: see `applied_labels`) to their current end, rebuilds the
+* Refit: that worker reads the purchases topic and the `prototypes` table's changelog (only labels
+  the worker applied, written beside the user rows: see `prototype_labels`) to their current end,
+  rebuilds the
   purchase graph and the prototypes, and calls `core.decoder.fit_persona_model` — the batch
   function, with the same decision rule as `gplr label` — in a thread. A request for a milestone
   at or below the current model's version is skipped, so duplicates cost nothing.
@@ -39,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["FIRST_MILESTONE", "milestone", "build_graph", "history_graph", "fit_graph_model", "applied_labels",
-           "fit_stream_model", "encode_model", "decode_model"]
+           "prototype_labels", "fit_stream_model", "encode_model", "decode_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,19 @@ def history_graph(frame: pd.DataFrame):
     return BipartiteGraph.from_frame(frame)
 
 
+def prototype_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[int, ...]]:
+    """The prototypes from the worker's `prototypes` table (user → label personas it applied):
+    the refit's source, a changelog that grows with the labels only (the users changelog holds
+    every row write ever made and took minutes to read on a full Online Retail replay)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for user, personas in rows.items():
+        kept = tuple(int(p) for p in (personas if isinstance(personas, (list, tuple)) else ())
+                     if isinstance(p, (int, np.integer)) and 0 <= int(p) < n_personas)
+        if kept:
+            out[str(user)] = kept
+    return out
+
+
 def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[int, ...]]:
     """The prototypes: user → label personas of every user row that carries a label.
 
@@ -104,7 +118,7 @@ def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[
 
 def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[int]], n_personas: int,
                      rule: str, k: int) -> dict[str, Any] | None:
-    """Fit the persona model on the stream's prototypes (`applied_labels`); its JSON-able dict,
+    """Fit the persona model on the stream's prototypes (`prototype_labels`); its JSON-able dict,
     or None when no labeled user has bought anything yet. Deterministic given its input (the
     purchases are ordered by event id first), so fits on the same input ship the same model."""
     return fit_graph_model(build_graph(purchases), prototypes, n_personas, rule, k)

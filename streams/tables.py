@@ -180,6 +180,9 @@ class Tables:
     stats: StateTable  # "p<partition>" → {"seen": users, "requested": label requests}
     labels: GlobalTableT  # "p<partition>" → persona label counts (Q̂), read by every worker
     model: Any = None  # GlobalTable "current" → persona model JSON (streams.refit), only in partition 0
+    #: user id → the label personas the worker applied: what refits train on. A table of its own so
+    #: that a refit reads a changelog that grows with the labels, not with every user-row write.
+    prototypes: Any = None
 
     def clear_caches(self) -> None:
         """Forget decoded rows (after a rebalance or a failed batch)."""
@@ -202,6 +205,7 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
                                partitions=partitions, help="persona label counts per partition"),
         model=app.GlobalTable("persona-model", key_type=str, value_type=bytes, partitions=partitions,
                               help="the fitted persona model (streams.refit; written from partition 0 only)"),
+        prototypes=StateTable(_bytes_table(app, "prototypes", partitions, "the label personas applied per user")),
     )
 
 

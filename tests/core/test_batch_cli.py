@@ -116,18 +116,18 @@ class PlantedLabeler:
 
 def test_batch_demo_scores_against_planted_truth(capsys: pytest.CaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.labelers
+    import core.batch_cli
     import core.synthetic
 
     made = {}
 
-    def fake(name, personas, **_):
-        assert name == "embedding"
+    def fake(personas, graph):
+        assert graph.n_users == 150
         shop = core.synthetic.make_shop(n_users=150, n_items=120, n_personas=4, seed=0)
         made["labeler"] = PlantedLabeler(personas, shop.user_truth)
         return made["labeler"]
 
-    monkeypatch.setattr(core.labelers, "make_labeler", fake)
+    monkeypatch.setattr(core.batch_cli, "embedding_labeler", fake)
     assert main(["batch-demo", "--users", "150", "--items", "120", "--n-personas", "4", "--seed", "0",
                  "--budget", "0.2", "--rounds", "2", "--show", "3"]) == 0
     text = capsys.readouterr().out
@@ -148,6 +148,22 @@ def test_batch_demo_with_the_real_embedding_labeler(capsys: pytest.CaptureFixtur
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 150 and sum(r["llm_labelled"] for r in rows) == 15
     assert np.mean([len(r["personas"]) for r in rows]) > 0
+
+
+def test_the_embedding_labeler_of_the_batch_commands_fits_its_prior_on_the_shop() -> None:
+    pytest.importorskip("core.labelers.embedding")
+    from core.batch_cli import embedding_labeler
+    from core.labelers import histories_for
+    from core.labelers.embedding import RHO0
+    from core.synthetic import make_shop
+
+    shop = make_shop(n_users=120, n_items=100, n_personas=4, seed=3)
+    graph = shop.graph()
+    labeler = embedding_labeler(shop.personas, graph)
+    prior = labeler.persona_prior()
+    assert prior.shape == (4,) and not np.allclose(prior, RHO0)  # fitted, not the flat default
+    # the same prior as fitting it by hand on every user's purchases
+    np.testing.assert_allclose(labeler.fit_prior(histories_for(graph, range(graph.n_users))), prior)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

@@ -106,6 +106,11 @@ def test_backfill_then_live(stream_config, worker_factory, produce, shop, tmp_pa
     assert {r["user"] for r in updates if r["reason"] == "propagated"} & live_users  # live ones after it
     labeled = read_table(config.kafka_bootstrap, config.app_id, "label-counts")
     assert sum(np.asarray(c).sum() for c in labeled.values()) == sum(len(p) for p in labels.values())
+    # the refits' source of labels: one row per prototype, as in its user row
+    protos = read_table(config.kafka_bootstrap, config.app_id, "prototypes")
+    assert {u: tuple(p) for u, p in protos.items()} == {
+        u: tuple(s.label_personas) for u, s in users.items() if s.label is not None}
+    assert protos
 
 
 def _gplr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

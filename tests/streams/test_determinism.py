@@ -177,6 +177,11 @@ def _final_state(config, consume, n_users: int, timeout: float = 150.0):
     last = {u["user"]: tuple((p["idx"], round(p["score"], 6)) for p in u["personas"])
             for u in updates if isinstance(u, dict) and "user" in u}
     prototypes = {u: tuple(s.label_personas) for u, s in users.items() if s.label is not None}
+    # what the refits read (streams.refit.prototype_labels) is exactly the labels in the user rows
+    from streams.tables import read_table
+
+    assert {u: tuple(p) for u, p in read_table(config.kafka_bootstrap, config.app_id, "prototypes").items()} \
+        == prototypes
     return sorted((r["user"], str(r["history"])) for r in requests), prototypes, last
 
 
@@ -211,6 +216,13 @@ def test_replaying_the_same_events_into_two_fresh_deployments_gives_the_same_per
 
 
 # -- the refit: a function of its input, trained only on applied labels ---------------------------
+def test_prototype_labels_keep_only_known_persona_indices():
+    from streams.refit import prototype_labels
+
+    rows = {"a": [0, 2], "b": [7], "c": "x", "d": [1, "2", None, -1, 2.0], "e": (3,), 5: [1]}
+    assert prototype_labels(rows, 4) == {"a": (0, 2), "d": (1,), "e": (3,), "5": (1,)}
+
+
 def test_refit_ignores_read_order_and_rows_without_an_applied_label():
     from core.data import iter_events
     from core.decoder import DEFAULT_RULE
