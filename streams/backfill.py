@@ -89,7 +89,7 @@ def choose_prototypes(index: HistoryIndex, config: StreamConfig, excluded: froze
                       ) -> list[int]:
     """Users (codes) to label: per user partition, budget × its users rounded half up (as
     `LabelPolicy.allowed` spends it), among users with ≥ GPLR_LABEL_MIN_PURCHASES distinct items,
-    the highest `seeded_unit(user, d_u)` first (the stream's reproducible `random` coin)."""
+    the lowest `seeded_unit(user, 0)` first (the stream's reproducible `random` coin, one per user)."""
     from streams.labeling import seeded_unit
     from streams.records import partition_for
 
@@ -106,7 +106,7 @@ def choose_prototypes(index: HistoryIndex, config: StreamConfig, excluded: froze
     chosen: list[int] = []
     for p, candidates in by_part.items():
         allowed = math.floor(config.label_budget * users_in[p] + 0.5 + 1e-9)
-        ranked = sorted(candidates, key=lambda u: -seeded_unit(str(index.user_ids[u]), int(degrees[u])))
+        ranked = sorted(candidates, key=lambda u: seeded_unit(str(index.user_ids[u]), 0))
         chosen.extend(ranked[:allowed])
     return sorted(chosen)
 

@@ -124,7 +124,7 @@ class StreamConfig:
         parse=lower, check=lambda v: v in SAMPLINGS, why=f"must be one of {SAMPLINGS}")
     du_quantile: float = setting(
         0.8, "GPLR_DU_QUANTILE", "`du`: a candidate is labeled when its DU score is above this quantile of "
-        "recent scores; `random`: each decision point admits a candidate with probability 1 − this",
+        "recent scores (`random` sampling does not use it: one seeded coin per user, below 1.25 × the budget)",
         parse=float, check=lambda v: 0.0 <= v <= 1.0, why="must be in [0, 1]")
     hysteresis: float = setting(
         0.02, "GPLR_HYSTERESIS", "a user is re-published when its persona set changes or a persona's share "

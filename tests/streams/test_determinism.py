@@ -115,13 +115,33 @@ def test_random_sampling_is_a_function_of_each_partitions_purchase_order():
     assert sorted(first) == sorted(_random_decisions(config, regrouped))
     users = len({u for u, _ in events})
     assert abs(len(first) - 0.1 * users) <= config.partitions  # the budget is spent, not exceeded
-    # the coin matters: admitting everyone (quantile 0) chooses the first eligible users instead
-    greedy = _random_decisions(replace(config, du_quantile=0.0), events)
-    assert set(greedy) != set(first)
+    # the coin matters: only users whose own coin is below RANDOM_OVERSAMPLE × budget are asked
+    limit = labeling.RANDOM_OVERSAMPLE * config.label_budget
+    assert all(labeling.seeded_unit(u, 0) < limit for u in first)
+    assert len({u for u, _ in events if labeling.seeded_unit(u, 0) >= limit}) > len(events) // 20
     # a partition that sees another order of its own purchases may choose others (no hidden global state)
     shuffled = list(events)
     np.random.default_rng(5).shuffle(shuffled)
     assert set(_random_decisions(config, shuffled)) != set(first)
+
+
+def test_random_sampling_gives_each_user_one_coin_whatever_its_number_of_items():
+    """A customer with 20 distinct items is no likelier to be asked than one with 3 (a coin per new
+    item gave heavy customers 18 chances, and a model calibrated on them lost F1): with a budget that
+    does not bind, the users asked are exactly the eligible ones whose own coin passes."""
+    config = StreamConfig(labeler="openai", label_budget=0.1, label_min_purchases=3, partitions=2,
+                          sampling="random")
+    once = [f"x{i}" for i in range(400)]  # one item each: seen, never eligible
+    heavy, light = [f"h{i}" for i in range(200)], [f"l{i}" for i in range(200)]
+    events = [(u, "i0") for u in once + heavy + light]  # every user seen first
+    events += [(u, f"i{j}") for j in range(1, 20) for u in heavy + light[: 200 if j < 3 else 0]]
+    chosen = set(_random_decisions(config, events))
+    limit = labeling.RANDOM_OVERSAMPLE * config.label_budget
+    expected = {u for u in heavy + light if labeling.seeded_unit(u, 0) < limit}
+    assert chosen == expected and 20 < len(expected) < 0.1 * 800  # the budget (80) never bound
+    # the old rule (a coin per new distinct item, admitting 1 − 0.8 of the points) favoured heavy users
+    old = {u for u in heavy if any(labeling.seeded_unit(u, n) >= 0.8 for n in range(3, 21))}
+    assert len(old) > 3 * len({u for u in light if labeling.seeded_unit(u, 3) >= 0.8})
 
 
 def test_seeded_unit_is_uniform_and_stable():
