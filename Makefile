@@ -40,7 +40,7 @@ test: $(STAMP) system-deps lint
 
 # Every benchmark in its quick mode; each prints one JSON object as its last line.
 bench-quick: $(STAMP)
-	for b in affinity labels stream stream_quality recsys segmentation; do \
+	for b in affinity labels stream stream_quality sampling_bias recsys segmentation; do \
 		HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py --quick || exit 1; done
 
 clean:
