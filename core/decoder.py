@@ -39,7 +39,7 @@ import numpy as np
 
 from core.affinity import exact_affinity, prototype_matrix, self_return
 from core.graph import BipartiteGraph, EdgeWeight
-from core.incremental import PersonaSnapshot
+from core.incremental import PersonaSnapshot, with_prior
 from core.item_channel import (
     DEFAULT_C,
     Features,
@@ -105,20 +105,6 @@ def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
     """users × personas × FEATURES."""
     t, g = _channels(psi_raw, text_logit)
     return np.stack([t, g, np.sqrt(g)], axis=2)
-
-
-def with_prior(scores: np.ndarray, prior: np.ndarray | None, empty: np.ndarray) -> np.ndarray:
-    """`scores` with the rows marked `empty` (no evidence at all) replaced by `prior`.
-
-    The one no-evidence fallback of batch (`core.gplr.assign_personas`) and the decoder.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    empty = np.asarray(empty, dtype=bool)
-    if prior is None or not empty.any():
-        return scores
-    out = scores.copy()
-    out[empty] = np.asarray(prior, dtype=np.float64).ravel()
-    return out
 
 
 # -- the decision rule ---------------------------------------------------------------------------

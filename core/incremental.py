@@ -55,6 +55,7 @@ __all__ = [
     "UserState",
     "ItemState",
     "PersonaSnapshot",
+    "with_prior",
     "threshold",
     "must_push",
     "label_vector",
@@ -340,6 +341,21 @@ class PersonaSnapshot:
     scale: float = 1.0
 
 
+def with_prior(scores: np.ndarray, prior: np.ndarray | None, empty: np.ndarray) -> np.ndarray:
+    """`scores` with the rows marked `empty` (no evidence at all) replaced by `prior`.
+
+    The one no-evidence fallback: batch (`core.gplr.assign_personas`), the decoder and the stream
+    (`rank_personas`).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    empty = np.asarray(empty, dtype=bool)
+    if prior is None or not empty.any():
+        return scores
+    out = scores.copy()
+    out[empty] = np.asarray(prior, dtype=np.float64).ravel()
+    return out
+
+
 def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
                   prior: np.ndarray | None = None) -> PersonaSnapshot:
     """Top-k of Ψ = Ψ_raw · c (only positive scores; ties broken by persona index).
@@ -351,8 +367,7 @@ def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
     scores = np.asarray(psi, dtype=np.float64)
     if debias is not None:
         scores = scores * debias
-    if prior is not None and not np.any(scores > 0):
-        scores = np.asarray(prior, dtype=np.float64)
+    scores = with_prior(scores[None, :], prior, np.array([not np.any(scores > 0)]))[0]
     ranked = np.lexsort((np.arange(len(scores)), -scores))[:k]
     order = [int(m) for m in ranked if scores[m] > 0]
     scale = float(scores[scores > 0].sum())
