@@ -67,25 +67,27 @@ class CompatError(RuntimeError):
     """An installed faust/mode/aiokafka no longer has the private hook this project relies on."""
 
 
+def _check_parameters(method: Any, expected: tuple[str, ...], name: str, feature: str) -> None:
+    """Raise CompatError naming `name` and the hook (`feature`) when its parameters changed."""
+    params = tuple(inspect.signature(method).parameters)
+    if params != expected:
+        raise CompatError(f"{name}{params} differs from {expected}: {feature} (streams/_compat.py) needs updating")
+
+
 def check_hooks() -> None:
     """Raise CompatError unless every private hook has the expected shape."""
     method = _ORIGINAL
     if not inspect.iscoroutinefunction(method):
         raise CompatError("aiokafka Fetcher._proc_fetch_request is no longer a coroutine function: "
                           "fetch pacing (streams/_compat.py) needs updating")
-    params = tuple(inspect.signature(method).parameters)
-    if params != FETCH_PARAMETERS:
-        raise CompatError(f"aiokafka Fetcher._proc_fetch_request{params} differs from {FETCH_PARAMETERS}: "
-                          "fetch pacing (streams/_compat.py) needs updating")
+    _check_parameters(method, FETCH_PARAMETERS, "aiokafka Fetcher._proc_fetch_request", "fetch pacing")
     import faust.streams
 
     if not isinstance(getattr(faust.streams, "_current_event", None), contextvars.ContextVar):
         raise CompatError("faust.streams._current_event is gone or not a ContextVar: "
                           "batch table writes (streams/_compat.py current_event) need updating")
-    params = tuple(inspect.signature(_ORIGINAL_SEND_CHANGELOG).parameters)
-    if params != SEND_CHANGELOG_PARAMETERS:
-        raise CompatError(f"faust Collection.send_changelog{params} differs from {SEND_CHANGELOG_PARAMETERS}: "
-                          "changelog acknowledgements (streams/_compat.py) need updating")
+    _check_parameters(_ORIGINAL_SEND_CHANGELOG, SEND_CHANGELOG_PARAMETERS, "faust Collection.send_changelog",
+                      "changelog acknowledgements")
 
 
 def is_embedded_bootstrap(bootstrap: str) -> bool:

@@ -103,17 +103,13 @@ def prototype_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tupl
 
 
 def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[int, ...]]:
-    """The prototypes: user → label personas of every user row that carries a label.
+    """The prototypes read from user rows (user → label personas of every row that carries a label):
+    what the `prototypes` table holds, for tools that only have the users table.
 
-    Read from the users table (its changelog), not from the `labels` topic: a row carries only
-    labels the worker applied, so a forged or refused record on `labels` (unknown `labelled_by`,
-    unrequested user, see `streams.agents.label_rejection`) never trains the model."""
-    out: dict[str, tuple[int, ...]] = {}
-    for user, state in rows.items():
-        personas = tuple(p for p in getattr(state, "label_personas", ()) if 0 <= int(p) < n_personas)
-        if getattr(state, "label", None) is not None and personas:
-            out[str(user)] = personas
-    return out
+    Only labels the worker applied, never the `labels` topic: a forged or refused record there
+    (unknown `labelled_by`, unrequested user, see `streams.agents.label_rejection`) trains nothing."""
+    return prototype_labels({user: list(getattr(state, "label_personas", ())) for user, state in rows.items()
+                             if getattr(state, "label", None) is not None}, n_personas)
 
 
 def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[int]], n_personas: int,
