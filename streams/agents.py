@@ -55,12 +55,13 @@ mid-batch, but with it the worker stalled after a broker restart; see docs/opera
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -593,14 +594,18 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-async def _send(topics: StreamTopics, outs: list[Out]) -> None:
+async def _send(topics: StreamTopics, outs: list[Out]) -> list[Awaitable[Any]]:
+    """Hand each record to the producer; returns their delivery reports (futures) to await."""
+    reports: list[Awaitable[Any]] = []
     for out in outs:
         topic = getattr(topics, out.topic)
         if out.topic in _PUBLIC_JSON:  # plain JSON bodies: the stdlib encoder, not Faust's codec
-            await topic.send(key=out.key, value=_dumps(out.value), partition=out.partition,
-                             value_serializer="raw")
+            report = await topic.send(key=out.key, value=_dumps(out.value), partition=out.partition,
+                                      value_serializer="raw")
         else:
-            await topic.send(key=out.key, value=out.value, partition=out.partition)
+            report = await topic.send(key=out.key, value=out.value, partition=out.partition)
+        reports.append(report)
+    return reports
 
 
 def guarded(logic: StreamLogic, group: Sequence[faust.EventT], partition: int, handle, source: str) -> list[Out]:
@@ -642,8 +647,8 @@ EXIT_SEND_FAILED = 70
 
 
 async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
-    """Send a batch's records and wait until the rows it wrote are in the changelogs; if either
-    fails, end the process at once.
+    """Send a batch's records, wait until the broker acknowledged each of them and until the rows
+    the batch wrote are in the changelogs; if any of it fails, end the process at once.
 
     Why wait: Faust commits a batch's offsets once it is acked, and its own flush before a commit
     may leave changelog records unsent (`streams._compat.changelog_written`); a kill -9 then
@@ -653,7 +658,7 @@ async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
     Exiting before the ack leaves the offsets uncommitted, and the
     restarted worker replays the batch (idempotently, see the module docstring)."""
     try:
-        await _send(topics, outs)
+        await asyncio.gather(*await _send(topics, outs))  # the brokers' acknowledgements, not hand-off
         await changelog_written()
     except Exception:
         logger.critical("could not send a batch's results; exiting so that it is replayed", exc_info=True)
@@ -683,8 +688,6 @@ async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics
 
 async def _refit(logic: StreamLogic, request: Any) -> None:
     """Fit the persona model for a milestone in a thread and ship it (`streams.refit`)."""
-    import asyncio
-
     from streams.refit import decode_model, encode_model, fit_stream_model, prototype_labels
     from streams.tables import read_table
     from streams.topic_io import read_values

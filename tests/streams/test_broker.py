@@ -11,6 +11,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import streams.topics as topics_module
 from streams import metrics
 from streams.broker import BrokerError, EmbeddedBroker, bootstrap_or_embedded, free_port, wait_for_broker
 from streams.config import ConfigError, StreamConfig, faust_settings
@@ -110,7 +111,8 @@ def test_faust_app_accepts_the_settings(tmp_path: Path) -> None:
 
 
 # -- topics -----------------------------------------------------------------------------------
-def test_topic_names_share_the_prefix() -> None:
+def test_topic_names_share_the_prefix(monkeypatch) -> None:
+    monkeypatch.setattr(topics_module, "_internal", dict(topics_module._internal))  # no leak into later tests
     t = Topics("p.")
     assert t.purchases == "p.purchases" and t.purchases_dlq == "p.purchases-dlq"
     assert t.persona_updates == "p.persona-updates" and t.label_requests == "p.label-requests"
