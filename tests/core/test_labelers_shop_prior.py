@@ -81,7 +81,8 @@ def test_shop_prior_raises_the_shop_wide_persona_and_is_off_by_default(fake):
     assert on.persona_posterior(user)[0, VINTAGE] > off.persona_posterior(user)[0, VINTAGE]
     users = [UserHistory(f"u{i}", ((VINTAGE_SHOP[i], 1), (VINTAGE_SHOP[i + 1], 1))) for i in range(10)]
     fitted = on.fit_prior(users)  # EM on the users, then the shop's lean on top
-    assert np.allclose(fitted, lean_prior(on._prior, on.shop_lean(), 2.0)) and np.array_equal(fitted, on.persona_prior())
+    assert np.allclose(fitted, lean_prior(on._prior, on.shop_lean(), 2.0))
+    assert np.array_equal(fitted, on.persona_prior())
 
 
 def test_less_evidence_per_item_keeps_the_posterior_nearer_the_prior(fake):
