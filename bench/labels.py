@@ -213,7 +213,15 @@ EMBEDDING_VARIANTS: tuple[tuple[str, dict], ...] = (
     ("no word weighting (whole name only, no word dropping)", {"name_weight": 1.0, "max_df": 1.0}),
     ("previous labeler's shape (raw cosine, whole name, T=0.03, lift rule)",
      {"calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
+    ("shop-lean prior, strength 1", {"shop_prior": 1.0}),
+    ("shop-lean prior, strength 2, evidence x0.5", {"shop_prior": 2.0, "evidence": 0.5}),
+    ("shop-lean prior, strength 1, evidence x0.5, no per-persona calibration",
+     {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0}),
 )
+#: the user rules the validation users choose between (besides the lift rule at its validated bar)
+VALIDATION_CHOICES = ("default", "lift rule (per-persona bar, the previous user rule)",
+                      "shop-lean prior, strength 1", "shop-lean prior, strength 2, evidence x0.5",
+                      "shop-lean prior, strength 1, evidence x0.5, no per-persona calibration")
 
 
 def _labels(labeler: EmbeddingLabeler, histories: list, threshold: float | None = None) -> np.ndarray:
@@ -273,13 +281,14 @@ def embedding_agreement(setup: Setup, console: Console) -> dict:
         console.log(f"embedding {escape(f'[{label}]')} all customers: F1 {row['all']['f1']:.3f}, "
                     f"macro {row['all']['macro_f1']:.3f}, "
                     f"held-out {row['heldout']['f1']:.3f}{tuned_note}")
-    # the user rule chosen on the validation users (posterior, or lift at its validated threshold)
-    candidates = [(r["valid"]["f1"], r["variant"], "all", "heldout") for r in variants[:2]]
-    candidates += [(r["tuned_valid"]["f1"], r["variant"] + " at the validated threshold", "tuned_all", "tuned_heldout")
-                   for r in variants[:2] if "tuned_valid" in r]
-    _, name, all_key, held_key = max(candidates)
-    source = next(r for r in variants if name.startswith(r["variant"]))
-    out["validation_choice"] = {"rule": name, "all": source[all_key], "heldout": source[held_key]}
+    # the user rule chosen on the validation users (VALIDATION_CHOICES, or lift at its validated threshold)
+    choices = [r for r in variants if r["variant"] in VALIDATION_CHOICES]
+    candidates = [(r["valid"]["f1"], r["variant"], i, "all", "heldout") for i, r in enumerate(choices)]
+    candidates += [(r["tuned_valid"]["f1"], r["variant"] + " at the validated threshold", i, "tuned_all",
+                    "tuned_heldout") for i, r in enumerate(choices) if "tuned_valid" in r]
+    _, name, i, all_key, held_key = max(candidates)
+    out["validation_choice"] = {"rule": name, "options": choices[i]["options"], "all": choices[i][all_key],
+                                "heldout": choices[i][held_key]}
     out["variants"] = variants
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
