@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -202,11 +202,11 @@ class PersonaDecoder:
     prior: np.ndarray
     max_personas: int = MAX_PERSONAS
     rule: str = "f1"
-    shift: np.ndarray | None = None
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(0))  # empty: no shift
 
     def __post_init__(self) -> None:
         m = np.asarray(self.intercept).size
-        if self.shift is None:
+        if np.asarray(self.shift).size == 0:
             object.__setattr__(self, "shift", np.zeros(m))
         for name, shape in (("coef", (m, len(FEATURES))), ("intercept", (m,)), ("thresholds", (m,)),
                             ("prior", (m,)), ("shift", (m,))):
@@ -275,7 +275,7 @@ class PersonaDecoder:
             raise ValueError(f"decoder features {d.get('features')} differ from this version's {list(FEATURES)}")
         return cls(np.asarray(d["coef"]), np.asarray(d["intercept"]), np.asarray(d["thresholds"]),
                    np.asarray(d["prior"]), int(d["max_personas"]), str(d["rule"]),
-                   None if d.get("shift") is None else np.asarray(d["shift"]))
+                   np.asarray(d.get("shift", [])))  # a decoder stored before the shift: none
 
 
 def fit_decoder(
