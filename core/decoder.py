@@ -18,7 +18,10 @@ one; so a niche persona needs only to beat its own cut-off, not a global one. Th
 ("expected_f1") instead keeps, per user, the top-k that maximises the expected F1 of the set
 given the calibrated p — a variable number of personas with no global cut-off at all. Because
 a per-user optimum over-assigns the common personas, the fitted intercepts are finally shifted
-part of the way towards the prototypes' persona prevalence (`match_prevalence`).
+part of the way towards the prototypes' persona prevalence (`match_prevalence`). The shift
+decides *which* personas (the ranking); *how many* is still the expected-F1 optimum of the
+calibrated, unshifted probabilities along that ranking — shifting the sizes too grew the sets
+(4.37 vs 4.20 personas on Online Retail) and cost validation F1 at the same prevalence TV.
 
 A user with neither channel (no purchase and no prototype in reach) gets the prior — the
 prototypes' base rates — through `with_prior`, the same fallback `core.gplr.assign_personas`
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -76,9 +79,9 @@ Rule = Literal["f1", "prevalence", "expected_f1"]
 RULES: tuple[str, ...] = ("f1", "prevalence", "expected_f1")
 NEVER = 2.0  # threshold of a persona no prototype has: no probability reaches it
 #: Decision rule and prevalence-matching strength of `gplr label` and the stream, chosen on
-#: Online Retail's validation split (bench/persona_quality.py).
+#: Online Retail's validation split (bench/persona_quality.py, docs/RESULTS.md §2b).
 DEFAULT_RULE = "expected_f1"
-PREVALENCE_MATCH = 0.5
+PREVALENCE_MATCH = 0.55
 DECODER_C = 100.0  # features are O(0.1) shares: weak regularisation (C=1 flattened the graph channel)
 MAX_PERSONAS = 5
 
@@ -107,14 +110,23 @@ def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
     return np.stack([t, g, np.sqrt(g)], axis=2)
 
 
+def _no_evidence(psi_raw: np.ndarray, degree: np.ndarray) -> np.ndarray:
+    """Users with no purchase and no prototype in reach (they get the prior)."""
+    degree = np.atleast_1d(np.asarray(degree))
+    empty: np.ndarray = (degree <= 0) & ~(np.atleast_2d(psi_raw) > 0).any(axis=1)
+    return empty
+
+
 # -- the decision rule ---------------------------------------------------------------------------
 def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_personas: int = MAX_PERSONAS,
-                    rule: str = "f1") -> tuple[np.ndarray, np.ndarray]:
+                    rule: str = "f1", size_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(idx, scores), users × max_personas, padded with -1 / 0: the decided personas, best first.
 
     Threshold rules keep personas with p ≥ their threshold; "expected_f1" keeps the top-k that
-    maximises the user's expected F1, 2·Σ_{j≤k} p_j / (k + Σ_j p_j). Either way at least one
-    persona (the most probable) and at most `max_personas`; ties go to the lower persona index.
+    maximises the user's expected F1, 2·Σ_{j≤k} q_j / (k + Σ_j q_j), with q = `size_probs`
+    (default `probs`) read along the order of `probs`: `probs` decide which personas, `size_probs`
+    how many. Either way at least one persona (the most probable) and at most `max_personas`;
+    ties go to the lower persona index.
     """
     p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
     n, m = p.shape
@@ -124,7 +136,11 @@ def select_personas(probs: np.ndarray, thresholds: np.ndarray | None, max_person
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]  # stable: ties keep the lower index first
     top = np.take_along_axis(p, order, axis=1)
     if rule == "expected_f1":
-        gain = 2 * np.cumsum(top, axis=1) / (np.arange(1, k + 1) + p.sum(axis=1, keepdims=True))
+        q = p if size_probs is None else np.atleast_2d(np.asarray(size_probs, dtype=np.float64))
+        if q.shape != p.shape:
+            raise ValueError(f"size probabilities {q.shape} differ from probabilities {p.shape}")
+        gain = 2 * np.cumsum(np.take_along_axis(q, order, axis=1), axis=1) / (
+            np.arange(1, k + 1) + q.sum(axis=1, keepdims=True))
         keep = np.arange(k) <= gain.argmax(axis=1)[:, None]
     elif rule in ("f1", "prevalence"):
         if thresholds is None:
@@ -174,7 +190,11 @@ def fit_thresholds(probs: np.ndarray, y: np.ndarray, rule: str = "f1") -> np.nda
 
 @dataclass(frozen=True)
 class PersonaDecoder:
-    """Fitted per-persona rule: p = σ(coef[m]·features + intercept[m]), decide p ≥ thresholds[m]."""
+    """Fitted per-persona rule: p = σ(coef[m]·features + intercept[m]), decide p ≥ thresholds[m].
+
+    `shift` is the part of `intercept` that prevalence matching added (`match_prevalence`): the
+    "expected_f1" rule ranks personas by p but sizes the set on the calibrated σ(logit − shift).
+    """
 
     coef: np.ndarray
     intercept: np.ndarray
@@ -182,11 +202,14 @@ class PersonaDecoder:
     prior: np.ndarray
     max_personas: int = MAX_PERSONAS
     rule: str = "f1"
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(0))  # empty: no shift
 
     def __post_init__(self) -> None:
         m = np.asarray(self.intercept).size
+        if np.asarray(self.shift).size == 0:
+            object.__setattr__(self, "shift", np.zeros(m))
         for name, shape in (("coef", (m, len(FEATURES))), ("intercept", (m,)), ("thresholds", (m,)),
-                            ("prior", (m,))):
+                            ("prior", (m,)), ("shift", (m,))):
             value = np.asarray(getattr(self, name), dtype=np.float64).reshape(shape)
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"decoder {name} must be finite")
@@ -207,18 +230,29 @@ class PersonaDecoder:
         z: np.ndarray = t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
         return z
 
-    def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray) -> np.ndarray:
-        """Calibrated p[u, m] in [0, 1]; users with no purchase and no affinity get the prior."""
-        p = 1.0 / (1.0 + np.exp(-self.logits(psi_raw, text_logit)))
-        degree = np.atleast_1d(np.asarray(degree))
-        empty = (degree <= 0) & ~(np.atleast_2d(psi_raw) > 0).any(axis=1)
-        return with_prior(p, self.prior, empty)
+    def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
+                      shifted: bool = True) -> np.ndarray:
+        """p[u, m] in [0, 1] (with the prevalence shift; `shifted=False`: the calibrated ones);
+        users with no purchase and no affinity get the prior."""
+        z = self.logits(psi_raw, text_logit)
+        p = 1.0 / (1.0 + np.exp(-(z if shifted else z - self.shift)))
+        return with_prior(p, self.prior, _no_evidence(psi_raw, degree))
+
+    def _select(self, z: np.ndarray, empty: np.ndarray, delta: np.ndarray | float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """`select_personas` of logits z (+ a further shift δ): ranked by σ(z + δ), sized (expected
+        F1) on the calibrated σ(z − shift); rows `empty` get the prior."""
+        p = with_prior(1.0 / (1.0 + np.exp(-(z + delta))), self.prior, empty)
+        size = None
+        if self.rule == "expected_f1":
+            size = with_prior(1.0 / (1.0 + np.exp(-(z - self.shift))), self.prior, empty)
+        return select_personas(p, self.thresholds, self.max_personas, self.rule, size)
 
     def decide(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
-        """Vectorised: (idx, scores), users × max_personas, best first, -1 / 0 padded."""
-        return select_personas(self.probabilities(psi_raw, text_logit, degree), self.thresholds,
-                               self.max_personas, self.rule)
+        """Vectorised: (idx, scores), users × max_personas, best first, -1 / 0 padded; scores are
+        the shifted probabilities the personas were ranked by."""
+        return self._select(self.logits(psi_raw, text_logit), _no_evidence(psi_raw, degree))
 
     def decide_one(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: int) -> PersonaSnapshot:
         """One user's persona snapshot (the stream worker's call)."""
@@ -230,7 +264,8 @@ class PersonaDecoder:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "persona_decoder", "features": list(FEATURES), "coef": self.coef.tolist(),
                 "intercept": self.intercept.tolist(), "thresholds": self.thresholds.tolist(),
-                "prior": self.prior.tolist(), "max_personas": int(self.max_personas), "rule": self.rule}
+                "prior": self.prior.tolist(), "max_personas": int(self.max_personas), "rule": self.rule,
+                "shift": self.shift.tolist()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PersonaDecoder:
@@ -239,7 +274,8 @@ class PersonaDecoder:
         if list(d.get("features", [])) != list(FEATURES):
             raise ValueError(f"decoder features {d.get('features')} differ from this version's {list(FEATURES)}")
         return cls(np.asarray(d["coef"]), np.asarray(d["intercept"]), np.asarray(d["thresholds"]),
-                   np.asarray(d["prior"]), int(d["max_personas"]), str(d["rule"]))
+                   np.asarray(d["prior"]), int(d["max_personas"]), str(d["rule"]),
+                   np.asarray(d.get("shift", [])))  # a decoder stored before the shift: none
 
 
 def fit_decoder(
@@ -307,16 +343,16 @@ def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: n
     if strength == 0.0 or np.asarray(psi_raw).shape[0] == 0:
         return decoder
     z = decoder.logits(psi_raw, text_logit)
+    empty = _no_evidence(psi_raw, degree)
     pi = decoder.prior
     delta = np.zeros_like(pi)
     for _ in range(iters):
-        idx, _ = select_personas(1.0 / (1.0 + np.exp(-(z + delta))), decoder.thresholds,
-                                 decoder.max_personas, decoder.rule)
+        idx, _ = decoder._select(z, empty, delta)
         share = np.bincount(idx[idx >= 0], minlength=pi.size) / idx.shape[0]
         target = pi * share.sum() / pi.sum()
         delta += 0.5 * (np.log(target + 1e-3) - np.log(share + 1e-3))
     return PersonaDecoder(decoder.coef, decoder.intercept + strength * delta, decoder.thresholds, decoder.prior,
-                          decoder.max_personas, decoder.rule)
+                          decoder.max_personas, decoder.rule, decoder.shift + strength * delta)
 
 
 # -- fitting from a graph ------------------------------------------------------------------------

@@ -240,8 +240,10 @@ def test_prevalence_matching_moves_decisions_to_the_labeled_shape() -> None:
     rng = np.random.default_rng(7)
     n, m = 400, 4
     prior = np.array([0.6, 0.3, 0.2, 0.1])
-    # text logits that favour persona 0 for everyone: an expected-F1 rule over-assigns it
-    text = rng.normal(0, 1, (n, m)) + np.array([2.0, 0.0, -0.5, -1.0])
+    # text logits that favour persona 0 for everyone: an expected-F1 rule over-assigns it. The set
+    # sizes come from these (unshifted) probabilities, so they are calibrated to about the labels'
+    # own size (mean Σp 1.35 vs Σ prior 1.2): matching moves only which personas are decided.
+    text = rng.normal(0, 1, (n, m)) + np.array([1.0, -1.0, -1.5, -2.0])
     dec = PersonaDecoder(np.tile([1.0, 0.0, 0.0], (m, 1)), np.zeros(m), np.zeros(m), prior, 3, "expected_f1")
     psi, deg = np.zeros((n, m)), np.ones(n)
 
@@ -260,3 +262,50 @@ def test_prevalence_matching_moves_decisions_to_the_labeled_shape() -> None:
     np.testing.assert_allclose(full, target, atol=0.03)
     with pytest.raises(ValueError):
         match_prevalence(dec, psi, text, deg, 1.5)
+
+
+def brute_force_sets(rank: np.ndarray, size: np.ndarray, k: int) -> list[list[int]]:
+    """Per user: the personas in order of `rank`, cut at the prefix length that maximises the
+    expected F1 2·Σ size[prefix] / (len + Σ size) — enumerated, not vectorised."""
+    out = []
+    for u in range(rank.shape[0]):
+        order = sorted(range(rank.shape[1]), key=lambda j: (-rank[u, j], j))[:k]
+        gains = [2 * sum(size[u, order[:c]]) / (c + size[u].sum()) for c in range(1, k + 1)]
+        out.append(order[:int(np.argmax(gains)) + 1])
+    return out
+
+
+def test_expected_f1_sizes_the_set_on_other_probabilities() -> None:
+    rng = np.random.default_rng(11)
+    p, q = rng.random((80, 7)), rng.random((80, 7)) ** 3  # q: much smaller sets than p would give
+    idx, scores = select_personas(p, None, 5, "expected_f1", size_probs=q)
+    want = brute_force_sets(p, q, 5)
+    for u in range(80):
+        assert idx[u][idx[u] >= 0].tolist() == want[u]
+        np.testing.assert_allclose(scores[u][:len(want[u])], p[u, want[u]])  # ranked, scored by p
+    assert (idx >= 0).sum() < (select_personas(p, None, 5, "expected_f1")[0] >= 0).sum()
+    with pytest.raises(ValueError):
+        select_personas(p, None, 5, "expected_f1", size_probs=q[:, :3])
+
+
+def test_prevalence_shift_ranks_but_the_calibrated_probabilities_size() -> None:
+    g, model, psi = fitted_model()
+    dec, text = model.decoder, model.text_logits(g)
+    assert np.any(dec.shift != 0)  # the default fit matches prevalence part of the way
+    z = dec.logits(psi, text)
+    calibrated = 1 / (1 + np.exp(-(z - dec.shift)))
+    np.testing.assert_allclose(dec.probabilities(psi, text, g.user_degree, shifted=False), calibrated)
+    np.testing.assert_allclose(dec.probabilities(psi, text, g.user_degree), 1 / (1 + np.exp(-z)))
+    idx, _ = dec.decide(psi, text, g.user_degree)
+    want = brute_force_sets(1 / (1 + np.exp(-z)), calibrated, dec.max_personas)
+    assert [row[row >= 0].tolist() for row in idx] == want
+    # the shift is what matching added to the intercepts; matching again keeps the calibration
+    unshifted = PersonaDecoder(dec.coef, dec.intercept - dec.shift, dec.thresholds, dec.prior, dec.max_personas,
+                               dec.rule)
+    again = match_prevalence(unshifted, psi, text, g.user_degree, 0.5)
+    np.testing.assert_allclose(again.intercept - again.shift, dec.intercept - dec.shift)
+    # a decoder stored before the shift existed reads as unshifted
+    old = {k: v for k, v in dec.to_dict().items() if k != "shift"}
+    np.testing.assert_array_equal(PersonaDecoder.from_dict(old).shift, np.zeros(dec.n_personas))
+    with pytest.raises(ValueError):
+        PersonaDecoder(dec.coef, dec.intercept, dec.thresholds, dec.prior, 5, dec.rule, np.full(dec.n_personas, np.nan))
