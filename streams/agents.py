@@ -340,7 +340,7 @@ class StreamLogic:
         return self._q_hat
 
     def _stats(self, partition: int) -> dict[str, int]:
-        return self.tables.stats.get(f"p{partition}") or {"seen": 0, "requested": 0}
+        return self.tables.stats.get(f"p{partition}") or {"seen": 0, "eligible": 0, "requested": 0}
 
     # -- purchases -------------------------------------------------------------------------------
     def on_purchase_raw(self, key: bytes | None, payload: bytes | None) -> list[Out]:
@@ -542,7 +542,7 @@ class _UserBatch(UserBatch):
         self.out: list[Out] = []
 
     def stats(self) -> dict[str, int]:
-        """The partition's budget counters ({"seen", "requested"}), changed in offset order and
+        """The partition's budget counters ({"seen", "eligible", "requested"}), changed in offset order and
         written once by `finish`."""
         if self._stats is None:
             self._stats = dict(self.logic._stats(self.partition))
