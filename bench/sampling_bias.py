@@ -7,9 +7,11 @@ then runs batch GPLR with exactly those prototypes (everyone else excluded from 
 only difference between the rows is who was labeled. Rules: `per_item` (the first rule: a seeded
 coin at every new distinct item, admitting 1 − 0.8 of the points: heavy customers get more
 chances), `per_user` (the second: one seeded coin per user, below 1.25 × the budget, asked again
-at each new item while the budget cap refuses) and `share_of_eligible` (the rule, called as the
-worker calls it: `LabelPolicy.consider_purchase`, one decision per user as it becomes eligible,
-coin below RANDOM_OVERSAMPLE × budget × seen / eligible); `uniform`: as many users as the budget
+at each new item while the budget cap refuses), `share_of_eligible` (one decision per user as it
+reaches 3 distinct items, coin below 2 × budget × seen / users eligible so far: tried, greedy where
+users qualify slowly) and `share_of_candidates` (the rule, called as the worker calls it:
+`LabelPolicy.consider_purchase`, one decision per user as it qualifies, coin below
+RANDOM_OVERSAMPLE × budget × seen / users not held out); `uniform`: as many users as the budget
 allows, uniformly among the eligible ones (held-out users never; ≥ 3 distinct items).
 Scored on the held-out 20% of bench/labels.py (never prototypes) against GPT-4's labels.
 
@@ -40,11 +42,11 @@ from core.incremental import UserState, user_purchase  # noqa: E402
 from core.labelers import make_labeler  # noqa: E402
 from core.personas import load_personas  # noqa: E402
 from streams.config import StreamConfig  # noqa: E402
-from streams.labeling import LabelPolicy, seeded_unit  # noqa: E402
+from streams.labeling import LabelPolicy, admit_probability, seeded_unit  # noqa: E402
 from streams.records import partition_for  # noqa: E402
 
 PARTITIONS = 4  # bench/stream_quality.py's default
-RULES = ("per_item", "per_user", "share_of_eligible")
+RULES = ("per_item", "per_user", "share_of_eligible", "share_of_candidates")
 
 
 def choose(events: list, config: StreamConfig, m: int, rule: str, salt: str) -> tuple[list[str], int]:
@@ -54,19 +56,26 @@ def choose(events: list, config: StreamConfig, m: int, rule: str, salt: str) -> 
     policy = LabelPolicy(config)
     policy.excluded = frozenset(salt + u for u in policy.excluded)
     rows: dict[str, UserState] = {}
-    stats = {p: {"seen": 0, "eligible": 0, "requested": 0} for p in range(config.partitions)}
+    stats = {p: {"seen": 0, "excluded": 0, "requested": 0} for p in range(config.partitions)}
+    eligible = dict.fromkeys(stats, 0)  # `share_of_eligible`'s own counter
     chosen = []
     for event in events:
         user, item = salt + str(event.user_id), str(event.item_id)
-        st = stats[partition_for(user, config.partitions)]
+        part = partition_for(user, config.partitions)
+        st = stats[part]
         state = rows.get(user)
         if state is None:
             state = rows[user] = UserState(m)
-            st["seen"] += 1
+            policy.count_user(user, st)
         if not user_purchase(state, item, 1, ""):
             continue
-        if rule == "share_of_eligible":  # the stream's rule, as the worker calls it
+        if rule == "share_of_candidates":  # the stream's rule, as the worker calls it
             admit = policy.consider_purchase(user, state, st) is not None
+        elif rule == "share_of_eligible":
+            first = len(state.items) == config.label_min_purchases and user not in policy.excluded
+            eligible[part] += first
+            admit = (first and policy._eligible(user, state) and policy._within_budget(st)
+                     and seeded_unit(user, 0) < admit_probability(config.label_budget, st["seen"], eligible[part]))
         else:
             coin = (seeded_unit(user, len(state.items)) >= 0.8 if rule == "per_item"
                     else seeded_unit(user, 0) < 1.25 * config.label_budget)
