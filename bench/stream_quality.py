@@ -5,7 +5,8 @@ Setup (all seeded, fixed):
 * purchases: the paper's Online Retail graph (`load_online_retail(paper_filter=True)`), replayed
   in time order on the embedded broker (or KAFKA_BOOTSTRAP) into one `gplr worker`;
 * oracle: the replay labeler over the recorded GPT-4 labels (GPLR_LABELER=replay), called by the
-  stream itself: DU-triggered label requests within a 5% budget (GPLR_LABEL_BUDGET), no rate limit;
+  stream itself: label requests chosen by the worker's default `random` sampling (one seeded coin
+  per user, streams.labeling) within a 5% budget (GPLR_LABEL_BUDGET), no rate limit;
 * split: the same fixed 20% of customers as bench/labels.py (SPLIT_SEED 2025, permutation of the
   paper graph's users) is **held out**: listed in GPLR_LABEL_EXCLUDE, so never a prototype, and
   the only users scored;

@@ -341,7 +341,7 @@ class StreamLogic:
         return self._q_hat
 
     def _stats(self, partition: int) -> dict[str, int]:
-        return self.tables.stats.get(f"p{partition}") or {"seen": 0, "requested": 0}
+        return self.tables.stats.get(f"p{partition}") or {"seen": 0, "excluded": 0, "requested": 0}
 
     # -- purchases -------------------------------------------------------------------------------
     def on_purchase_raw(self, key: bytes | None, payload: bytes | None) -> list[Out]:
@@ -406,7 +406,7 @@ class StreamLogic:
             if outcome not in ("edge", "repeat"):
                 continue
             if new_user:  # (a label may have created the row before any purchase)
-                work.stats()["seen"] += 1
+                self.policy.count_user(user, work.stats())
             self._note_applied()
             if outcome == "edge":
                 _count(metrics.EDGES.inc)
@@ -543,7 +543,7 @@ class _UserBatch(UserBatch):
         self.out: list[Out] = []
 
     def stats(self) -> dict[str, int]:
-        """The partition's budget counters ({"seen", "requested"}), changed in offset order and
+        """The partition's budget counters ({"seen", "excluded", "requested"}), changed in offset order and
         written once by `finish`."""
         if self._stats is None:
             self._stats = dict(self.logic._stats(self.partition))

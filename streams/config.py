@@ -118,13 +118,15 @@ class StreamConfig:
         "set, as `bench/stream_quality.py` uses)", parse=_path,
         check=lambda v: v is None or v.is_file(), why="must name a file of user ids")
     sampling: Sampling = setting(
-        "random", "GPLR_SAMPLING", "who is labeled: `random` (decided when a purchase gives a user a new "
-        "distinct item, with a seeded coin; the only reproducible choice, see \"Reproducibility\") or `du` "
+        "random", "GPLR_SAMPLING", "who is labeled: `random` (decided once per user, at the purchase that "
+        "brings it to `GPLR_LABEL_MIN_PURCHASES` distinct items, with a seeded coin; the only reproducible "
+        "choice, see \"Reproducibility\") or `du` "
         "(DU scores, decided when Ψ̂ moves; depends on timing)",
         parse=lower, check=lambda v: v in SAMPLINGS, why=f"must be one of {SAMPLINGS}")
     du_quantile: float = setting(
         0.8, "GPLR_DU_QUANTILE", "`du`: a candidate is labeled when its DU score is above this quantile of "
-        "recent scores (`random` sampling does not use it: one seeded coin per user, below 1.25 × the budget)",
+        "recent scores (`random` sampling does not use it: one seeded coin per user, below 2 × the budget "
+        "× seen / users not held out)",
         parse=float, check=lambda v: 0.0 <= v <= 1.0, why="must be in [0, 1]")
     hysteresis: float = setting(
         0.02, "GPLR_HYSTERESIS", "a user is re-published when its persona set changes or a persona's share "

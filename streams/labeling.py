@@ -1,18 +1,27 @@
 """Online label sampling and the labeler agent: which users the LLM labels, and calling it safely.
 
-Two samplings (GPLR_SAMPLING). `random` (the default, and the only reproducible one): when a
-purchase gives u a new distinct item (in the user partition's offset order), u is not labeled or
-requested yet, has bought at least `label_min_purchases` distinct items, u's own seeded coin (a
-hash of u alone) is below RANDOM_OVERSAMPLE × `label_budget`, and the partition has budget left
-(below). One coin per user, not per decision point: a coin per new distinct item gave customers
-with many items more chances (prototypes' mean degree 92 against 61 for all customers), and a
-model calibrated on that heavier sample loses F1 on Online Retail (bench/sampling_bias.py, batch
-with each rule's prototypes, medians of 5: coin per item 0.667, per user 0.672, uniform 0.684;
-through the stream: macro F1 0.395 → 0.422, top-set share 0.084 → 0.054; docs/RESULTS.md §5b).
-Every input of that decision evolves in the partition's offset order, so the same input chooses
-the same users in every deployment; and the request carries u's history at that point, so a
-deterministic labeler gives the same label. (bench/persona_quality.py: random beats DU for the
-persona model, which is why `gplr label` defaults to it too.)
+Two samplings (GPLR_SAMPLING). `random` (the default, and the only reproducible one): each user is
+decided exactly once, at the purchase that gives u its `label_min_purchases`-th distinct item (in
+the user partition's offset order), when u is eligible (not excluded, not labeled or requested
+yet): u is asked when its own seeded coin (a hash of u alone) is below `admit_probability` and the
+partition has budget left (below). The admit probability is RANDOM_OVERSAMPLE × budget × seen /
+candidates, with the partition's counters as they stand: `seen` users (the budget's base, held-out
+and light users included, as batch GPLR counts them) and `excluded` users among them (held out,
+never prototypes; candidates = seen − excluded). A fixed threshold (coin below 1.25 × budget)
+left the budget underspent by the share that can never be prototypes (at most 208 of 215 on
+Online Retail with 20% held out). The oversample covers users who never reach
+`label_min_purchases` (unknown until the stream ends) and the few asked when the budget is spent.
+Not the share of users eligible *so far*: where users qualify slowly (one item per order), that
+share lags, the probability reaches 1 and the first to qualify — the heaviest buyers — take the
+budget. One decision per user, not per new item: a coin per new distinct item gave customers with
+many items more chances (prototypes' mean degree 92 against 61 for all customers), and so did
+asking again a user the spent budget had refused; a model calibrated on that heavier sample loses
+F1 on Online Retail (bench/sampling_bias.py, batch with each rule's prototypes; docs/RESULTS.md
+§5b). The price: budget that accrues after the users who could spend it have qualified stays
+unspent. Every input of the decision evolves in the partition's offset order, so the same input
+chooses the same users in every deployment; and the request carries u's history at that point,
+so a deterministic labeler gives the same label. (bench/persona_quality.py: random beats DU for
+the persona model, which is why `gplr label` defaults to it too.)
 
 `du` (whenever Ψ̂[u] moves): the same eligibility, then u's DU score (core.du.du_scores, Eq. 1
 against the current Q̂) is at or above the `du_quantile` of recently seen scores, the partition has budget
@@ -56,8 +65,8 @@ from streams import metrics
 from streams.config import StreamConfig
 from streams.records import encode_label, error_summary, label_record, label_request, partition_for
 
-__all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "seeded_unit", "build_labeler", "label_batch",
-           "register_labeling"]
+__all__ = ["OnlineQuantile", "RateLimiter", "LabelPolicy", "admit_probability", "seeded_unit", "build_labeler",
+           "label_batch", "register_labeling"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,16 +151,25 @@ class LabelPolicy:
         metrics.LABEL_BUDGET_REMAINING.set(max(remaining, 0))
         return remaining > 0  # (the call rate is enforced by the labeler, which delays calls)
 
+    def count_user(self, user: str, stats: dict[str, int]) -> None:
+        """A user's first purchase in the partition: one more `seen` (the budget's base) and, when
+        u is held out, one more `excluded` (the share of `seen` that can never be a prototype)."""
+        stats["seen"] += 1
+        if user in self.excluded:
+            stats["excluded"] = stats.get("excluded", 0) + 1
+
     def consider_purchase(self, user: str, state: UserState, stats: dict[str, int]) -> dict[str, Any] | None:
         """`random` sampling: a label-requests body when u should be labeled now, else None.
 
         Called when a purchase gives u a new distinct item, in the partition's offset order, with
-        that partition's counters as they stand at that offset: the decision is a function of the
-        partition's purchase sequence alone (reproducible), never of Ψ̂ or the clock."""
-        if self.config.sampling != "random" or not self._eligible(user, state):
+        that partition's counters as they stand at that offset; u is decided once, at its
+        `label_min_purchases`-th distinct item: the decision is a function of the partition's
+        purchase sequence alone (reproducible), never of Ψ̂ or the clock."""
+        if self.config.sampling != "random" or len(state.items) != self.config.label_min_purchases \
+                or not self._eligible(user, state):
             return None
-        if seeded_unit(user, 0) >= min(1.0, RANDOM_OVERSAMPLE * self.config.label_budget) \
-                or not self._within_budget(stats):
+        chance = admit_probability(self.config.label_budget, stats["seen"], stats["seen"] - stats.get("excluded", 0))
+        if seeded_unit(user, 0) >= chance or not self._within_budget(stats):
             return None
         metrics.LABEL_REQUESTS.inc()
         return label_request(user, user_history(state), 0.0)
@@ -170,10 +188,22 @@ class LabelPolicy:
         return label_request(user, user_history(state), score)
 
 
-#: `random` sampling admits a user's coin below this × the budget: a little above the budget, so
-#: that users who never become eligible (fewer distinct items, held-out) leave the budget spent,
-#: while the budget cap binds rarely (when it binds, the users asked first are favoured).
-RANDOM_OVERSAMPLE = 1.25
+#: `random` sampling's margin over the budget's share of the candidates: it covers the users who
+#: never reach `label_min_purchases` and those asked while the partition's budget is spent
+#: (bench/sampling_bias.py measured the choice; docs/RESULTS.md §5b).
+RANDOM_OVERSAMPLE = 2.0
+
+
+def admit_probability(budget: float, seen: int, candidates: int, oversample: float | None = None) -> float:
+    """The share of qualifying users `random` sampling asks: oversample × budget × seen / candidates.
+
+    The budget is a share of all users seen (batch's base), but held-out users cannot spend it,
+    so each candidate is asked with that ratio (capped at 1); with one uniform coin per user, taken
+    once, the prototypes are a uniform sample of the eligible users, whatever their degree."""
+    if candidates <= 0:
+        return 0.0
+    margin = RANDOM_OVERSAMPLE if oversample is None else oversample
+    return min(1.0, margin * budget * seen / candidates)
 
 
 def seeded_unit(user: str, n_items: int) -> float:

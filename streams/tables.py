@@ -177,7 +177,7 @@ class StateTable(Generic[S]):
 class Tables:
     users: StateTable  # user id → core.incremental.UserState
     items: StateTable  # item id → core.incremental.ItemState
-    stats: StateTable  # "p<partition>" → {"seen": users, "requested": label requests}
+    stats: StateTable  # "p<partition>" → {"seen": users, "excluded": held out among them, "requested": label requests}
     labels: GlobalTableT  # "p<partition>" → persona label counts (Q̂), read by every worker
     model: Any = None  # GlobalTable "current" → persona model JSON (streams.refit), only in partition 0
     #: user id → the label personas the worker applied: what refits train on. A table of its own so
