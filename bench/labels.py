@@ -54,7 +54,7 @@ from core.data import load_online_retail  # noqa: E402
 from core.gplr import assign_personas, run_gplr, score_sets  # noqa: E402
 from core.graph import BipartiteGraph  # noqa: E402
 from core.labelers import histories_for, make_labeler  # noqa: E402
-from core.labelers.embedding import EmbeddingLabeler, calibrate_threshold, purchase_weights, select_personas  # noqa: E402
+from core.labelers.embedding import PRESETS, EmbeddingLabeler, calibrate_threshold, purchase_weights, select_personas  # noqa: E402
 from core.labelers.replay import normalise_id  # noqa: E402
 from core.labelers.set_posterior import expected_f1_sets, set_posterior  # noqa: E402
 from core.personas import PersonaSet, load_personas  # noqa: E402
@@ -215,8 +215,7 @@ EMBEDDING_VARIANTS: tuple[tuple[str, dict], ...] = (
      {"calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
     ("shop-lean prior, strength 1", {"shop_prior": 1.0}),
     ("shop-lean prior, strength 2, evidence x0.5", {"shop_prior": 2.0, "evidence": 0.5}),
-    ("shop-lean prior, strength 1, evidence x0.5, no per-persona calibration",
-     {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0}),
+    ("shop-lean prior, strength 1, evidence x0.5, no per-persona calibration", PRESETS["shop-themes"]),
 )
 #: the user rules the validation users choose between (besides the lift rule at its validated bar)
 VALIDATION_CHOICES = ("default", "lift rule (per-persona bar, the previous user rule)",

@@ -207,14 +207,15 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def embedding_labeler(personas: PersonaSet, graph: BipartiteGraph) -> EmbeddingLabeler:
+def embedding_labeler(personas: PersonaSet, graph: BipartiteGraph, preset: str = "niche") -> EmbeddingLabeler:
     """The offline labeler calibrated on the whole shop: the catalogue (every item, not just the
     prototypes') and its persona prior fitted on every user's purchases (unlabeled; see
-    `EmbeddingLabeler.fit_prior`), as bench/labels.py measures it."""
+    `EmbeddingLabeler.fit_prior`), as bench/labels.py measures it; `preset` names one of
+    `core.labelers.embedding.PRESETS`."""
     from core.labelers import histories_for
-    from core.labelers.embedding import EmbeddingLabeler
+    from core.labelers.embedding import PRESETS, EmbeddingLabeler
 
-    labeler = EmbeddingLabeler(personas, catalogue=[str(n) for n in graph.item_names])
+    labeler = EmbeddingLabeler(personas, catalogue=[str(n) for n in graph.item_names], **PRESETS[preset])
     labeler.fit_prior(histories_for(graph, range(graph.n_users)))
     return labeler
 
@@ -232,7 +233,7 @@ def _labeler(args: argparse.Namespace, personas: PersonaSet, graph: BipartiteGra
                 raise SystemExit("gplr label: --labeler replay needs --replay-file")
             options["path"] = args.replay_file
         elif args.labeler == "embedding":
-            return embedding_labeler(personas, graph)
+            return embedding_labeler(personas, graph, args.embedding_preset)
         elif args.labeler == "openai":
             from core.labelers.openai_labeler import LLMConfig, LLMError, check_endpoint
 
@@ -307,6 +308,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--labeler", choices=("embedding", "openai", "replay"), default="embedding")
     p.add_argument("--replay-file", help="recorded labels for --labeler replay: a CustomerID,personas CSV "
                    "or `gplr label`/`gplr export` output")
+    p.add_argument("--embedding-preset", choices=("niche", "shop-themes"), default="niche",
+                   help="--labeler embedding: niche personas (default) or a shop whose whole catalogue "
+                        "shares a few themes (gift shop; docs/RESULTS.md §6)")
     p.add_argument("--out", required=True, help="output file, .jsonl or .csv")
     _add_gplr_options(p, k=5, budget=0.05)
     p.set_defaults(func=cmd_label)

@@ -166,6 +166,27 @@ def test_the_embedding_labeler_of_the_batch_commands_fits_its_prior_on_the_shop(
     np.testing.assert_allclose(labeler.fit_prior(histories_for(graph, range(graph.n_users))), prior)
 
 
+def test_the_shop_themes_preset_reaches_the_labeler_and_the_cli_offers_every_preset() -> None:
+    pytest.importorskip("core.labelers.embedding")
+    import argparse
+
+    from core.batch_cli import embedding_labeler, register
+    from core.labelers.embedding import PRESETS
+    from core.synthetic import make_shop
+
+    shop = make_shop(n_users=60, n_items=80, n_personas=4, seed=5)
+    graph = shop.graph()
+    themes = embedding_labeler(shop.personas, graph, "shop-themes")
+    niche = embedding_labeler(shop.personas, graph)
+    assert (themes.shop_prior, themes.evidence, themes.calibration) == (1.0, 0.5, 0.0)
+    assert (niche.shop_prior, niche.evidence) == (0.0, 1.0)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    action = next(a for a in parser._subparsers._group_actions[0].choices["label"]._actions  # type: ignore[union-attr]
+                  if a.dest == "embedding_preset")
+    assert set(action.choices) == set(PRESETS)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_label_output_replays_as_recorded_labels(shop_files: dict, suffix: str) -> None:
     """What `gplr label` writes (either format, keyed by user_id) is a label file every reader takes:
