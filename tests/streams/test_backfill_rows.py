@@ -20,17 +20,7 @@ from streams import backfill
 from streams.backfill import write_rows
 from streams.config import StreamConfig
 from streams.tables import changelog_topic, decode_state, encode_packed, encode_state, item_tuple
-
-
-class _Capture:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes | None, bytes, int]] = []
-
-    def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
-        self.records.append((topic, key, value, partition))
-
-    def flush(self) -> None:
-        pass
+from tests.streams.test_backfill import _Capture
 
 
 def _history(seed: int) -> tuple[pd.DataFrame, object]:
