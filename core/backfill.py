@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from core.incremental import ItemState, UserItem, UserState, label_vector
 from core.event_hash import event_keys
@@ -51,6 +52,30 @@ def _slices(blob: bytes, ptr: Sequence[int], width: int) -> list[bytes]:
     """`blob` cut at `ptr` (record boundaries, relative to ptr[0]) into one bytes per range."""
     base = ptr[0]
     return [blob[(a - base) * width:(b - base) * width] for a, b in zip(ptr[:-1], ptr[1:])]
+
+
+def _first_positions(codes: np.ndarray) -> np.ndarray:
+    """Where each code first occurs, for codes numbered in order of first appearance
+    (`pd.factorize(sort=False)`): a code first occurs where it exceeds every code before it."""
+    if not len(codes):
+        return np.zeros(0, dtype=np.int64)
+    new = np.empty(len(codes), dtype=bool)
+    new[0] = True
+    new[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    return np.flatnonzero(new)
+
+
+def _repeated(hashed: np.ndarray, ids: pd.Series) -> np.ndarray:
+    """Rows whose event id occurred before (the worker counts the first): found on the 64-bit
+    hashes, confirmed on the ids (on a hash collision between distinct ids, on the ids alone)."""
+    repeated = pd.Series(hashed).duplicated(keep="first").to_numpy()
+    if repeated.any():
+        codes, _ = pd.factorize(hashed, sort=False)
+        at = np.flatnonzero(repeated)
+        earlier = _first_positions(codes)[codes[at]]
+        if not np.array_equal(ids.iloc[at].to_numpy(dtype=object), ids.iloc[earlier].to_numpy(dtype=object)):
+            repeated = ids.duplicated(keep="first").to_numpy()
+    return repeated
 
 
 class UserColumns(NamedTuple):
@@ -106,19 +131,20 @@ class HistoryIndex:
         """Group a canonical purchases frame (`core.data`). Rows in time order (stable), a
         repeated event id counted once (its first occurrence), as the worker counts them."""
         ordered = frame if frame["ts"].is_monotonic_increasing else frame.sort_values("ts", kind="stable")
-        first = ~ordered["event_id"].duplicated(keep="first").to_numpy()
-        ordered = ordered[first]
+        ids = ordered["event_id"].astype(str)
+        hashed = event_keys(ids)
+        first = ~_repeated(hashed, ids)
+        ordered, hashed = ordered[first], hashed[first]
         user_code, user_ids = pd.factorize(ordered["user_id"].astype(str), sort=False)
         item_code, item_ids = pd.factorize(ordered["item_id"].astype(str), sort=False)
         n_users, n_items = len(user_ids), len(item_ids)
         edge_key = user_code.astype(np.int64) * n_items + item_code
         edge_code, edge_keys = pd.factorize(edge_key, sort=False)  # edges in first-purchase order
         n_edges = len(edge_keys)
-        first_row = np.full(n_edges, len(edge_code), dtype=np.int64)
-        np.minimum.at(first_row, edge_code, np.arange(len(edge_code)))
+        first_row = _first_positions(edge_code)
         edge_user = (np.asarray(edge_keys) // n_items).astype(np.int64)
         order = np.argsort(edge_user, kind="stable")  # group by user, first-purchase order within
-        names = ordered["item_name"].astype(str).to_numpy(dtype=object)
+        names = ordered["item_name"].iloc[first_row].astype(str).to_numpy(dtype=object)
         qty = ordered["quantity"].to_numpy(dtype=np.int64)
         by_user = np.argsort(user_code, kind="stable")
         return cls(
@@ -128,9 +154,9 @@ class HistoryIndex:
             edge_item=(np.asarray(edge_keys) % n_items).astype(np.int64)[order],
             edge_count=np.bincount(edge_code, minlength=n_edges).astype(np.int64)[order],
             edge_quantity=np.bincount(edge_code, weights=qty, minlength=n_edges).astype(np.int64)[order],
-            edge_name=names[first_row][order],
+            edge_name=names[order],
             event_ptr=np.concatenate([[0], np.cumsum(np.bincount(user_code, minlength=n_users))]),
-            event_keys=event_keys(ordered["event_id"].astype(str))[by_user],
+            event_keys=hashed[by_user],
             last_ts=float(ordered["ts"].max()),
             events=int(len(ordered)),
             duplicates=int((~first).sum()),
@@ -180,14 +206,17 @@ class StateBuilder:
         for u, ps in self.labels.items():
             phi[u] = label_vector(ps, n_personas)
         self.phi = phi
-        s = np.zeros((index.n_items, n_personas))
-        np.add.at(s, index.edge_item, phi[index.edge_user])
+        # the user × item incidence (edges are grouped by user: CSR as they stand); sums as sparse
+        # products, not per-edge (E × m) arrays (1.7 GB each at 13M edges and 16 personas)
+        incidence = sp.csr_matrix((np.ones(index.n_edges), index.edge_item, index.edge_ptr),
+                                  shape=(index.n_users, index.n_items))
+        rows = np.fromiter(self.labels, dtype=np.int64, count=len(self.labels))
+        s = np.asarray(incidence[rows].T @ phi[rows]).reshape(index.n_items, n_personas)
         degree = np.bincount(index.edge_item, minlength=index.n_items)
         self.item_s = s
         self.told = s / np.maximum(degree, 1)[:, None]
         self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
-        self.total = np.zeros((index.n_users, n_personas))
-        np.add.at(self.total, index.edge_user, self.told[index.edge_item])
+        self.total = np.asarray(incidence @ self.told).reshape(index.n_users, n_personas)
         self._edges: tuple[list[Any], ...] | None = None
         self._item_names: list[str] | None = None
 
