@@ -155,12 +155,14 @@ class _Sink(CountingSink):
         from confluent_kafka import Producer
 
         super().__init__()
-        # gzip as the worker's own changelog writes (streams.app): user rows compress ~2.8×, item
-        # rows ~6.4× per 1 MB batch (item names and buyer ids repeat across rows), which cuts the
-        # broker's memory and what a recovering worker reads; aiokafka reads gzip natively.
+        # gzip as the worker's own changelog writes (streams.app), which aiokafka reads natively:
+        # per batch user rows shrink ~3×, item rows ~5× (item names and buyer ids repeat across
+        # rows), cutting the broker's memory and what a recovering worker reads. Level 1: ~100 MB/s
+        # of CPU against 50 at librdkafka's default 6, for ~10% less reduction.
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                                   "batch.size": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
-                                  "message.max.bytes": 16 * 1024**2, "log_level": 2, "compression.type": "gzip"})
+                                  "message.max.bytes": 16 * 1024**2, "log_level": 2, "compression.type": "gzip",
+                                  "compression.level": 1})
         self.failed: list[str] = []
 
     def _done(self, err, _msg) -> None:
