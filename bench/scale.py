@@ -64,7 +64,9 @@ FULL = {"users": 206_209, "items": 49_677, "events": 15_000_000}
 LABEL_SHARE = 0.05
 
 
-def _status_kb(pid: int, field: str) -> int:
+def _status_kb(pid: int | None, field: str) -> int:
+    if pid is None:
+        return 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -114,7 +116,7 @@ class _Updates:
         while not self._stop.is_set():
             for msg in self._consumer.consume(2000, 0.2):
                 if not msg.error():
-                    update = json.loads(msg.value())
+                    update = json.loads(msg.value() or b"null")
                     update["_seen"] = time.time()
                     self.items.append(update)
 
@@ -140,10 +142,10 @@ def _config(bootstrap: str, work: Path, name: str, partitions: int, eps: float, 
                         personas_path=personas, label_sources=("bench",))
 
 
-def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, updates: bool) -> dict[str, Any]:
+def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_updates: bool) -> dict[str, Any]:
     """Backfill, recover, live: the warm start's numbers."""
     t0 = time.monotonic()
-    report = run_backfill(config, hist, {u: list(p) for u, p in labels.items()}, updates=updates,
+    report = run_backfill(config, hist, {u: list(p) for u, p in labels.items()}, updates=with_updates,
                           progress=lambda msg: logger.info("backfill: %s", msg))
     backfill_s = time.monotonic() - t0
     logger.info("backfill %.1fs %s", backfill_s, report.seconds)
@@ -275,8 +277,9 @@ def rows_only(config: StreamConfig, hist, labels, args) -> dict[str, Any]:
     summary = write_rows(config, hist, {u: list(p) for u, p in labels.items()}, sink, updates=False,
                          say=lambda msg: logger.info("rows: %s", msg), lap=lap)
     total = time.monotonic() - t0
-    return {"bench": "scale-rows", "quick": args.quick, **{k: summary[k] for k in ("users", "items", "history_events",
-                                                                                    "edges", "prototypes")},
+    scale = args.scale or (0.1 if args.quick else 1.0)
+    counts = {k: summary[k] for k in ("users", "items", "history_events", "edges", "prototypes")}
+    return {"bench": "scale-rows", "quick": args.quick, "scale": scale, **counts,
             "personas": 16, "rows_seconds": round(total, 1), "stages_s": seconds,
             "changelog_mb": round(sink.bytes / 1e6, 1), **_row_bytes(sink.by_topic, config.app_id),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -286,6 +289,9 @@ def rows_only(config: StreamConfig, hist, labels, args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="share of Instacart Full (default 1, --quick 0.1): the embedded broker holds ~4x the "
+                             "changelog in memory, so a full run needs a real Kafka or ~20 GB free")
     parser.add_argument("--live", type=int, default=None, help="unpaced live purchases (default 100,000; quick 20,000)")
     parser.add_argument("--paced", type=int, default=None,
                         help="paced live purchases for latency (default 20,000; quick 5,000)")
@@ -301,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("faust", "mode", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    scale = 0.1 if args.quick else 1.0
+    scale = args.scale or (0.1 if args.quick else 1.0)
+    if not 0 < scale <= 1:
+        raise SystemExit(f"bench/scale: --scale must be in (0, 1], got {scale}")
     n_live = args.live or (20_000 if args.quick else 100_000)
     n_paced = args.paced or (5_000 if args.quick else 20_000)
     n_slice = args.replay_slice or (20_000 if args.quick else 60_000)
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     to_live = out["backfill_seconds"] + out["first_update_seconds"]
     replay_estimate = n_hist / replay["events_per_s"]
     result = {
-        "bench": "scale", "quick": args.quick, "users": report.users, "items": report.items,
+        "bench": "scale", "quick": args.quick, "scale": scale, "users": report.users, "items": report.items,
         "history_events": report.history_events, "edges": int(BipartiteGraph.from_frame(hist).n_edges),
         "personas": len(shop.personas), "prototypes": report.prototypes, "partitions": args.partitions,
         "backfill_updates": args.updates, "backfill_seconds": round(out["backfill_seconds"], 1),

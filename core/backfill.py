@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from core.incremental import ItemState, UserItem, UserState, label_vector
 from core.event_hash import event_keys
+from core.incremental import ItemState, UserItem, UserState, label_vector
 from core.stream_protocol import RECENT_IDS
 
 __all__ = ["HistoryIndex", "StateBuilder", "UserColumns", "ItemColumns", "remember_events", "HISTORY_OFFSET"]
@@ -62,13 +62,14 @@ def _first_positions(codes: np.ndarray) -> np.ndarray:
     new = np.empty(len(codes), dtype=bool)
     new[0] = True
     new[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
-    return np.flatnonzero(new)
+    positions: np.ndarray = np.flatnonzero(new)
+    return positions
 
 
 def _repeated(hashed: np.ndarray, ids: pd.Series) -> np.ndarray:
     """Rows whose event id occurred before (the worker counts the first): found on the 64-bit
     hashes, confirmed on the ids (on a hash collision between distinct ids, on the ids alone)."""
-    repeated = pd.Series(hashed).duplicated(keep="first").to_numpy()
+    repeated: np.ndarray = pd.Series(hashed).duplicated(keep="first").to_numpy()
     if repeated.any():
         codes, _ = pd.factorize(hashed, sort=False)
         at = np.flatnonzero(repeated)
@@ -217,7 +218,7 @@ class StateBuilder:
         self.told = s / np.maximum(degree, 1)[:, None]
         self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
         self.total = np.asarray(incidence @ self.told).reshape(index.n_users, n_personas)
-        self._edges: tuple[list[Any], ...] | None = None
+        self._edges: tuple[Any, ...] | None = None
         self._item_names: list[str] | None = None
 
     def psi_raw(self) -> np.ndarray:
@@ -295,7 +296,7 @@ class StateBuilder:
             [hashes[8 * (_window(a, b) - vptr[0]):8 * (b - vptr[0])] for a, b in zip(vptr[:-1], vptr[1:])],
             np.diff(vptr).tolist(), total / np.maximum(index.degrees[lo:hi], 1)[:, None])
 
-    def _edge_lists(self) -> tuple[list[Any], ...]:
+    def _edge_lists(self) -> tuple[Any, ...]:
         """Per-edge plain Python values, converted once (per-user slices of numpy arrays and
         scalar conversions cost more than the rows themselves at millions of edges)."""
         if self._edges is None:

@@ -35,7 +35,8 @@ def _rotr(x: np.uint64, n: int) -> np.uint64:
 
 
 @numba.njit(inline="always")
-def _g(a, b, c, d, x, y):  # the BLAKE2b mixing function G
+def _g(a: np.uint64, b: np.uint64, c: np.uint64, d: np.uint64, x: np.uint64,
+       y: np.uint64) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:  # the BLAKE2b mixing function G
     a = a + b + x
     d = _rotr(d ^ a, 32)
     c = c + d
@@ -48,7 +49,7 @@ def _g(a, b, c, d, x, y):  # the BLAKE2b mixing function G
 
 
 @numba.njit(cache=True)
-def _compress(h, m, t, last, iv, sigma) -> None:
+def _compress(h: np.ndarray, m: np.ndarray, t: int, last: bool, iv: np.ndarray, sigma: np.ndarray) -> None:
     v0, v1, v2, v3, v4, v5, v6, v7 = h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
     v8, v9, v10, v11, v12, v13, v14, v15 = iv[0], iv[1], iv[2], iv[3], iv[4], iv[5], iv[6], iv[7]
     v12 ^= np.uint64(t)
@@ -75,7 +76,7 @@ def _compress(h, m, t, last, iv, sigma) -> None:
 
 
 @numba.njit(cache=True)
-def _blake2b_8(data, offsets, iv, sigma):
+def _blake2b_8(data: np.ndarray, offsets: np.ndarray, iv: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """BLAKE2b-64 of data[offsets[k]:offsets[k + 1]] for every k, as little-endian int64."""
     n = len(offsets) - 1
     out = np.empty(n, dtype=np.uint64)

@@ -416,7 +416,8 @@ def _bulk_rows(builder: Any, logic: Any, start: int, stop: int, scores: Mapping[
         personas = builder.labels.get(u)
         if personas:
             given = tuple(scores.get(u) or ())
-            chosen = tuple(dict(zip(personas, given if len(given) == len(personas) else (1.0,) * len(personas))).items())
+            given = given if len(given) == len(personas) else (1.0,) * len(personas)
+            chosen = tuple(dict(zip(personas, given)).items())
             label, version, publishes = builder.phi[u].tobytes(), 1, 0
         else:
             chosen, personas, label, version = published[j], (), None, 0

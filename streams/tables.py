@@ -60,9 +60,10 @@ def _arr(raw: bytes | None, dtype: type = np.float64, cols: int | None = None) -
     return arr if cols is None else arr.reshape(-1, cols)
 
 
-def user_tuple(m: int, keys: list[str], names: list[str], ints: bytes, values: bytes, label: bytes | None,
-               label_personas: tuple[int, ...], label_version: int, total: bytes, events: int, applied: int,
-               published: tuple, requested: bool, recent: bytes, publishes: int = 0, quiet: int = 0,
+def user_tuple(m: int, keys: list[str], names: list[str], ints: bytes | None, values: bytes | None,
+               label: bytes | None, label_personas: tuple[int, ...], label_version: int, total: bytes | None,
+               events: int, applied: int, published: tuple, requested: bool, recent: bytes | None,
+               publishes: int = 0, quiet: int = 0,
                text: bytes | None = None, text_items: int = 0, text_version: int = -1) -> tuple:
     """A user row as it is pickled (the one place of its layout): `ints` are (count, seq, quantity)
     int64 per item, `values` the told float64 × m per item (NaN: no reply yet), `recent` the
@@ -98,8 +99,8 @@ def _unpack_user(t: tuple) -> UserState:
                      text_items, text_version)
 
 
-def item_tuple(m: int, users: list[str], versions: bytes, labeled: list[int], labels: bytes, s: bytes,
-               told: bytes, seq: int, applied: int) -> tuple:
+def item_tuple(m: int, users: list[str], versions: bytes | None, labeled: list[int], labels: bytes | None,
+               s: bytes | None, told: bytes | None, seq: int, applied: int) -> tuple:
     """An item row as it is pickled (the one place of its layout): `versions` int64 per buyer,
     `labeled` the positions of buyers with a label, `labels` their float64 × m labels."""
     return ("item", m, users, versions, labeled, labels, s, told, seq, applied)

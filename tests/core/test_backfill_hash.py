@@ -39,3 +39,16 @@ def test_ids_arrow_cannot_hold() -> None:
     ids = ["ok", "bad\udc80", "also ok"]
     assert event_keys(ids).tolist() == [event_key(i) for i in ids]
     assert event_keys([]).dtype == np.int64 and len(event_keys([])) == 0
+
+
+def test_repeats_are_confirmed_on_the_ids() -> None:
+    """`HistoryIndex` finds repeated event ids on their hashes; two distinct ids with one hash
+    (a collision, forced here) are both counted, a true repeat is dropped."""
+    from core.backfill import _repeated
+
+    ids = pd.Series(["a", "b", "a", "c", "b", "d"]).astype(str)
+    honest = event_keys(ids)
+    assert _repeated(honest, ids).tolist() == [False, False, True, False, True, False]
+    collided = honest.copy()
+    collided[3] = collided[0]  # "c" hashes as "a"
+    assert _repeated(collided, ids).tolist() == [False, False, True, False, True, False]
