@@ -155,14 +155,12 @@ class _Sink(CountingSink):
         from confluent_kafka import Producer
 
         super().__init__()
-        # gzip as the worker's own changelog writes (streams.app), which aiokafka reads natively:
-        # per batch user rows shrink ~3×, item rows ~5× (item names and buyer ids repeat across
-        # rows), cutting the broker's memory and what a recovering worker reads. Level 1: ~100 MB/s
-        # of CPU against 50 at librdkafka's default 6, for ~10% less reduction.
+        # Uncompressed: with gzip batches (3x smaller) a worker recovering a 1/2-scale history kept
+        # missing heartbeats while its consumer thread inflated them on a loaded machine, and its
+        # recovery restarted (docs/RESULTS.md §9).
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                                   "batch.size": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
-                                  "message.max.bytes": 16 * 1024**2, "log_level": 2, "compression.type": "gzip",
-                                  "compression.level": 1})
+                                  "message.max.bytes": 16 * 1024**2, "log_level": 2})
         self.failed: list[str] = []
 
     def _done(self, err, _msg) -> None:
