@@ -2,8 +2,10 @@
 
 Why: replaying years of purchases through one worker takes most of an hour at Instacart scale,
 while the same graph's exact Ψ takes a second. `HistoryIndex` groups a history once (vectorised:
-edges, counts, quantities, first names, event ids per user) and `StateBuilder` turns it into
-the worker's own row objects (`core.incremental.UserState` / `ItemState`), in the state a worker
+edges, counts, quantities, first names, event-id hashes per user) and `StateBuilder` turns it
+into the worker's rows — as its own objects (`core.incremental.UserState` / `ItemState`, the
+reference) or, for many rows at once, as the packed columns those objects encode to
+(`user_columns`, `item_columns`; see `streams.tables.user_tuple`) — in the state a worker
 reaches once every push has landed with M̃[v] = M[v] (so Ψ̂ = exact Ψ): every item told its
 buyers its exact M[v] (seq 1, or seq 0 for an item no prototype reaches: the shared reply the
 worker sends a new buyer), every user counted each item's value once. `streams.backfill` decides
