@@ -18,9 +18,8 @@ from core.stream_protocol import RECENT_IDS, event_key
 from core.synthetic import make_shop
 from streams import backfill
 from streams.backfill import write_rows
-from streams.config import StreamConfig
 from streams.tables import changelog_topic, decode_state, encode_packed, encode_state, item_tuple
-from tests.streams.test_backfill import _Capture
+from tests.streams.test_backfill import _Capture, replay_config
 
 
 def _history(seed: int) -> tuple[pd.DataFrame, object]:
@@ -39,15 +38,7 @@ def _history(seed: int) -> tuple[pd.DataFrame, object]:
 @pytest.mark.parametrize("seed", [3, 11])
 def test_bulk_rows_equal_the_worker_encoder(seed, tmp_path, monkeypatch) -> None:
     frame, shop = _history(seed)
-    personas = tmp_path / "personas.json"
-    personas.write_text(shop.personas.to_json())
-    truth = tmp_path / "truth.csv"
-    pd.DataFrame({"CustomerID": list(shop.user_truth),
-                  "personas": ["|".join(shop.personas[p].name for p in ps) for ps in shop.user_truth.values()]}
-                 ).to_csv(truth, index=False)
-    config = StreamConfig(kafka_bootstrap="127.0.0.1:1", app_id="bf", personas_path=personas, labeler="replay",
-                          replay_labels=truth, label_budget=0.08, label_min_purchases=2, partitions=3, top_k=3,
-                          beta=0.7, decoder="graph")
+    config = replay_config(shop, tmp_path, label_budget=0.08, label_min_purchases=2, beta=0.7, decoder="graph")
     bulk = _Capture()
     write_rows(config, frame, None, bulk, updates=False)
     monkeypatch.setattr(backfill, "_bulk_rows", lambda b, lg, s0, s1, sc, rq: backfill._object_rows(
