@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: The worker's tables (streams.tables.define_tables) whose changelogs a backfill writes.
 TABLES = ("users", "items", "stats", "label-counts", "persona-model", "prototypes")
 #: Rows per produce/flush round (bounds the backfill's memory: rows are built, sent and dropped).
-CHUNK_USERS = 20_000
+CHUNK_USERS = 5_000
 
 
 class BackfillError(Exception):
@@ -155,6 +155,9 @@ class _Sink(CountingSink):
         from confluent_kafka import Producer
 
         super().__init__()
+        # Uncompressed: with gzip batches (3x smaller) a worker recovering a 1/2-scale history kept
+        # missing heartbeats while its consumer thread inflated them on a loaded machine, and its
+        # recovery restarted (docs/RESULTS.md §9).
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                                   "batch.size": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
                                   "message.max.bytes": 16 * 1024**2, "log_level": 2})
@@ -246,13 +249,16 @@ def _fit_model(frame: pd.DataFrame, index: HistoryIndex, labels: Mapping[int, Se
 
 
 def _laps() -> tuple[dict[str, float], Callable[[str], None]]:
+    """Seconds per stage (wall), and "<stage>_cpu" the process's CPU seconds in it: on a shared
+    machine the wall time says how busy the others were, the CPU time what the stage costs."""
     seconds: dict[str, float] = {}
-    clock = [time.monotonic()]
+    clock = [time.monotonic(), time.process_time()]
 
     def lap(name: str) -> None:
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time()
         seconds[name] = round(seconds.get(name, 0.0) + now - clock[0], 3)
-        clock[0] = now
+        seconds[f"{name}_cpu"] = round(seconds.get(f"{name}_cpu", 0.0) + cpu - clock[1], 3)
+        clock[:] = [now, cpu]
 
     return seconds, lap
 
@@ -262,10 +268,10 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
                lap: Callable[[str], None] = lambda _n: None) -> dict[str, Any]:
     """Build every table row for `frame` and send it to `sink` (`send(topic, key, value,
     partition)`, `flush()`); the history's summary. See `run_backfill`."""
-    from core.backfill import HistoryIndex, StateBuilder
+    from core.backfill import HISTORY_OFFSET, HistoryIndex, StateBuilder
     from streams.agents import StreamLogic
     from streams.records import partition_for
-    from streams.tables import changelog_topic, encode_state
+    from streams.tables import changelog_topic, encode_packed, encode_state, item_tuple
     from streams.topics import topics_for
 
     personas = config.personas()
@@ -295,34 +301,37 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
         logic.model_version, logic.model = fitted[0], fitted[1]
 
     items_log, users_log = changelog_topic(config.app_id, "items"), changelog_topic(config.app_id, "users")
-    for item, item_state in builder.item_rows():
-        sink.send(items_log, faust_key(item), encode_state(item_state), partition_for(item, config.partitions))
+    for c in builder.item_columns():
+        row = item_tuple(m, c.users, c.versions, c.labeled, c.labels, c.s, c.told, c.seq, HISTORY_OFFSET)
+        sink.send(items_log, faust_key(c.item), encode_packed(row), partition_for(c.item, config.partitions))
     sink.flush()
     lap("items")
 
     stats: dict[int, dict[str, int]] = {}
     counts: dict[int, np.ndarray] = {}
     updates_topic = topics_for(config).persona_updates
+    bulk = logic.model is None and not updates  # graph decoder, no update bodies: rows built in bulk
+    user_ids = index.user_ids.tolist()
     for start in range(0, index.n_users, CHUNK_USERS):
-        for u in range(start, min(start + CHUNK_USERS, index.n_users)):
-            uid = str(index.user_ids[u])
+        stop = min(start + CHUNK_USERS, index.n_users)
+        rows = (_bulk_rows(builder, logic, start, stop, scores, requested) if bulk
+                else _object_rows(builder, logic, start, stop, scores, requested, index.last_ts, updates))
+        for u, value, update in rows:
+            uid = str(user_ids[u])
             p = partition_for(uid, config.partitions)
-            state = builder.user_row(u)
             row_stats = stats.setdefault(p, {"seen": 0, "requested": 0})
             row_stats["seen"] += 1
-            if u in requested:
-                state.requested = True
-                row_stats["requested"] += 1
-            update = _decide(logic, uid, state, scores.get(u), index.last_ts, updates)
-            if state.label is not None:
-                counts.setdefault(p, np.zeros(m))[list(state.label_personas)] += 1
+            row_stats["requested"] += u in requested
+            label_personas = builder.labels.get(u)
+            if label_personas:
+                counts.setdefault(p, np.zeros(m))[list(label_personas)] += 1
                 sink.send(changelog_topic(config.app_id, "prototypes"), faust_key(uid),
-                          encode_state(list(state.label_personas)), p)
-            sink.send(users_log, faust_key(uid), encode_state(state), p)
+                          encode_state(list(label_personas)), p)
+            sink.send(users_log, faust_key(uid), value, p)
             if update is not None:
                 sink.send(updates_topic, uid.encode(), _json(update), p)
         sink.flush()
-        say(f"users: {min(start + CHUNK_USERS, index.n_users)}/{index.n_users}")
+        say(f"users: {stop}/{index.n_users}")
     for p in range(config.partitions):
         key = faust_key(f"p{p}")
         sink.send(changelog_topic(config.app_id, "stats"), key,
@@ -376,6 +385,58 @@ def run_backfill(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str,
                           changelog_bytes=sink.bytes,
                           bytes_by_topic=sink.by_topic, published_history=published, start_offsets=ends,
                           last_ts=summary["last_ts"], seconds=seconds)
+
+
+def _object_rows(builder: Any, logic: Any, start: int, stop: int, scores: Mapping[int, tuple[float, ...]],
+                 requested: set[int], ts: float, updates: bool) -> Iterator[tuple[int, bytes, dict[str, Any] | None]]:
+    """(user code, encoded row, persona update or None) through the row objects and `_decide`:
+    the reference, and the path for the persona model or update bodies (their evidence)."""
+    from streams.tables import encode_state
+
+    for u in range(start, stop):
+        state = builder.user_row(u)
+        state.requested = u in requested
+        update = _decide(logic, str(builder.index.user_ids[u]), state, scores.get(u), ts, updates)
+        yield u, encode_state(state), update
+
+
+def _bulk_rows(builder: Any, logic: Any, start: int, stop: int, scores: Mapping[int, tuple[float, ...]],
+               requested: set[int]) -> Iterator[tuple[int, bytes, None]]:
+    """What `_object_rows` yields for the graph decoder without update bodies, byte for byte,
+    from columns built for the whole chunk (`StateBuilder.user_columns`) and decisions made for
+    it at once (`_bulk_published`)."""
+    from core.backfill import HISTORY_OFFSET
+    from streams.tables import encode_packed, user_tuple
+
+    cols = builder.user_columns(start, stop)
+    published = _bulk_published(logic, cols.psi)
+    for j, u in enumerate(range(start, stop)):
+        personas = builder.labels.get(u)
+        if personas:
+            given = tuple(scores.get(u) or ())
+            given = given if len(given) == len(personas) else (1.0,) * len(personas)
+            chosen = tuple(dict(zip(personas, given)).items())
+            label, version, publishes = builder.phi[u].tobytes(), 1, 0
+        else:
+            chosen, personas, label, version = published[j], (), None, 0
+            publishes = int(bool(chosen))
+        row = user_tuple(builder.m, cols.keys[j], cols.names[j], cols.ints[j], cols.values[j], label, personas, version,
+                         cols.total[j], cols.events[j], HISTORY_OFFSET, chosen, u in requested, cols.recent[j],
+                         publishes, 0)
+        yield u, encode_packed(row), None
+
+
+def _bulk_published(logic: Any, psi: np.ndarray) -> list[tuple[tuple[int, float], ...]]:
+    """Per row of Ψ_raw, the (persona, score) pairs `decide` records for a fresh row on the
+    graph decoder: `rank_personas` (de-biased, Q̂ where no prototype reaches the user, top-k of
+    the positive scores, ties by persona index) for all rows at once."""
+    scores = psi * logic.debias()
+    if logic.q_counts.any():
+        empty = ~(psi > 0).any(axis=1) & ~(scores > 0).any(axis=1)
+        scores[empty] = np.asarray(logic.q_hat(), dtype=np.float64).ravel()
+    rank = np.argsort(-scores, axis=1, kind="stable")[:, :logic.config.top_k]
+    top = np.take_along_axis(scores, rank, axis=1)
+    return [tuple((m, s) for m, s in zip(ms, ss) if s > 0) for ms, ss in zip(rank.tolist(), top.tolist())]
 
 
 def _excluded(config: StreamConfig) -> frozenset[str]:

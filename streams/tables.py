@@ -24,7 +24,8 @@ from faust.types.tables import GlobalTableT, TableT
 from core.incremental import ItemState, UserItem, UserState
 from streams._compat import current_event
 
-__all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_state", "decode_state", "label_counts",
+__all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_state", "decode_state", "encode_packed",
+           "user_tuple", "item_tuple", "label_counts",
            "changelog_entry", "changelog_topic", "read_table"]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ def _arr(raw: bytes | None, dtype: type = np.float64, cols: int | None = None) -
     return arr if cols is None else arr.reshape(-1, cols)
 
 
+def user_tuple(m: int, keys: list[str], names: list[str], ints: bytes | None, values: bytes | None,
+               label: bytes | None, label_personas: tuple[int, ...], label_version: int, total: bytes | None,
+               events: int, applied: int, published: tuple, requested: bool, recent: bytes | None,
+               publishes: int = 0, quiet: int = 0,
+               text: bytes | None = None, text_items: int = 0, text_version: int = -1) -> tuple:
+    """A user row as it is pickled (the one place of its layout): `ints` are (count, seq, quantity)
+    int64 per item, `values` the told float64 × m per item (NaN: no reply yet), `recent` the
+    event-id hashes as int64. `core.backfill` builds these columns for many rows at once."""
+    return ("user", m, keys, names, ints, values, label, label_personas, label_version, total, events, applied,
+            published, requested, recent, publishes, quiet, text, text_items, text_version)
+
+
 def _pack_user(st: UserState) -> tuple:
     keys = list(st.items)
     rows = list(st.items.values())
@@ -67,10 +80,10 @@ def _pack_user(st: UserState) -> tuple:
     for r, it in enumerate(rows):
         if it.value is not None:
             values[r] = it.value
-    return ("user", st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
-            st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
-            tuple(st.published.items()), st.requested, _raw(np.array(st.recent_ids, dtype=np.int64)),
-            st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
+    return user_tuple(st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
+                      st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
+                      tuple(st.published.items()), st.requested, _raw(np.array(st.recent_ids, dtype=np.int64)),
+                      st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
 
 
 def _unpack_user(t: tuple) -> UserState:
@@ -86,13 +99,20 @@ def _unpack_user(t: tuple) -> UserState:
                      text_items, text_version)
 
 
+def item_tuple(m: int, users: list[str], versions: bytes | None, labeled: list[int], labels: bytes | None,
+               s: bytes | None, told: bytes | None, seq: int, applied: int) -> tuple:
+    """An item row as it is pickled (the one place of its layout): `versions` int64 per buyer,
+    `labeled` the positions of buyers with a label, `labels` their float64 × m labels."""
+    return ("item", m, users, versions, labeled, labels, s, told, seq, applied)
+
+
 def _pack_item(st: ItemState) -> tuple:
     users = list(st.buyers)
     versions = np.array([v for v, _ in st.buyers.values()], dtype=np.int64)
     labeled = [i for i, (_, lab) in enumerate(st.buyers.values()) if lab is not None]
     labels = np.array([st.buyers[users[i]][1] for i in labeled]).reshape(len(labeled), st.n_personas)
-    return ("item", st.n_personas, users, _raw(versions), labeled, _raw(labels), _raw(st.s), _raw(st.told),
-            st.seq, st.applied_offset)
+    return item_tuple(st.n_personas, users, _raw(versions), labeled, _raw(labels), _raw(st.s), _raw(st.told),
+                      st.seq, st.applied_offset)
 
 
 def _unpack_item(t: tuple) -> ItemState:
@@ -112,7 +132,12 @@ def encode_state(state: Any) -> bytes:
         state = _pack_user(state)
     elif isinstance(state, ItemState):
         state = _pack_item(state)
-    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    return encode_packed(state)
+
+
+def encode_packed(row: Any) -> bytes:
+    """The stored bytes of a packed row (`user_tuple`, `item_tuple`) or any other table value."""
+    return pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_state(raw: bytes | None) -> Any:

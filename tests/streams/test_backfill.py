@@ -172,18 +172,10 @@ def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
 
     from streams.agents import REFIT_RULE
     from streams.backfill import write_rows
-    from streams.config import StreamConfig
     from streams.refit import decode_model, fit_stream_model, milestone
     from streams.tables import decode_state
 
-    personas = tmp_path / "personas.json"
-    personas.write_text(shop.personas.to_json())
-    truth = tmp_path / "truth.csv"
-    pd.DataFrame({"CustomerID": list(shop.user_truth),
-                  "personas": ["|".join(shop.personas[p].name for p in ps) for ps in shop.user_truth.values()]}
-                 ).to_csv(truth, index=False)
-    config = StreamConfig(kafka_bootstrap="127.0.0.1:1", app_id="bf", personas_path=personas, labeler="replay",
-                          replay_labels=truth, label_budget=0.2, label_min_purchases=3, partitions=3, top_k=3)
+    config = replay_config(shop, tmp_path, label_budget=0.2, label_min_purchases=3)
     sink = _Capture()
     summary = write_rows(config, shop.frame, None, sink)
     users = {decode_key(k): decode_state(v) for t, k, v, _ in sink.records if t == changelog_topic("bf", "users")}
@@ -209,6 +201,21 @@ def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
     assert model.to_dict() == refit
     unlabeled = [s for s in users.values() if s.label is None]
     assert all(s.text_version == version and s.published for s in unlabeled)  # decided by the model
+
+
+def replay_config(shop, tmp_path: Path, **settings):
+    """A broker-less config whose replay labeler plays the shop's planted truth (app "bf", 3
+    partitions, top 3), with `settings` on top."""
+    from streams.config import StreamConfig
+
+    personas = tmp_path / "personas.json"
+    personas.write_text(shop.personas.to_json())
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"CustomerID": list(shop.user_truth),
+                  "personas": ["|".join(shop.personas[p].name for p in ps) for ps in shop.user_truth.values()]}
+                 ).to_csv(truth, index=False)
+    return StreamConfig(kafka_bootstrap="127.0.0.1:1", app_id="bf", personas_path=personas, labeler="replay",
+                        replay_labels=truth, partitions=3, top_k=3, **settings)
 
 
 def decode_key(key: bytes) -> str:

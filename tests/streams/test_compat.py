@@ -175,3 +175,37 @@ def test_private_hooks_live_only_in_compat(tmp_path) -> None:
     offenders = {str(p.relative_to(repo)): _private_uses(p) for package in ("core", "streams", "recsys")
                  for p in sorted((repo / package).rglob("*.py")) if p.name != "_compat.py"}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_fast_gzip_builds_level_one_batches_that_read_back() -> None:
+    """The producers' batch builder (aiokafka's Cython one where built) compresses at the level
+    `fast_gzip` sets — the gzip header's XFL byte is 4 for the fastest level, 2 for level 9 —
+    and the batch still reads back record for record."""
+    import aiokafka.codec
+    from aiokafka.record import default_records
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+
+    values = [bytes(range(256)) * 20 + bytes([i]) for i in range(40)]
+
+    def xfl() -> int:
+        builder = DefaultRecordBatchBuilder(magic=2, compression_type=1, is_transactional=False, producer_id=-1,
+                                            producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+        for i, value in enumerate(values):
+            builder.append(i, timestamp=None, key=b"k", value=value, headers=[])
+        raw = bytes(builder.build())
+        batch = MemoryRecords(raw).next_batch()
+        assert [r.value for r in batch] == values
+        start = raw.find(b"\x1f\x8b")
+        return raw[start + 8]
+
+    saved = [(m, m.gzip_encode) for m in (default_records, _compat._c_default_records) if m is not None]
+    try:
+        for module, _ in saved:
+            module.gzip_encode = aiokafka.codec.gzip_encode
+        assert xfl() == 2
+        _compat.fast_gzip()
+        assert xfl() == 4
+    finally:
+        for module, original in saved:
+            module.gzip_encode = original
