@@ -280,13 +280,16 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
     lap("index")
     say(f"history: {index.events} purchases, {index.n_users} users, {index.n_items} items, "
         f"{index.n_edges} edges ({index.duplicates} repeated event ids dropped)")
+    from streams.labeling import LabelPolicy
+
+    policy = LabelPolicy(config)  # who is held out, and the worker's own budget counting
     scores: dict[int, tuple[float, ...]] = {}
     requested: set[int] = set()
     if labels is not None:
         code = {str(uid): u for u, uid in enumerate(index.user_ids)}
         prototypes = {code[str(k)]: tuple(int(p) for p in v) for k, v in labels.items() if str(k) in code}
     else:
-        chosen = choose_prototypes(index, config, _excluded(config))
+        chosen = choose_prototypes(index, config, policy.excluded)
         prototypes, scores = label_users(index, chosen, config, personas)
         requested = set(chosen)
     builder = StateBuilder(index, prototypes, m)
@@ -319,8 +322,8 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
         for u, value, update in rows:
             uid = str(user_ids[u])
             p = partition_for(uid, config.partitions)
-            row_stats = stats.setdefault(p, {"seen": 0, "requested": 0})
-            row_stats["seen"] += 1
+            row_stats = stats.setdefault(p, {"seen": 0, "excluded": 0, "requested": 0})
+            policy.count_user(uid, row_stats)
             row_stats["requested"] += u in requested
             label_personas = builder.labels.get(u)
             if label_personas:
@@ -335,7 +338,7 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
     for p in range(config.partitions):
         key = faust_key(f"p{p}")
         sink.send(changelog_topic(config.app_id, "stats"), key,
-                  encode_state(stats.get(p, {"seen": 0, "requested": 0})), p)
+                  encode_state(stats.get(p, {"seen": 0, "excluded": 0, "requested": 0})), p)
         if p in counts:
             sink.send(changelog_topic(config.app_id, "label-counts"), key, encode_state(counts[p]), p)
     if fitted is not None:
@@ -437,11 +440,6 @@ def _bulk_published(logic: Any, psi: np.ndarray) -> list[tuple[tuple[int, float]
     rank = np.argsort(-scores, axis=1, kind="stable")[:, :logic.config.top_k]
     top = np.take_along_axis(scores, rank, axis=1)
     return [tuple((m, s) for m, s in zip(ms, ss) if s > 0) for ms, ss in zip(rank.tolist(), top.tolist())]
-
-
-def _excluded(config: StreamConfig) -> frozenset[str]:
-    path = config.label_exclude
-    return frozenset(path.read_text().split()) if path is not None else frozenset()
 
 
 def _decide(logic: Any, user: str, state: Any, label_scores: tuple[float, ...] | None, ts: float,

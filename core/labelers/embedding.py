@@ -83,7 +83,7 @@ RULES = ("posterior", "lift")
 #: catalogue leans to a few themes that most customers share (a gift shop): the shop-lean prior,
 #: half the evidence per item, no per-persona calibration — chosen on Online Retail's validation
 #: customers (docs/RESULTS.md §6), it costs the niche shops 0.07–0.15 F1.
-PRESETS: dict[str, dict[str, float]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "niche": {},
     "shop-themes": {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0},
 }

@@ -164,6 +164,29 @@ class _Capture:
         pass
 
 
+def test_held_out_users_are_counted_as_the_worker_counts_them(shop, tmp_path) -> None:
+    """With GPLR_LABEL_EXCLUDE, the stats rows carry `excluded` per partition (the worker's
+    admit probability divides the budget by seen − excluded) and no held-out user is labeled."""
+    from streams.backfill import write_rows
+    from streams.tables import decode_state
+
+    user_ids = sorted({str(u) for u in shop.frame["user_id"]})
+    held_out = set(user_ids[::3])
+    exclude = tmp_path / "held_out.txt"
+    exclude.write_text("\n".join(sorted(held_out)))
+    config = replay_config(shop, tmp_path, label_budget=0.2, label_exclude=exclude)
+    sink = _Capture()
+    write_rows(config, shop.frame, None, sink)
+    users = {decode_key(k): decode_state(v) for t, k, v, _ in sink.records if t == changelog_topic("bf", "users")}
+    stats = {decode_key(k): decode_state(v) for t, k, v, _ in sink.records if t == changelog_topic("bf", "stats")}
+    for p in range(config.partitions):
+        members = [u for u in users if partition_for(u, config.partitions) == p]
+        assert stats[f"p{p}"]["seen"] == len(members)
+        assert stats[f"p{p}"]["excluded"] == sum(u in held_out for u in members) > 0
+    assert not any(users[u].label is not None for u in held_out)
+    assert any(s.label is not None for s in users.values())
+
+
 def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
     """No labels given: per user partition, budget × users (rounded half up) prototypes through
     the configured (replay) labeler, counted in the stats rows; the shipped persona model is the
