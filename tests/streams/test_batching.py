@@ -237,6 +237,18 @@ def test_packed_states_roundtrip():
     got.s -= 1.0
 
 
+def test_state_cache_is_bounded_by_encoded_bytes():
+    """Rows of ~1.7 kB against a 4 kB bound: the cache never holds more than the bound, and a
+    row it dropped is read back from the table, equal to what was put."""
+    table = StateTable({}, cache_size=1000, cache_bytes=4096)
+    size = len(encode_state(UserState(200)))
+    assert 1024 < size < 2048
+    for n in range(10):
+        table.put(f"u{n}", UserState(200, events=n))
+        assert table._cached_bytes <= 4096 and len(table._cache) <= 4096 // size
+    assert "u0" not in table._cache and table.get("u0").events == 0
+
+
 def test_state_cache_is_write_through_and_clears():
     table = StateTable({})
     state = UserState(2)
