@@ -235,18 +235,19 @@ class PersonaDecoder:
         """p[u, m] in [0, 1] (with the prevalence shift; `shifted=False`: the calibrated ones);
         users with no purchase and no affinity get the prior."""
         z = self.logits(psi_raw, text_logit)
-        p = 1.0 / (1.0 + np.exp(-(z if shifted else z - self.shift)))
-        return with_prior(p, self.prior, _no_evidence(psi_raw, degree))
+        return self._with_prior(z if shifted else z - self.shift, _no_evidence(psi_raw, degree))
+
+    def _with_prior(self, z: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        """σ(z), the prior on rows `empty`."""
+        return with_prior(1.0 / (1.0 + np.exp(-z)), self.prior, empty)
 
     def _select(self, z: np.ndarray, empty: np.ndarray, delta: np.ndarray | float = 0.0
                 ) -> tuple[np.ndarray, np.ndarray]:
         """`select_personas` of logits z (+ a further shift δ): ranked by σ(z + δ), sized (expected
         F1) on the calibrated σ(z − shift); rows `empty` get the prior."""
-        p = with_prior(1.0 / (1.0 + np.exp(-(z + delta))), self.prior, empty)
-        size = None
-        if self.rule == "expected_f1":
-            size = with_prior(1.0 / (1.0 + np.exp(-(z - self.shift))), self.prior, empty)
-        return select_personas(p, self.thresholds, self.max_personas, self.rule, size)
+        size = self._with_prior(z - self.shift, empty) if self.rule == "expected_f1" else None
+        return select_personas(self._with_prior(z + delta, empty), self.thresholds, self.max_personas, self.rule,
+                               size)
 
     def decide(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,7 @@ __all__ = [
     "psi_raw",
     "user_text_sum",
     "rank_personas",
+    "top_personas",
     "persona_change",
     "decide",
     "LocalNetwork",
@@ -356,6 +357,13 @@ def with_prior(scores: np.ndarray, prior: np.ndarray | None, empty: np.ndarray) 
     return out
 
 
+def top_personas(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `scores` (users × personas): the k highest personas, ties broken by persona
+    index, and their scores. The ranking of `rank_personas`, for many rows at once."""
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ranked, np.take_along_axis(scores, ranked, axis=1)
+
+
 def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
                   prior: np.ndarray | None = None) -> PersonaSnapshot:
     """Top-k of Ψ = Ψ_raw · c (only positive scores; ties broken by persona index).
@@ -368,8 +376,8 @@ def rank_personas(psi: np.ndarray, debias: np.ndarray | None, k: int,
     if debias is not None:
         scores = scores * debias
     scores = with_prior(scores[None, :], prior, np.array([not np.any(scores > 0)]))[0]
-    ranked = np.lexsort((np.arange(len(scores)), -scores))[:k]
-    order = [int(m) for m in ranked if scores[m] > 0]
+    ranked, _ = top_personas(scores[None, :], k)
+    order = [int(m) for m in ranked[0] if scores[m] > 0]
     scale = float(scores[scores > 0].sum())
     return PersonaSnapshot(tuple(order), tuple(float(scores[m]) for m in order), scale or 1.0)
 

@@ -270,6 +270,7 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
     partition)`, `flush()`); the history's summary. See `run_backfill`."""
     from core.backfill import HISTORY_OFFSET, HistoryIndex, StateBuilder
     from streams.agents import StreamLogic
+    from streams.labeling import LabelPolicy
     from streams.records import partition_for
     from streams.tables import changelog_topic, encode_packed, encode_state, item_tuple
     from streams.topics import topics_for
@@ -280,8 +281,6 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
     lap("index")
     say(f"history: {index.events} purchases, {index.n_users} users, {index.n_items} items, "
         f"{index.n_edges} edges ({index.duplicates} repeated event ids dropped)")
-    from streams.labeling import LabelPolicy
-
     policy = LabelPolicy(config)  # who is held out, and the worker's own budget counting
     scores: dict[int, tuple[float, ...]] = {}
     requested: set[int] = set()
@@ -433,12 +432,12 @@ def _bulk_published(logic: Any, psi: np.ndarray) -> list[tuple[tuple[int, float]
     """Per row of Ψ_raw, the (persona, score) pairs `decide` records for a fresh row on the
     graph decoder: `rank_personas` (de-biased, Q̂ where no prototype reaches the user, top-k of
     the positive scores, ties by persona index) for all rows at once."""
+    from core.incremental import top_personas, with_prior
+
     scores = psi * logic.debias()
-    if logic.q_counts.any():
-        empty = ~(psi > 0).any(axis=1) & ~(scores > 0).any(axis=1)
-        scores[empty] = np.asarray(logic.q_hat(), dtype=np.float64).ravel()
-    rank = np.argsort(-scores, axis=1, kind="stable")[:, :logic.config.top_k]
-    top = np.take_along_axis(scores, rank, axis=1)
+    prior = logic.q_hat() if logic.q_counts.any() else None
+    scores = with_prior(scores, prior, ~(psi > 0).any(axis=1) & ~(scores > 0).any(axis=1))
+    rank, top = top_personas(scores, logic.config.top_k)
     return [tuple((m, s) for m, s in zip(ms, ss) if s > 0) for ms, ss in zip(rank.tolist(), top.tolist())]
 
 

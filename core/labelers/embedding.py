@@ -218,6 +218,7 @@ class EmbeddingLabeler:
         self._calib: _Calibration | None = None
         self._pinned = False
         self._prior: np.ndarray | None = None  # persona prior of the set model (fit_prior)
+        self._lean: tuple[_Calibration, np.ndarray] | None = None  # shop_lean of that calibration
         if catalogue is not None:
             self.fit(catalogue)
 
@@ -400,10 +401,13 @@ class EmbeddingLabeler:
     def shop_lean(self) -> np.ndarray:
         """(|R|,) how much the catalogue leans to each persona against a neutral reference
         catalogue, standardised across personas (`core.labelers.shop_prior`)."""
-        if self._calib is None:
+        calib = self._calib
+        if calib is None:
             raise ValueError("no catalogue yet: call fit(names) or label something first")
-        reference = self.encode(list(reference_names())).astype(np.float64) @ self.persona_vectors().T
-        return shop_lean(self._calib.mean, reference)
+        if self._lean is None or self._lean[0] is not calib:  # once per catalogue calibration
+            reference = self.encode(list(reference_names())).astype(np.float64) @ self.persona_vectors().T
+            self._lean = (calib, shop_lean(calib.mean, reference))
+        return self._lean[1]
 
     def persona_prior(self) -> np.ndarray:
         """(|R|,) the set model's prior probability of each persona: `fit_prior`'s (else `RHO0`),
