@@ -31,6 +31,7 @@ Prints progress lines, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -85,7 +86,9 @@ def _history(scale: float, seed: int):
     mean = 1.2 * FULL["events"] / FULL["users"]
     shop = make_shop(n_users=users, n_items=items, n_personas=16, seed=seed, mean_purchases=mean,
                      zipf=0.5, repeat=0.05)
-    return shop, shop.frame.sort_values("ts", kind="stable").reset_index(drop=True)
+    ordered = shop.frame.sort_values("ts", kind="stable").reset_index(drop=True)
+    # one copy of the 18M-row frame, not two: at full scale each is ~2 GB beside the broker's log
+    return dataclasses.replace(shop, frame=ordered), ordered
 
 
 def _labels(shop, users: set[str], seed: int) -> dict[str, tuple[int, ...]]:
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
     parser.add_argument("--scale", type=float, default=None,
                         help="share of Instacart Full (default 1, --quick 0.1): the embedded broker holds ~4x the "
-                             "changelog in memory, so a full run needs a real Kafka or ~20 GB free")
+                             "changelog in memory (5.5x after a full-scale backfill, more while a worker reads it; docs/RESULTS.md "
+                             "§9a), so a full run needs a real Kafka or ~32 GB")
     parser.add_argument("--live", type=int, default=None, help="unpaced live purchases (default 100,000; quick 20,000)")
     parser.add_argument("--paced", type=int, default=None,
                         help="paced live purchases for latency (default 20,000; quick 5,000)")
