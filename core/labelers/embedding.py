@@ -61,7 +61,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
-from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
+from core.labelers.set_posterior import RHO0, expected_f1_sets, refine_ratios, set_posterior
 from core.labelers.shop_prior import lean_prior, lean_unevenness, reference_names, regime_strength, shop_lean
 from core.personas import PersonaSet
 
@@ -83,8 +83,10 @@ RULES = ("posterior", "lift")
 #: themes that most customers share (a gift shop): the shop-lean prior, half the evidence per
 #: item, no per-persona calibration — chosen on Online Retail's validation customers
 #: (docs/RESULTS.md §6); it costs the niche shops 0.07–0.15 F1.
-NICHE: dict[str, float] = {"shop_prior": 0.0, "evidence": 1.0, "calibration": DEFAULT_CALIBRATION}
-SHOP_THEMES: dict[str, float] = {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0}
+#: `refine`: how much the users' item ratios come from who buys each item (`fit_prior`,
+#: `set_posterior.refine_ratios`) rather than from the names alone.
+NICHE: dict[str, float] = {"shop_prior": 0.0, "evidence": 1.0, "calibration": DEFAULT_CALIBRATION, "refine": 1.0}
+SHOP_THEMES: dict[str, float] = {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0, "refine": 0.0}
 #: Named constructor settings (`gplr label --embedding-preset`). `auto` (the default): the
 #: catalogue chooses between the regimes (`regime_settings` of `shop_prior.regime_strength`);
 #: `niche` and `shop-themes` pin one.
@@ -205,14 +207,16 @@ class EmbeddingLabeler:
         rule: str = DEFAULT_RULE,
         shop_prior: float | None = None,
         evidence: float | None = None,
+        refine: float | None = None,
     ) -> None:
         if temperature <= 0 or max_personas < 1:
             raise ValueError("temperature must be > 0 and max_personas >= 1")
         if not ((calibration is None or 0.0 <= calibration <= 1.0) and 0.0 <= name_weight <= 1.0
                 and 0.0 < max_df <= 1.0):
             raise ValueError("calibration and name_weight must be in [0, 1], max_df in (0, 1]")
-        if (shop_prior is not None and shop_prior < 0) or (evidence is not None and evidence <= 0):
-            raise ValueError("shop_prior must be >= 0 and evidence > 0")
+        if (shop_prior is not None and shop_prior < 0) or (evidence is not None and evidence <= 0) \
+                or (refine is not None and not 0.0 <= refine <= 1.0):
+            raise ValueError("shop_prior must be >= 0, evidence > 0 and refine in [0, 1]")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         self.rule = rule
@@ -224,7 +228,8 @@ class EmbeddingLabeler:
         self.max_df = float(max_df)
         # explicit settings; None = chosen by the catalogue (`settings`)
         self._fixed = {k: float(v) for k, v in
-                       (("shop_prior", shop_prior), ("evidence", evidence), ("calibration", calibration))
+                       (("shop_prior", shop_prior), ("evidence", evidence), ("calibration", calibration),
+                        ("refine", refine))
                        if v is not None}
         self.stats = LabelerStats()
         self._model_path = None if model_path is None else str(model_path)
@@ -238,6 +243,7 @@ class EmbeddingLabeler:
         self._prior: np.ndarray | None = None  # persona prior of the set model (fit_prior)
         self._lean: tuple[_Calibration, np.ndarray] | None = None  # shop_lean of that calibration
         self._reference: np.ndarray | None = None  # reference names × personas similarities
+        self._refined: dict[str, np.ndarray] = {}  # item ratios re-estimated from their buyers (fit_prior)
         if catalogue is not None:
             self.fit(catalogue)
 
@@ -262,6 +268,11 @@ class EmbeddingLabeler:
     def shop_prior(self) -> float:
         """Strength of the shop-lean prior shift in use."""
         return self.settings()["shop_prior"]
+
+    @property
+    def refine(self) -> float:
+        """Weight of the buyer-re-estimated item ratios (`fit_prior`) against the names' own."""
+        return self.settings()["refine"]
 
     def settings(self, calib: _Calibration | None = None) -> dict[str, float]:
         """`shop_prior`, `evidence`, `calibration` in use: the explicit ones, the rest from the
@@ -444,16 +455,30 @@ class EmbeddingLabeler:
         names, weights = purchase_weights(histories)
         return np.asarray(weights @ self.item_persona_scores(names))
 
-    def _evidence(self, histories: Sequence[UserHistory]) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Users × names weights (1 + log q, rows rescaled to `evidence` × the number of distinct
-        items: each item about one unit of evidence) and the names' likelihood ratios votes /
-        catalogue share."""
+    def _item_evidence(self, histories: Sequence[UserHistory]) -> tuple[list[str], sp.csr_matrix, np.ndarray]:
+        """Distinct names, users × names weights (1 + log q, rows rescaled to `evidence` × the
+        number of distinct items: each item about one unit of evidence) and the names' votes."""
         names, weights = purchase_weights(histories)
         if not names:
-            return weights, np.zeros((0, len(self.personas)))
+            return names, weights, np.zeros((0, len(self.personas)))
         votes = self.item_persona_scores(names)
         counts = sp.diags(self.evidence * np.diff(weights.indptr).astype(np.float64)) @ weights
-        return sp.csr_matrix(counts), votes / np.maximum(self.persona_base(), 1e-12)[None, :]
+        return names, sp.csr_matrix(counts), votes
+
+    def _evidence(self, histories: Sequence[UserHistory]) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The users' evidence weights and the names' likelihood ratios: votes / catalogue share,
+        mixed (weight `refine`) with the ratios `fit_prior` re-estimated from their buyers."""
+        names, counts, votes = self._item_evidence(histories)
+        ratios = votes / np.maximum(self.persona_base(), 1e-12)[None, :] if names else votes
+        refined = self._refined
+        weight = self.refine if refined else 0.0
+        if weight > 0:
+            known = np.fromiter((n in refined for n in names), dtype=bool, count=len(names))
+            if known.any():
+                ratios = ratios.copy()
+                rows = np.stack([refined[n] for n, k in zip(names, known) if k])
+                ratios[known] = (1.0 - weight) * ratios[known] + weight * rows
+        return counts, ratios
 
     def fit_prior(self, histories: Sequence[UserHistory]) -> np.ndarray:
         """Fit the set model's persona prior on a shop's (unlabeled) users and keep it.
@@ -461,6 +486,12 @@ class EmbeddingLabeler:
         Labels then depend on each user alone, never on the batch they come in. Without this
         every persona has prior `RHO0`.
         """
+        names, counts, votes = self._item_evidence(histories)
+        self._refined = {}
+        if names and self.refine > 0:  # who buys each item, on top of its name (EM on these users)
+            ratios = votes / np.maximum(self.persona_base(), 1e-12)[None, :]
+            refined = refine_ratios(counts, ratios, votes, max_personas=self.max_personas)
+            self._refined = dict(zip(names, refined))
         counts, ratios = self._evidence(histories)
         _, _, prior = set_posterior(counts, ratios, max_personas=self.max_personas)
         self._prior = prior
