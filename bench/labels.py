@@ -205,23 +205,25 @@ def _scored(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 
 #: labeler settings compared on every data set: (label, constructor options)
-#: (the default reads its regime off the catalogue; the others pin every setting, on top of `niche`)
-NICHE = PRESETS["niche"]
+#: (the default reads its regime off the catalogue; the others pin every setting: the `niche` preset,
+#: and the previous defaults — niche without the buyer-re-estimated item ratios — with changes)
+PREVIOUS = {**PRESETS["niche"], "refine": 0.0}
 EMBEDDING_VARIANTS: tuple[tuple[str, dict], ...] = (
     ("default", {}),
-    ("niche settings (the previous defaults)", NICHE),
-    ("lift rule (per-persona bar, the previous user rule)", {**NICHE, "rule": "lift"}),
-    ("no per-persona calibration", {**NICHE, "calibration": 0.0}),
-    ("full per-persona z-score", {**NICHE, "calibration": 1.0}),
-    ("no word weighting (whole name only, no word dropping)", {**NICHE, "name_weight": 1.0, "max_df": 1.0}),
+    ("niche preset", PRESETS["niche"]),
+    ("previous defaults (niche, item ratios from the names alone)", PREVIOUS),
+    ("lift rule (per-persona bar, the previous user rule)", {**PREVIOUS, "rule": "lift"}),
+    ("no per-persona calibration", {**PREVIOUS, "calibration": 0.0}),
+    ("full per-persona z-score", {**PREVIOUS, "calibration": 1.0}),
+    ("no word weighting (whole name only, no word dropping)", {**PREVIOUS, "name_weight": 1.0, "max_df": 1.0}),
     ("previous labeler's shape (raw cosine, whole name, T=0.03, lift rule)",
-     {**NICHE, "calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
-    ("shop-lean prior, strength 1", {**NICHE, "shop_prior": 1.0}),
-    ("shop-lean prior, strength 2, evidence x0.5", {**NICHE, "shop_prior": 2.0, "evidence": 0.5}),
+     {**PREVIOUS, "calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
+    ("shop-lean prior, strength 1", {**PREVIOUS, "shop_prior": 1.0}),
+    ("shop-lean prior, strength 2, evidence x0.5", {**PREVIOUS, "shop_prior": 2.0, "evidence": 0.5}),
     ("shop-lean prior, strength 1, evidence x0.5, no per-persona calibration", PRESETS["shop-themes"]),
 )
 #: the user rules the validation users choose between (besides the lift rule at its validated bar)
-VALIDATION_CHOICES = ("default", "niche settings (the previous defaults)",
+VALIDATION_CHOICES = ("default", "niche preset", "previous defaults (niche, item ratios from the names alone)",
                       "lift rule (per-persona bar, the previous user rule)",
                       "shop-lean prior, strength 1", "shop-lean prior, strength 2, evidence x0.5",
                       "shop-lean prior, strength 1, evidence x0.5, no per-persona calibration")

@@ -27,11 +27,18 @@ first, then users:
    `rule="lift"`, the previous rule: the quantity-weighted mean vote (weight 1 + log q) must
    reach `threshold` times the persona's bar — its catalogue share capped at 1/|R|
    (`persona_bar`) — best first, at least one, at most `max_personas`.
-4. **Optional shop-level prior** (`shop_prior` > 0, off by default): the set model's prior
-   log-odds shifted by `shop_prior` × how much the whole catalogue leans to each persona against
-   a neutral reference catalogue (`core.labelers.shop_prior`), and each item worth `evidence`
-   units — for shops whose labels are shop-wide themes (Online Retail's GPT-4 labels), not for
-   shops whose personas are niches (the synthetic shops); measured in docs/RESULTS.md §6.
+4. **Two regimes, chosen by the catalogue** (the default; `PRESETS` pins one). *Niche*
+   (`NICHE`: per-persona calibration 0.5, one unit of evidence per item, and the users' item
+   ratios re-estimated from who buys each item, `fit_prior` / `set_posterior.refine_ratios`)
+   for shops whose personas are niches of an even catalogue; *shop themes* (`SHOP_THEMES`: the
+   prior's log-odds shifted by how much the whole catalogue leans to each persona against a
+   neutral reference, `core.labelers.shop_prior`, half a unit of evidence per item, no
+   calibration, the names' ratios alone) for shops whose whole catalogue leans to a few themes
+   most customers share (Online Retail's GPT-4 labels). Which one: how unevenly the catalogue
+   leans across the personas compared with an even catalogue of the same personas
+   (`shop_prior.lean_unevenness`: about 1 on the synthetic shops, 1.8 on Online Retail), mapped
+   to a strength in [0, 1] (`shop_prior.regime_strength`) that interpolates every setting not
+   given explicitly (`regime_settings`). No labels.
 
 The catalogue is what the labeler has been shown: `fit(names)` pins it (e.g. all item names
 of a graph); otherwise every name seen in `label`/`item_persona_scores` joins it and the
@@ -39,12 +46,10 @@ statistics are refitted whenever it has grown by `REFIT_GROWTH` (so labels depen
 seen before, but a fitted labeler is deterministic). Small catalogues are calibrated weakly:
 per-persona statistics are shrunk towards the mean over personas with `PRIOR_ITEMS` pseudo-items.
 
-Measured (bench/labels.py, docs/RESULTS.md §6): see there; in short the posterior rule lifts
-the synthetic shops (planted truth) from 0.70/0.70/0.61/0.61 (lift rule) to about
-0.73/0.72/0.68/0.80, near the 0.79/0.80/0.76/0.89 the same rule reaches on the planted item
-personas; on Online Retail against GPT-4 the defaults stay below the popularity baseline
-(0.498 vs 0.568: GPT-4 puts the shop-wide themes on most customers), and the shop-level prior
-the validation customers choose (`shop_prior=1, evidence=0.5, calibration=0`) passes it, 0.588.
+Measured (bench/labels.py, docs/RESULTS.md §6): the default reads Online Retail as a themed shop
+(strength 1: F1@5 0.588 against GPT-4, popularity 0.568) and the synthetic shops as niche
+(strength 0), where the buyer-re-estimated item ratios lift the posterior rule from
+0.73/0.72/0.68/0.80 to about 0.77/0.77/0.74/0.88 (planted item personas: 0.79/0.80/0.76/0.89).
 """
 from __future__ import annotations
 
@@ -481,10 +486,12 @@ class EmbeddingLabeler:
         return counts, ratios
 
     def fit_prior(self, histories: Sequence[UserHistory]) -> np.ndarray:
-        """Fit the set model's persona prior on a shop's (unlabeled) users and keep it.
+        """Fit the set model's persona prior on a shop's (unlabeled) users and keep it; with
+        `refine` > 0 first re-estimate the bought items' ratios from these buyers
+        (`set_posterior.refine_ratios`), mixed into every later user's evidence.
 
         Labels then depend on each user alone, never on the batch they come in. Without this
-        every persona has prior `RHO0`.
+        every persona has prior `RHO0` and the items their names' ratios.
         """
         names, counts, votes = self._item_evidence(histories)
         self._refined = {}

@@ -10,12 +10,19 @@ the same persona's mean similarity over a bundled neutral catalogue (`reference_
 synthetic shops' department vocabularies and generic items, about 830 names), standardised
 across personas; `lean_prior` shifts a prior's log-odds by `strength` × that lean. No labels.
 
+Whether a shop is such a themed shop is read off the catalogue too: `lean_unevenness` compares
+how unevenly the shop's lean spreads across the personas with the spread of an *even* catalogue
+of the same personas (each persona's nearest reference names, pooled): about 1 for a catalogue
+spread evenly over niche personas (the synthetic shops 0.77–1.07), 1.81 on Online Retail;
+`regime_strength` maps it to [0, 1] (0 up to `UNEVEN_FROM`, 1 from `UNEVEN_FULL`), which moves
+the embedding labeler from its niche to its shop-theme settings.
+
 Measured (bench/labels.py, docs/RESULTS.md §6): on Online Retail the lean ranks GPT-4's
 persona prevalence at Spearman 0.46; as the set model's prior shift (strength 1, each item half
-a unit of evidence, item votes without per-persona calibration: the validation customers'
-choice) the posterior rule goes 0.498 → 0.588 F1@5 (held-out 0.584, popularity 0.578); on the
-synthetic shops, whose planted personas are niches, not shop-wide themes, that setting costs
-0.07–0.15, so it is off by default and a shop with a few labeled customers chooses it.
+a unit of evidence, item votes without per-persona calibration) the posterior rule goes
+0.498 → 0.588 F1@5 (held-out 0.584, popularity 0.578); on the synthetic shops, whose planted
+personas are niches, not shop-wide themes, that setting would cost 0.07–0.15, and their
+unevenness keeps it off.
 """
 from __future__ import annotations
 

@@ -302,6 +302,15 @@ def test_real_model_obvious_histories_get_obvious_personas(labeler):
     assert labeler.label_items(["Stainless Steel Saucepan Set", "Dog Feeding Bowl"])[0][0] == CHEF
 
 
+def test_real_model_reads_a_synthetic_shop_as_niche(labeler):
+    """A catalogue spread evenly over niche personas keeps the niche settings (strength 0)."""
+    from core.labelers.shop_prior import UNEVEN_FROM
+
+    regime = labeler.regime()
+    assert 0.0 < regime["unevenness"] < UNEVEN_FROM and regime["strength"] == 0.0
+    assert labeler.settings() == emb.NICHE
+
+
 def test_real_model_organic_baby_food_is_a_parent_item():
     """The issue's case: "Organic" in a third of the names must not turn baby food into Eco."""
     base = ["Infant Formula", "Baby Wipes", "Nappies", "Dog Food", "Cat Litter", "Pasta", "Olive Oil",

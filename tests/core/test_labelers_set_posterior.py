@@ -95,22 +95,22 @@ def test_expected_f1_sets_match_brute_force(n, m, max_personas, seed):
 
 def _refine_brute(weights: np.ndarray, ratios: np.ndarray, votes: np.ndarray, rounds: int, pseudo: float,
                   eps: float) -> np.ndarray:
-    """refine_ratios with loops over users, items and personas (MAP sets from set_posterior)."""
+    """refine_ratios with loops over users, items and personas (soft sets from set_posterior)."""
     n, n_items = weights.shape
     m = ratios.shape[1]
     p_item = np.array([weights[:, j].sum() + pseudo for j in range(n_items)])
     p_item /= p_item.sum()
     for _ in range(rounds):
-        chosen, _, _ = set_posterior(sp.csr_matrix(weights), ratios, eps=eps)
+        _, prob, _ = set_posterior(sp.csr_matrix(weights), ratios, eps=eps)
         counts = np.zeros((n_items, m))
         for u in range(n):
-            members = [r for r in range(m) if chosen[u, r]]
+            size = sum(prob[u])
             for j in range(n_items):
                 if weights[u, j] == 0:
                     continue
-                total = sum((1 - eps) * ratios[j, r] / len(members) for r in members) + eps
-                for r in members:
-                    counts[j, r] += weights[u, j] * (1 - eps) * ratios[j, r] / len(members) / total
+                total = sum((1 - eps) * prob[u, r] * ratios[j, r] / size for r in range(m)) + eps
+                for r in range(m):
+                    counts[j, r] += weights[u, j] * (1 - eps) * prob[u, r] * ratios[j, r] / size / total
         given = counts + pseudo * votes
         given /= given.sum(axis=0, keepdims=True)
         ratios = given / p_item[:, None]

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import core.labelers.embedding as emb
-from core.labelers.base import UserHistory
-from core.labelers.embedding import EmbeddingLabeler
 import core.labelers.shop_prior as shop_prior
-from core.labelers.embedding import NICHE, SHOP_THEMES, regime_settings
+from core.labelers.base import UserHistory
+from core.labelers.embedding import NICHE, SHOP_THEMES, EmbeddingLabeler, regime_settings
 from core.labelers.shop_prior import (
     EVEN_NEIGHBOURS,
     MIN_LEAN_ITEMS,
