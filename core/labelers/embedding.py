@@ -36,7 +36,7 @@ first, then users:
    calibration, the names' ratios alone) for shops whose whole catalogue leans to a few themes
    most customers share (Online Retail's GPT-4 labels). Which one: how unevenly the catalogue
    leans across the personas compared with an even catalogue of the same personas
-   (`shop_prior.lean_unevenness`: about 1 on the synthetic shops, 1.8 on Online Retail), mapped
+   (`shop_prior.lean_unevenness`: about 1 on the synthetic shops, 1.9 on Online Retail), mapped
    to a strength in [0, 1] (`shop_prior.regime_strength`) that interpolates every setting not
    given explicitly (`regime_settings`). No labels.
 
@@ -97,11 +97,11 @@ SHOP_THEMES: dict[str, float] = {"shop_prior": 1.0, "evidence": 0.5, "calibratio
 #: `niche` and `shop-themes` pin one.
 PRESETS: dict[str, dict[str, Any]] = {"auto": {}, "niche": dict(NICHE), "shop-themes": dict(SHOP_THEMES)}
 def regime_settings(strength: float) -> dict[str, float]:
-    """`shop_prior`, `evidence` and `calibration` at `strength` between the niche (0) and the
-    shop-theme (1) settings, linearly.
+    """`shop_prior`, `evidence`, `calibration` and `refine` at `strength` between the niche (0)
+    and the shop-theme (1) settings, linearly.
 
     >>> regime_settings(0.5)
-    {'shop_prior': 0.5, 'evidence': 0.75, 'calibration': 0.25}
+    {'shop_prior': 0.5, 'evidence': 0.75, 'calibration': 0.25, 'refine': 0.5}
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -188,7 +188,7 @@ class _Calibration:
     scale: float  # the mean of the shrunk standard deviations: the common spread
     base: np.ndarray  # (|R|,) mean vote per persona over the catalogue
     unevenness: float  # shop_prior.lean_unevenness of the catalogue (0 when every setting is explicit)
-    settings: Mapping[str, float]  # the catalogue's shop_prior, evidence, calibration (`regime_settings`)
+    settings: Mapping[str, float]  # the catalogue's shop_prior, evidence, calibration, refine (`regime_settings`)
 
 
 class EmbeddingLabeler:
@@ -280,7 +280,7 @@ class EmbeddingLabeler:
         return self.settings()["refine"]
 
     def settings(self, calib: _Calibration | None = None) -> dict[str, float]:
-        """`shop_prior`, `evidence`, `calibration` in use: the explicit ones, the rest from the
+        """`shop_prior`, `evidence`, `calibration`, `refine` in use: the explicit ones, the rest from the
         catalogue's regime (`regime_settings` of `shop_prior.regime_strength`; the niche settings
         before any catalogue is seen)."""
         calib = self._calib if calib is None else calib

@@ -11,9 +11,10 @@ synthetic shops' department vocabularies and generic items, about 830 names), st
 across personas; `lean_prior` shifts a prior's log-odds by `strength` × that lean. No labels.
 
 Whether a shop is such a themed shop is read off the catalogue too: `lean_unevenness` compares
-how unevenly the shop's lean spreads across the personas with the spread of an *even* catalogue
-of the same personas (each persona's nearest reference names, pooled): about 1 for a catalogue
-spread evenly over niche personas (the synthetic shops 0.77–1.07), 1.81 on Online Retail;
+how unevenly the shop's lean (of the median name) spreads across the personas with the spread
+of an *even* catalogue of the same personas (each persona's nearest reference names, pooled):
+about 1 or less for a catalogue spread evenly over niche personas (the synthetic shops
+0.78–1.11), 1.87 on Online Retail;
 `regime_strength` maps it to [0, 1] (0 up to `UNEVEN_FROM`, 1 from `UNEVEN_FULL`), which moves
 the embedding labeler from its niche to its shop-theme settings.
 
@@ -35,9 +36,10 @@ __all__ = ["reference_names", "shop_lean", "lean_prior", "lean_unevenness", "reg
 
 PRIOR_BOUNDS = (1e-3, 0.9)  # a shifted prior stays a probability the set model can use
 EVEN_NEIGHBOURS = 30  # reference names per persona in the even catalogue of a persona set
-UNEVEN_FROM = 1.25  # unevenness (× an even catalogue's) below which a shop is read as even: strength 0
-UNEVEN_FULL = 1.6  # unevenness from which a shop is read as leaning to a few themes: strength 1
+UNEVEN_FROM = 1.4  # unevenness (× an even catalogue's) up to which a shop reads as even: strength 0
+UNEVEN_FULL = 1.75  # unevenness from which a shop reads as leaning to a few themes: strength 1
 MIN_LEAN_ITEMS = 100  # fewer names lean by chance (subsamples of 50 synthetic names reach 1.4): strength 0
+MEDIAN_VARIANCE = np.pi / 2  # a median's sampling variance over a mean's (normal samples)
 
 
 @lru_cache(maxsize=1)
@@ -84,14 +86,16 @@ def lean_unevenness(catalogue_similarity: np.ndarray, reference_similarity: np.n
                     neighbours: int = EVEN_NEIGHBOURS) -> float:
     """How unevenly the catalogue leans across the personas, in units of an even catalogue's.
 
-    The lean (each persona's mean similarity over the shop's names minus its mean over the
-    reference) varies across personas even in a shop spread evenly over them, because the
-    definitions differ. The yardstick: an *even catalogue of these personas*, each persona's
-    `neighbours` most similar reference names pooled, whose lean's spread across personas is
-    what evenness looks like for this persona set. The shop's spread has its sampling noise
-    removed (each persona's mean over n names carries variance var/n). About 1 for a catalogue
-    spread evenly over its personas (the synthetic shops: 0.77–1.07), well above for one whose
-    names lean to a few of them (Online Retail: 1.81; docs/RESULTS.md §6).
+    The lean here is each persona's *median* similarity over the shop's names minus its median
+    over the reference: a theme most of the catalogue resembles moves the median, a niche with
+    many items (a popular persona's) moves the mean but hardly the median. It varies across
+    personas even in a shop spread evenly over them, because the definitions differ in reach.
+    The yardstick: an *even catalogue of these personas*, each persona's `neighbours` most
+    similar reference names pooled, whose lean's spread across personas is what evenness looks
+    like for this persona set. The shop's spread has its sampling noise removed (a median over
+    n names carries variance about pi/2 var/n). About 1 or less for a catalogue spread evenly
+    over its personas (the synthetic shops: 0.78–1.11), well above for one whose names lean to a
+    few of them (Online Retail: 1.87; docs/RESULTS.md §6).
 
     `catalogue_similarity`: shop names × personas cosine similarities; `reference_similarity`:
     reference names × personas.
@@ -101,12 +105,12 @@ def lean_unevenness(catalogue_similarity: np.ndarray, reference_similarity: np.n
     if shop.ndim != 2 or ref.ndim != 2 or shop.shape[0] < 1 or ref.shape[0] < 1 or shop.shape[1] != ref.shape[1]:
         raise ValueError("lean_unevenness needs names × personas similarities of the shop and the reference, "
                          "each with at least one name, for the same personas")
-    centre = ref.mean(axis=0)
-    lean = shop.mean(axis=0) - centre
-    noise = float(shop.var(axis=0).mean()) / shop.shape[0]
+    centre = np.median(ref, axis=0)
+    lean = np.median(shop, axis=0) - centre
+    noise = MEDIAN_VARIANCE * float(shop.var(axis=0).mean()) / shop.shape[0]
     spread = np.sqrt(max(float(lean.var()) - noise, 0.0))
     nearest = np.argsort(-ref, axis=0, kind="stable")[:neighbours]  # neighbours × personas
-    even = ref[nearest.T.ravel()].mean(axis=0) - centre
+    even = np.median(ref[nearest.T.ravel()], axis=0) - centre
     yardstick = float(even.std())
     if yardstick < 1e-12:
         return 0.0 if spread < 1e-12 else float("inf")
@@ -118,7 +122,7 @@ def regime_strength(unevenness: float, n_names: int) -> float:
     than `MIN_LEAN_ITEMS` names), 1 for one leaning to a few themes (≥ `UNEVEN_FULL`), linear
     between: how far the labeler moves from its niche settings to its shop-theme settings.
 
-    >>> [regime_strength(u, 500) for u in (0.9, 1.25, 1.425, 1.6, 3.0)]
+    >>> [round(regime_strength(u, 500), 6) for u in (0.9, 1.4, 1.575, 1.75, 3.0)]
     [0.0, 0.0, 0.5, 1.0, 1.0]
     >>> regime_strength(3.0, 5)
     0.0

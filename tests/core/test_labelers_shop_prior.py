@@ -114,59 +114,85 @@ def test_less_evidence_per_item_keeps_the_posterior_nearer_the_prior(fake):
 
 
 # -- the label-free switch between the niche and the shop-theme settings ----------------------
+def _median(values) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _brute_unevenness(shop: np.ndarray, ref: np.ndarray, k: int) -> float:
     """lean_unevenness written out with loops, persona by persona."""
     n, m = shop.shape
     lean, variances, even = [], [], []
     for r in range(m):
-        ref_mean = sum(ref[:, r]) / len(ref)
-        shop_mean = sum(shop[:, r]) / n
-        lean.append(shop_mean - ref_mean)
-        variances.append(sum((x - shop_mean) ** 2 for x in shop[:, r]) / n)
+        lean.append(_median(shop[:, r]) - _median(ref[:, r]))
+        mean = sum(shop[:, r]) / n
+        variances.append(sum((x - mean) ** 2 for x in shop[:, r]) / n)
     pooled = [ref[i] for r in range(m) for i in sorted(range(len(ref)), key=lambda i: -ref[i, r])[:k]]
     for r in range(m):
-        even.append(sum(row[r] for row in pooled) / len(pooled) - sum(ref[:, r]) / len(ref))
+        even.append(_median([row[r] for row in pooled]) - _median(ref[:, r]))
     lean_var = sum((x - sum(lean) / m) ** 2 for x in lean) / m
-    spread = max(lean_var - sum(variances) / m / n, 0.0) ** 0.5
+    spread = max(lean_var - np.pi / 2 * sum(variances) / m / n, 0.0) ** 0.5
     yardstick = (sum((x - sum(even) / m) ** 2 for x in even) / m) ** 0.5
     return spread / yardstick
 
 
-def _clustered(rng: np.random.Generator, per: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference names × personas similarities: `per` names near each of `m` personas, and the
-    persona each name is near."""
-    owner = np.repeat(np.arange(m), per)
-    sims = 0.1 + 0.05 * rng.standard_normal((per * m, m))
-    sims[np.arange(per * m), owner] += 0.3 + 0.1 * rng.random(m)[owner]  # definitions differ in reach
-    return sims, owner
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _world(seed: int, m: int = 8, dim: int = 16, per: int = 40, other: int = 400):
+    """Persona directions and a reference catalogue: `per` names around each persona plus
+    `other` unrelated names (a broad reference, like the bundled one)."""
+    rng = np.random.default_rng(seed)
+    personas = _unit(rng.standard_normal((m, dim)))
+    own = _unit(personas[np.repeat(np.arange(m), per)] + 0.8 * rng.standard_normal((m * per, dim)) / np.sqrt(dim))
+    return personas, np.vstack([own, _unit(rng.standard_normal((other, dim)))])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_lean_unevenness_matches_brute_force(seed):
+    personas, ref = _world(seed)
     rng = np.random.default_rng(seed)
-    ref, _ = _clustered(rng, 12, 4)
-    shop = rng.random((25, 4))
-    assert lean_unevenness(shop, ref, 5) == pytest.approx(_brute_unevenness(shop, ref, 5), rel=1e-9)
-    assert lean_unevenness(shop, ref) == pytest.approx(_brute_unevenness(shop, ref, EVEN_NEIGHBOURS), rel=1e-9)
+    shop = ref[rng.choice(len(ref), 25, replace=False)] @ personas.T
+    assert lean_unevenness(shop, ref @ personas.T, 5) == pytest.approx(_brute_unevenness(shop, ref @ personas.T, 5),
+                                                                       rel=1e-9)
+    assert lean_unevenness(shop, ref @ personas.T) == pytest.approx(
+        _brute_unevenness(shop, ref @ personas.T, EVEN_NEIGHBOURS), rel=1e-9)
 
 
-def test_an_even_catalogue_gets_strength_zero_and_a_leaning_one_more_the_more_it_leans():
-    rng = np.random.default_rng(7)
-    ref, owner = _clustered(rng, 60, 5)
-    k = 20
-    nearest = np.argsort(-ref, axis=0, kind="stable")[:k]
-    even = np.tile(ref[nearest.T.ravel()], (2, 1))  # the even catalogue of these personas, 200 names
+@pytest.mark.parametrize("seed", [0, 2])
+def test_an_even_catalogue_gets_strength_zero_and_a_leaning_one_more_the_more_it_leans(seed):
+    personas, ref = _world(seed)
+    sims, k = ref @ personas.T, 20
+    even = ref[np.argsort(-sims, axis=0, kind="stable")[:k].T.ravel()]  # the even catalogue of these personas
     assert len(even) >= MIN_LEAN_ITEMS
-    assert lean_unevenness(even, ref, k) <= 1.0  # itself, less its sampling noise
-    assert regime_strength(lean_unevenness(even, ref, k), len(even)) == 0.0
-    theme = ref[owner == 2]  # names near persona 2: the shop leans to it, two more names at a time
-    values = [lean_unevenness(np.vstack([even, theme[:t]]), ref, k) for t in range(0, 61, 2)]
-    assert values[0] == 0.0 and all(b >= a for a, b in zip(values, values[1:]))
+    assert lean_unevenness(even @ personas.T, sims, k) <= 1.0  # itself, less its sampling noise
+    assert regime_strength(lean_unevenness(even @ personas.T, sims, k), len(even)) == 0.0
+    # a themed shop: every name drifts towards persona 0 ("every item a bit vintage"), more and more
+    values = [lean_unevenness(_unit(even + step * personas[0]) @ personas.T, sims, k)
+              for step in np.arange(0.0, 0.81, 0.05)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
     rising = [u for u in values if u > 0]  # past the sampling noise: strictly more uneven each step
-    assert len(rising) > 20 and all(b > a for a, b in zip(rising, rising[1:]))
+    assert len(rising) >= len(values) - 2 and all(b > a for a, b in zip(rising, rising[1:]))
     strengths = [regime_strength(u, len(even)) for u in values]
     assert strengths[0] == 0.0 and strengths[-1] == 1.0 and all(b >= a for a, b in zip(strengths, strengths[1:]))
     assert any(0.0 < s < 1.0 for s in strengths)  # a ramp, not a step
+
+
+def test_a_popular_niche_moves_the_median_lean_less_than_a_theme():
+    """Doubling one persona's own names (a popular niche) leans the shop less than letting every
+    name drift towards that persona by as much on average (a theme)."""
+    personas, ref = _world(0)
+    sims, k = ref @ personas.T, 20
+    even = ref[np.argsort(-sims, axis=0, kind="stable")[:k].T.ravel()]
+    niche = np.vstack([even, even[:k]])  # persona 0's nearest names twice
+    shift = float((niche @ personas[0]).mean() - (even @ personas[0]).mean())
+    step = 0.0
+    while float((_unit(even + step * personas[0]) @ personas[0]).mean() - (even @ personas[0]).mean()) < shift:
+        step += 0.01
+    theme = _unit(even + step * personas[0])
+    assert lean_unevenness(niche @ personas.T, sims, k) < lean_unevenness(theme @ personas.T, sims, k)
 
 
 def test_regime_strength_is_linear_between_its_bounds_and_settings_interpolate():
@@ -193,18 +219,18 @@ def test_lean_unevenness_hostile_inputs():
 
 
 def _lean_shop(theme_share: float, n: int = 120) -> list[str]:
-    """`n` names; a `theme_share` of them carry one of three vintage words, the rest are plain
-    things (up to a share 0.6, so that no vintage word is in over 20% of the names and dropped)."""
-    words = ["Vintage", "Retro", "Antique"]
+    """`n` names; a `theme_share` of them carry one of six vintage words, the rest are plain
+    things (no vintage word in over 20% of the names, so none is dropped as frequent)."""
+    words = ["Vintage", "Retro", "Antique", "Old", "Classic", "Heritage"]
     things = [f"{a} {b}" for a in ("Blue", "Red", "Tall", "Small", "Oak", "Tin") for b in THINGS]
-    return [f"{words[i % 3]} {t}" if i < theme_share * n else t for i, t in enumerate(things[:n])]
+    return [f"{words[i % 6]} {t}" if i < theme_share * n else t for i, t in enumerate(things[:n])]
 
 
 def test_the_labeler_reads_its_regime_off_the_catalogue(fake, monkeypatch):
     monkeypatch.setattr(shop_prior, "UNEVEN_FROM", 0.0)  # the fake encoder's reference is no even shop:
     monkeypatch.setattr(shop_prior, "UNEVEN_FULL", 50.0)  # test the wiring on a wide ramp
     seen = []
-    for share in (0.3, 0.4, 0.5):  # from 0.3 on Vintage is the lean (the plain things lean to Gardener, Pet)
+    for share in (0.3, 0.8, 0.9):  # vintage names: a minority, most, nearly all
         lab = EmbeddingLabeler(PERSONAS, catalogue=_lean_shop(share))
         regime = lab.regime()
         names = list(lab._seen)
@@ -215,11 +241,12 @@ def test_the_labeler_reads_its_regime_off_the_catalogue(fake, monkeypatch):
         assert (lab.shop_prior, lab.evidence, lab.calibration) == tuple(regime_settings(strength)[k] for k in
                                                                         ("shop_prior", "evidence", "calibration"))
         seen.append(strength)
-    assert 0.0 < seen[0] < seen[1] < seen[2] < 1.0  # the more names are vintage, the stronger the switch
-    pinned = EmbeddingLabeler(PERSONAS, catalogue=_lean_shop(0.5), shop_prior=0.0, evidence=1.0)
+    # a minority of vintage names moves no median; most of them do, and more of them more
+    assert seen[0] == 0.0 < seen[1] <= seen[2] < 1.0
+    pinned = EmbeddingLabeler(PERSONAS, catalogue=_lean_shop(0.9), shop_prior=0.0, evidence=1.0)
     assert pinned.shop_prior == 0.0 and pinned.evidence == 1.0  # explicit settings win
     assert pinned.calibration == regime_settings(seen[2])["calibration"]  # the rest is the catalogue's
-    fixed = EmbeddingLabeler(PERSONAS, catalogue=_lean_shop(0.5), **NICHE)
+    fixed = EmbeddingLabeler(PERSONAS, catalogue=_lean_shop(0.9), **NICHE)
     assert fixed.regime()["unevenness"] == 0.0 and fixed.regime()["strength"] == 0.0  # nothing to choose
 
 
