@@ -13,8 +13,8 @@ across personas; `lean_prior` shifts a prior's log-odds by `strength` × that le
 Whether a shop is such a themed shop is read off the catalogue too: `lean_unevenness` compares
 how unevenly the shop's lean (of the median name) spreads across the personas with the spread
 of an *even* catalogue of the same personas (each persona's nearest reference names, pooled):
-about 1 or less for a catalogue spread evenly over niche personas (the synthetic shops
-0.78–1.11), 1.87 on Online Retail;
+about 1 for a catalogue spread evenly over niche personas (twelve synthetic shops
+0.66–1.28), 1.87 on Online Retail;
 `regime_strength` maps it to [0, 1] (0 up to `UNEVEN_FROM`, 1 from `UNEVEN_FULL`), which moves
 the embedding labeler from its niche to its shop-theme settings.
 
@@ -94,7 +94,7 @@ def lean_unevenness(catalogue_similarity: np.ndarray, reference_similarity: np.n
     similar reference names pooled, whose lean's spread across personas is what evenness looks
     like for this persona set. The shop's spread has its sampling noise removed (a median over
     n names carries variance about pi/2 var/n). About 1 or less for a catalogue spread evenly
-    over its personas (the synthetic shops: 0.78–1.11), well above for one whose names lean to a
+    over its personas (twelve synthetic shops: 0.66–1.28), well above for one whose names lean to a
     few of them (Online Retail: 1.87; docs/RESULTS.md §6).
 
     `catalogue_similarity`: shop names × personas cosine similarities; `reference_similarity`:
