@@ -205,20 +205,26 @@ def _scored(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 
 #: labeler settings compared on every data set: (label, constructor options)
+#: (the default reads its regime off the catalogue; the others pin every setting: the `niche` preset,
+#: and the previous defaults — niche without the buyer-re-estimated item ratios — with changes)
+PREVIOUS = {**PRESETS["niche"], "refine": 0.0}
 EMBEDDING_VARIANTS: tuple[tuple[str, dict], ...] = (
     ("default", {}),
-    ("lift rule (per-persona bar, the previous user rule)", {"rule": "lift"}),
-    ("no per-persona calibration", {"calibration": 0.0}),
-    ("full per-persona z-score", {"calibration": 1.0}),
-    ("no word weighting (whole name only, no word dropping)", {"name_weight": 1.0, "max_df": 1.0}),
+    ("niche preset", PRESETS["niche"]),
+    ("previous defaults (niche, item ratios from the names alone)", PREVIOUS),
+    ("lift rule (per-persona bar, the previous user rule)", {**PREVIOUS, "rule": "lift"}),
+    ("no per-persona calibration", {**PREVIOUS, "calibration": 0.0}),
+    ("full per-persona z-score", {**PREVIOUS, "calibration": 1.0}),
+    ("no word weighting (whole name only, no word dropping)", {**PREVIOUS, "name_weight": 1.0, "max_df": 1.0}),
     ("previous labeler's shape (raw cosine, whole name, T=0.03, lift rule)",
-     {"calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
-    ("shop-lean prior, strength 1", {"shop_prior": 1.0}),
-    ("shop-lean prior, strength 2, evidence x0.5", {"shop_prior": 2.0, "evidence": 0.5}),
+     {**PREVIOUS, "calibration": 0.0, "name_weight": 1.0, "max_df": 1.0, "temperature": 0.03, "rule": "lift"}),
+    ("shop-lean prior, strength 1", {**PREVIOUS, "shop_prior": 1.0}),
+    ("shop-lean prior, strength 2, evidence x0.5", {**PREVIOUS, "shop_prior": 2.0, "evidence": 0.5}),
     ("shop-lean prior, strength 1, evidence x0.5, no per-persona calibration", PRESETS["shop-themes"]),
 )
 #: the user rules the validation users choose between (besides the lift rule at its validated bar)
-VALIDATION_CHOICES = ("default", "lift rule (per-persona bar, the previous user rule)",
+VALIDATION_CHOICES = ("default", "niche preset", "previous defaults (niche, item ratios from the names alone)",
+                      "lift rule (per-persona bar, the previous user rule)",
                       "shop-lean prior, strength 1", "shop-lean prior, strength 2, evidence x0.5",
                       "shop-lean prior, strength 1, evidence x0.5, no per-persona calibration")
 
@@ -238,6 +244,11 @@ def _variant(personas: PersonaSet, names: list[str], cache: dict, **options) -> 
     labeler = EmbeddingLabeler(personas, **options)
     labeler._cache = cache  # same model: reuse vectors across variants
     return labeler.fit(names)
+
+
+def _regime(labeler: EmbeddingLabeler) -> dict:
+    """The catalogue's lean unevenness, the regime strength and the settings it gave."""
+    return {k: round(v, 4) for k, v in labeler.regime().items()}
 
 
 def embedding_agreement(setup: Setup, console: Console) -> dict:
@@ -274,6 +285,7 @@ def embedding_agreement(setup: Setup, console: Console) -> dict:
                        tuned_valid=_scored(tuned[setup.valid], truth[setup.valid]))
         if label == "default":
             row["recall_per_persona"] = _recall_per_persona(pred[labeled], truth[labeled], personas.names)
+            row["regime"] = _regime(labeler)
         variants.append(row)
         tuned_note = (f"; lift ≥ {row['validation_threshold']} (validation): F1 {row['tuned_all']['f1']:.3f}, "
                       f"macro {row['tuned_all']['macro_f1']:.3f}") if "tuned_all" in row else ""
@@ -366,6 +378,7 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
                                          if v is not None),
                "popularity_f1": _scored(pop, truth)["f1"],
                "min_recall": min(v for v in recall.values() if v is not None), "recall_per_persona": recall,
+               "regime": _regime(labeler),
                "variants_f1": variants,
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
@@ -377,7 +390,8 @@ def synthetic_agreement(quick: bool, console: Console) -> list[dict]:
 def embedding_summary(embedding: dict, quick: bool, seconds: float | None) -> dict:
     """Headline numbers of the offline labeler (targets from issue 14) plus the full detail."""
     retail = embedding["online_retail"]
-    default, lift = retail["variants"][0], retail["variants"][1]
+    default = retail["variants"][0]
+    lift = next(r for r in retail["variants"] if r["variant"].startswith("lift rule"))
     synthetic_rows = embedding["synthetic"]
     out = {
         "embedding_f1_at_5": default["all"]["f1"],
@@ -391,6 +405,7 @@ def embedding_summary(embedding: dict, quick: bool, seconds: float | None) -> di
                                         "macro_f1": retail["validation_choice"]["all"]["macro_f1"],
                                         "heldout_f1_at_5": retail["validation_choice"]["heldout"]["f1"]},
         "embedding_popularity_f1_at_5": retail["popularity_all"]["f1"],
+        "embedding_regime": {"online_retail": default["regime"], **{r["shop"]: r["regime"] for r in synthetic_rows}},
         "embedding_synthetic_f1": [r["f1"] for r in synthetic_rows],
         "embedding_synthetic_ceiling_f1": [r["ceiling_f1"] for r in synthetic_rows],
         "embedding_synthetic_min_recall": min(r["min_recall"] for r in synthetic_rows),

@@ -207,7 +207,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def embedding_labeler(personas: PersonaSet, graph: BipartiteGraph, preset: str = "niche") -> EmbeddingLabeler:
+def embedding_labeler(personas: PersonaSet, graph: BipartiteGraph, preset: str = "auto") -> EmbeddingLabeler:
     """The offline labeler calibrated on the whole shop: the catalogue (every item, not just the
     prototypes') and its persona prior fitted on every user's purchases (unlabeled; see
     `EmbeddingLabeler.fit_prior`), as bench/labels.py measures it; `preset` names one of
@@ -308,9 +308,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--labeler", choices=("embedding", "openai", "replay"), default="embedding")
     p.add_argument("--replay-file", help="recorded labels for --labeler replay: a CustomerID,personas CSV "
                    "or `gplr label`/`gplr export` output")
-    p.add_argument("--embedding-preset", choices=("niche", "shop-themes"), default="niche",
-                   help="--labeler embedding: niche personas (default) or a shop whose whole catalogue "
-                        "shares a few themes (gift shop; docs/RESULTS.md §6)")
+    p.add_argument("--embedding-preset", choices=("auto", "niche", "shop-themes"), default="auto",
+                   help="--labeler embedding: auto (default: the catalogue chooses), niche personas, or a "
+                        "shop whose whole catalogue shares a few themes (gift shop; docs/RESULTS.md §6)")
     p.add_argument("--out", required=True, help="output file, .jsonl or .csv")
     _add_gplr_options(p, k=5, budget=0.05)
     p.set_defaults(func=cmd_label)

@@ -27,11 +27,18 @@ first, then users:
    `rule="lift"`, the previous rule: the quantity-weighted mean vote (weight 1 + log q) must
    reach `threshold` times the persona's bar — its catalogue share capped at 1/|R|
    (`persona_bar`) — best first, at least one, at most `max_personas`.
-4. **Optional shop-level prior** (`shop_prior` > 0, off by default): the set model's prior
-   log-odds shifted by `shop_prior` × how much the whole catalogue leans to each persona against
-   a neutral reference catalogue (`core.labelers.shop_prior`), and each item worth `evidence`
-   units — for shops whose labels are shop-wide themes (Online Retail's GPT-4 labels), not for
-   shops whose personas are niches (the synthetic shops); measured in docs/RESULTS.md §6.
+4. **Two regimes, chosen by the catalogue** (the default; `PRESETS` pins one). *Niche*
+   (`NICHE`: per-persona calibration 0.5, one unit of evidence per item, and the users' item
+   ratios re-estimated from who buys each item, `fit_prior` / `set_posterior.refine_ratios`)
+   for shops whose personas are niches of an even catalogue; *shop themes* (`SHOP_THEMES`: the
+   prior's log-odds shifted by how much the whole catalogue leans to each persona against a
+   neutral reference, `core.labelers.shop_prior`, half a unit of evidence per item, no
+   calibration, the names' ratios alone) for shops whose whole catalogue leans to a few themes
+   most customers share (Online Retail's GPT-4 labels). Which one: how unevenly the catalogue
+   leans across the personas compared with an even catalogue of the same personas
+   (`shop_prior.lean_unevenness`: about 1 on the synthetic shops, 1.9 on Online Retail), mapped
+   to a strength in [0, 1] (`shop_prior.regime_strength`) that interpolates every setting not
+   given explicitly (`regime_settings`). No labels.
 
 The catalogue is what the labeler has been shown: `fit(names)` pins it (e.g. all item names
 of a graph); otherwise every name seen in `label`/`item_persona_scores` joins it and the
@@ -39,12 +46,10 @@ statistics are refitted whenever it has grown by `REFIT_GROWTH` (so labels depen
 seen before, but a fitted labeler is deterministic). Small catalogues are calibrated weakly:
 per-persona statistics are shrunk towards the mean over personas with `PRIOR_ITEMS` pseudo-items.
 
-Measured (bench/labels.py, docs/RESULTS.md §6): see there; in short the posterior rule lifts
-the synthetic shops (planted truth) from 0.70/0.70/0.61/0.61 (lift rule) to about
-0.73/0.72/0.68/0.80, near the 0.79/0.80/0.76/0.89 the same rule reaches on the planted item
-personas; on Online Retail against GPT-4 the defaults stay below the popularity baseline
-(0.498 vs 0.568: GPT-4 puts the shop-wide themes on most customers), and the shop-level prior
-the validation customers choose (`shop_prior=1, evidence=0.5, calibration=0`) passes it, 0.588.
+Measured (bench/labels.py, docs/RESULTS.md §6): the default reads Online Retail as a themed shop
+(strength 1: F1@5 0.588 against GPT-4, popularity 0.568) and the synthetic shops as niche
+(strength 0), where the buyer-re-estimated item ratios lift the posterior rule from
+0.73/0.72/0.68/0.80 to about 0.77/0.77/0.74/0.88 (planted item personas: 0.79/0.80/0.76/0.89).
 """
 from __future__ import annotations
 
@@ -61,12 +66,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.labelers.base import LabelerStats, LabelResult, UserHistory
-from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
-from core.labelers.shop_prior import lean_prior, reference_names, shop_lean
+from core.labelers.set_posterior import RHO0, expected_f1_sets, refine_ratios, set_posterior
+from core.labelers.shop_prior import lean_prior, lean_unevenness, reference_names, regime_strength, shop_lean
 from core.personas import PersonaSet
 
 __all__ = ["EmbeddingLabeler", "RULES", "DEFAULT_RULE", "PRESETS", "calibrate_threshold", "persona_bar",
-           "purchase_weights", "select_personas", "tokens", "DEFAULT_THRESHOLD",
+           "purchase_weights", "select_personas", "tokens", "regime_settings", "DEFAULT_THRESHOLD",
            "DEFAULT_TEMPERATURE", "DEFAULT_CALIBRATION", "DEFAULT_NAME_WEIGHT", "DEFAULT_MAX_DF"]
 
 log = logging.getLogger(__name__)
@@ -78,15 +83,31 @@ DEFAULT_NAME_WEIGHT = 0.7  # whole-name embedding vs IDF-weighted word embedding
 DEFAULT_MAX_DF = 0.2  # words in more than this share of names are dropped from the name text
 DEFAULT_RULE = "posterior"  # the user rule: "posterior" (set model) or "lift" (bar per persona)
 RULES = ("posterior", "lift")
-#: Named constructor settings (`gplr label --embedding-preset`). `niche`: the defaults, for shops
-#: whose personas are niches (best on the synthetic shops). `shop-themes`: for a shop whose whole
-#: catalogue leans to a few themes that most customers share (a gift shop): the shop-lean prior,
-#: half the evidence per item, no per-persona calibration — chosen on Online Retail's validation
-#: customers (docs/RESULTS.md §6), it costs the niche shops 0.07–0.15 F1.
-PRESETS: dict[str, dict[str, Any]] = {
-    "niche": {},
-    "shop-themes": {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0},
-}
+#: The two regimes' settings. `niche`: for shops whose personas are niches of an even catalogue
+#: (best on the synthetic shops). `shop-themes`: for a shop whose whole catalogue leans to a few
+#: themes that most customers share (a gift shop): the shop-lean prior, half the evidence per
+#: item, no per-persona calibration — chosen on Online Retail's validation customers
+#: (docs/RESULTS.md §6); it costs the niche shops 0.07–0.15 F1.
+#: `refine`: how much the users' item ratios come from who buys each item (`fit_prior`,
+#: `set_posterior.refine_ratios`) rather than from the names alone.
+NICHE: dict[str, float] = {"shop_prior": 0.0, "evidence": 1.0, "calibration": DEFAULT_CALIBRATION, "refine": 1.0}
+SHOP_THEMES: dict[str, float] = {"shop_prior": 1.0, "evidence": 0.5, "calibration": 0.0, "refine": 0.0}
+#: Named constructor settings (`gplr label --embedding-preset`). `auto` (the default): the
+#: catalogue chooses between the regimes (`regime_settings` of `shop_prior.regime_strength`);
+#: `niche` and `shop-themes` pin one.
+PRESETS: dict[str, dict[str, Any]] = {"auto": {}, "niche": dict(NICHE), "shop-themes": dict(SHOP_THEMES)}
+def regime_settings(strength: float) -> dict[str, float]:
+    """`shop_prior`, `evidence`, `calibration` and `refine` at `strength` between the niche (0)
+    and the shop-theme (1) settings, linearly.
+
+    >>> regime_settings(0.5)
+    {'shop_prior': 0.5, 'evidence': 0.75, 'calibration': 0.25, 'refine': 0.5}
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    return {k: (1.0 - strength) * NICHE[k] + strength * SHOP_THEMES[k] for k in NICHE}
+
+
 PRIOR_ITEMS = 5.0  # pseudo-items shrinking per-persona statistics towards the mean over personas
 REFIT_GROWTH = 0.1  # refit an unpinned catalogue once it has grown by this share
 
@@ -166,6 +187,8 @@ class _Calibration:
     std: np.ndarray  # (|R|,) shrunk standard deviation per persona, at least `scale`
     scale: float  # the mean of the shrunk standard deviations: the common spread
     base: np.ndarray  # (|R|,) mean vote per persona over the catalogue
+    unevenness: float  # shop_prior.lean_unevenness of the catalogue (0 when every setting is explicit)
+    settings: Mapping[str, float]  # the catalogue's shop_prior, evidence, calibration, refine (`regime_settings`)
 
 
 class EmbeddingLabeler:
@@ -182,20 +205,23 @@ class EmbeddingLabeler:
         model_path: str | Path | None = None,
         batch_size: int = 64,
         *,
-        calibration: float = DEFAULT_CALIBRATION,
+        calibration: float | None = None,
         name_weight: float = DEFAULT_NAME_WEIGHT,
         max_df: float = DEFAULT_MAX_DF,
         catalogue: Iterable[str] | None = None,
         rule: str = DEFAULT_RULE,
-        shop_prior: float = 0.0,
-        evidence: float = 1.0,
+        shop_prior: float | None = None,
+        evidence: float | None = None,
+        refine: float | None = None,
     ) -> None:
         if temperature <= 0 or max_personas < 1:
             raise ValueError("temperature must be > 0 and max_personas >= 1")
-        if not (0.0 <= calibration <= 1.0 and 0.0 <= name_weight <= 1.0 and 0.0 < max_df <= 1.0):
+        if not ((calibration is None or 0.0 <= calibration <= 1.0) and 0.0 <= name_weight <= 1.0
+                and 0.0 < max_df <= 1.0):
             raise ValueError("calibration and name_weight must be in [0, 1], max_df in (0, 1]")
-        if shop_prior < 0 or evidence <= 0:
-            raise ValueError("shop_prior must be >= 0 and evidence > 0")
+        if (shop_prior is not None and shop_prior < 0) or (evidence is not None and evidence <= 0) \
+                or (refine is not None and not 0.0 <= refine <= 1.0):
+            raise ValueError("shop_prior must be >= 0, evidence > 0 and refine in [0, 1]")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         self.rule = rule
@@ -203,11 +229,13 @@ class EmbeddingLabeler:
         self.threshold = float(threshold)
         self.max_personas = int(max_personas)
         self.temperature = float(temperature)
-        self.calibration = float(calibration)
         self.name_weight = float(name_weight)
         self.max_df = float(max_df)
-        self.shop_prior = float(shop_prior)
-        self.evidence = float(evidence)
+        # explicit settings; None = chosen by the catalogue (`settings`)
+        self._fixed = {k: float(v) for k, v in
+                       (("shop_prior", shop_prior), ("evidence", evidence), ("calibration", calibration),
+                        ("refine", refine))
+                       if v is not None}
         self.stats = LabelerStats()
         self._model_path = None if model_path is None else str(model_path)
         self._batch_size = batch_size
@@ -219,14 +247,55 @@ class EmbeddingLabeler:
         self._pinned = False
         self._prior: np.ndarray | None = None  # persona prior of the set model (fit_prior)
         self._lean: tuple[_Calibration, np.ndarray] | None = None  # shop_lean of that calibration
+        self._reference: np.ndarray | None = None  # reference names × personas similarities
+        self._refined: dict[str, np.ndarray] = {}  # item ratios re-estimated from their buyers (fit_prior)
         if catalogue is not None:
             self.fit(catalogue)
 
     def __repr__(self) -> str:
         return (f"EmbeddingLabeler(n_personas={len(self.personas)}, threshold={self.threshold}, "
-                f"temperature={self.temperature}, calibration={self.calibration}, "
-                f"name_weight={self.name_weight}, max_personas={self.max_personas}, rule={self.rule!r}, "
-                f"shop_prior={self.shop_prior}, evidence={self.evidence})")
+                f"temperature={self.temperature}, name_weight={self.name_weight}, "
+                f"max_personas={self.max_personas}, rule={self.rule!r}, "
+                + ", ".join(f"{k}={self._fixed.get(k, 'auto')}" for k in NICHE) + ")")
+
+    # -- settings ------------------------------------------------------------------------
+    @property
+    def calibration(self) -> float:
+        """Strength of the per-persona standardisation in use (explicit, or the catalogue's)."""
+        return self.settings()["calibration"]
+
+    @property
+    def evidence(self) -> float:
+        """Units of evidence per distinct item in use."""
+        return self.settings()["evidence"]
+
+    @property
+    def shop_prior(self) -> float:
+        """Strength of the shop-lean prior shift in use."""
+        return self.settings()["shop_prior"]
+
+    @property
+    def refine(self) -> float:
+        """Weight of the buyer-re-estimated item ratios (`fit_prior`) against the names' own."""
+        return self.settings()["refine"]
+
+    def settings(self, calib: _Calibration | None = None) -> dict[str, float]:
+        """`shop_prior`, `evidence`, `calibration`, `refine` in use: the explicit ones, the rest from the
+        catalogue's regime (`regime_settings` of `shop_prior.regime_strength`; the niche settings
+        before any catalogue is seen)."""
+        calib = self._calib if calib is None else calib
+        chosen = dict(calib.settings) if calib is not None and calib.settings else dict(NICHE)
+        chosen.update(self._fixed)
+        return chosen
+
+    def regime(self) -> dict[str, float]:
+        """The catalogue's unevenness, the regime strength it gives, and the settings in use."""
+        calib = self._calib
+        if calib is None:
+            raise ValueError("no catalogue yet: call fit(names) or label something first")
+        return {"unevenness": calib.unevenness,
+                "strength": regime_strength(calib.unevenness, calib.size) if len(self._fixed) < len(NICHE) else 0.0,
+                **self.settings()}
 
     # -- embeddings ----------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -276,7 +345,8 @@ class EmbeddingLabeler:
         idf = {w: float(np.log((1.0 + n) / (1.0 + c))) for w, c in df.items()}
         # a word in more than max_df of the names is dropped (needs a catalogue of some size)
         frequent = frozenset(w for w, c in df.items() if c > self.max_df * n and n >= 1.0 / self.max_df)
-        partial = _Calibration(n, idf, frequent, float(np.log(1.0 + n)), np.zeros(0), np.zeros(0), 1.0, np.zeros(0))
+        partial = _Calibration(n, idf, frequent, float(np.log(1.0 + n)), np.zeros(0), np.zeros(0), 1.0, np.zeros(0),
+                               0.0, {})
         sims = self._similarity(names, partial)
         grand_mean = sims.mean()
         grand_var = sims.var(axis=0).mean()
@@ -285,10 +355,23 @@ class EmbeddingLabeler:
         std = np.sqrt(shrink * sims.var(axis=0) + (1.0 - shrink) * grand_var)
         scale = max(float(std.mean()), 1e-6)
         # a persona that matches nothing has a narrow spread: centre it, never amplify its noise
-        calib = _Calibration(n, idf, frequent, partial.max_idf, mean, np.maximum(std, scale), scale, np.zeros(0))
+        unevenness, settings = 0.0, dict(NICHE)
+        if len(self._fixed) < len(NICHE):  # some setting is the catalogue's to choose
+            unevenness = lean_unevenness(sims, self._reference_similarity())
+            settings = regime_settings(regime_strength(unevenness, n))
+        calib = _Calibration(n, idf, frequent, partial.max_idf, mean, np.maximum(std, scale), scale, np.zeros(0),
+                             unevenness, settings)
         base = self._votes(self._calibrated(sims, calib)).mean(axis=0)
-        log.debug("calibrated on %d names, %d frequent words dropped", n, len(frequent))
-        return _Calibration(n, idf, frequent, partial.max_idf, mean, calib.std, scale, base)
+        log.debug("calibrated on %d names, %d frequent words dropped, unevenness %.2f", n, len(frequent),
+                  unevenness)
+        return _Calibration(n, idf, frequent, partial.max_idf, mean, calib.std, scale, base, unevenness, settings)
+
+    def _reference_similarity(self) -> np.ndarray:
+        """Reference names × personas cosine similarities (`shop_prior.reference_names`), once."""
+        if self._reference is None:
+            vectors = self.encode(list(reference_names())).astype(np.float64)
+            self._reference = vectors @ self.persona_vectors().T.astype(np.float64)
+        return self._reference
 
     # -- items ---------------------------------------------------------------------------
     def _strip(self, name: str, calib: _Calibration) -> str:
@@ -328,7 +411,8 @@ class EmbeddingLabeler:
     def _calibrated(self, sims: np.ndarray, calib: _Calibration) -> np.ndarray:
         """Per-persona standardisation in cosine units, blended with the raw similarity."""
         standard = calib.mean.mean() + (sims - calib.mean) * (calib.scale / calib.std)
-        blended: np.ndarray = (1.0 - self.calibration) * sims + self.calibration * standard
+        strength = self.settings(calib)["calibration"]
+        blended: np.ndarray = (1.0 - strength) * sims + strength * standard
         return blended
 
     def _votes(self, calibrated: np.ndarray) -> np.ndarray:
@@ -376,23 +460,45 @@ class EmbeddingLabeler:
         names, weights = purchase_weights(histories)
         return np.asarray(weights @ self.item_persona_scores(names))
 
-    def _evidence(self, histories: Sequence[UserHistory]) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Users × names weights (1 + log q, rows rescaled to `evidence` × the number of distinct
-        items: each item about one unit of evidence) and the names' likelihood ratios votes /
-        catalogue share."""
+    def _item_evidence(self, histories: Sequence[UserHistory]) -> tuple[list[str], sp.csr_matrix, np.ndarray]:
+        """Distinct names, users × names weights (1 + log q, rows rescaled to `evidence` × the
+        number of distinct items: each item about one unit of evidence) and the names' votes."""
         names, weights = purchase_weights(histories)
         if not names:
-            return weights, np.zeros((0, len(self.personas)))
+            return names, weights, np.zeros((0, len(self.personas)))
         votes = self.item_persona_scores(names)
         counts = sp.diags(self.evidence * np.diff(weights.indptr).astype(np.float64)) @ weights
-        return sp.csr_matrix(counts), votes / np.maximum(self.persona_base(), 1e-12)[None, :]
+        return names, sp.csr_matrix(counts), votes
+
+    def _evidence(self, histories: Sequence[UserHistory]) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The users' evidence weights and the names' likelihood ratios: votes / catalogue share,
+        mixed (weight `refine`) with the ratios `fit_prior` re-estimated from their buyers."""
+        names, counts, votes = self._item_evidence(histories)
+        ratios = votes / np.maximum(self.persona_base(), 1e-12)[None, :] if names else votes
+        refined = self._refined
+        weight = self.refine if refined else 0.0
+        if weight > 0:
+            known = np.fromiter((n in refined for n in names), dtype=bool, count=len(names))
+            if known.any():
+                ratios = ratios.copy()
+                rows = np.stack([refined[n] for n, k in zip(names, known) if k])
+                ratios[known] = (1.0 - weight) * ratios[known] + weight * rows
+        return counts, ratios
 
     def fit_prior(self, histories: Sequence[UserHistory]) -> np.ndarray:
-        """Fit the set model's persona prior on a shop's (unlabeled) users and keep it.
+        """Fit the set model's persona prior on a shop's (unlabeled) users and keep it; with
+        `refine` > 0 first re-estimate the bought items' ratios from these buyers
+        (`set_posterior.refine_ratios`), mixed into every later user's evidence.
 
         Labels then depend on each user alone, never on the batch they come in. Without this
-        every persona has prior `RHO0`.
+        every persona has prior `RHO0` and the items their names' ratios.
         """
+        names, counts, votes = self._item_evidence(histories)
+        self._refined = {}
+        if names and self.refine > 0:  # who buys each item, on top of its name (EM on these users)
+            ratios = votes / np.maximum(self.persona_base(), 1e-12)[None, :]
+            refined = refine_ratios(counts, ratios, votes, max_personas=self.max_personas)
+            self._refined = dict(zip(names, refined))
         counts, ratios = self._evidence(histories)
         _, _, prior = set_posterior(counts, ratios, max_personas=self.max_personas)
         self._prior = prior
@@ -405,8 +511,7 @@ class EmbeddingLabeler:
         if calib is None:
             raise ValueError("no catalogue yet: call fit(names) or label something first")
         if self._lean is None or self._lean[0] is not calib:  # once per catalogue calibration
-            reference = self.encode(list(reference_names())).astype(np.float64) @ self.persona_vectors().T
-            self._lean = (calib, shop_lean(calib.mean, reference))
+            self._lean = (calib, shop_lean(calib.mean, self._reference_similarity()))
         return self._lean[1]
 
     def persona_prior(self) -> np.ndarray:

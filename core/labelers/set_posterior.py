@@ -30,10 +30,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["set_posterior", "expected_f1_sets", "EPS", "RHO0"]
+__all__ = ["set_posterior", "expected_f1_sets", "refine_ratios", "EPS", "RHO0", "REFINE_ROUNDS", "REFINE_PSEUDO"]
 
 EPS = 0.1  # share of purchases assumed unrelated to the user's personas
 RHO0 = 0.2  # prior probability of each persona before any users are seen
+REFINE_ROUNDS = 5  # rounds of re-estimating item ratios from the buyers' persona posteriors
+REFINE_PSEUDO = 1.0  # the item's own vote counts as this many purchases in the re-estimate
 
 
 def _user_loglik(per_user: sp.csr_matrix, ratio: np.ndarray, eps: float) -> np.ndarray:
@@ -116,3 +118,46 @@ def expected_f1_sets(prob: np.ndarray, max_personas: int = 5) -> np.ndarray:
     keep = np.arange(top)[None, :] < k[:, None]
     out[np.repeat(np.arange(n), top)[keep.ravel()], order[keep]] = True
     return out
+
+
+def refine_ratios(
+    weights: sp.spmatrix, likelihood: np.ndarray, votes: np.ndarray, *, rounds: int = REFINE_ROUNDS,
+    pseudo: float = REFINE_PSEUDO, eps: float = EPS, max_personas: int = 5,
+) -> np.ndarray:
+    """(items × personas) likelihood ratios re-estimated from who buys each item (EM).
+
+    Why: an item's name can point to the wrong persona ("Gourmet Dog Treats" reads as a cook's),
+    but its buyers' other purchases say whose it is. Each round: every user's persona
+    probabilities under the current ratios (`set_posterior`, prior fitted on these users), a
+    soft set with weights q[u, r]; each purchase's responsibility for persona r is
+    ``(1 - eps) q[u, r] L[j, r] / sum_r q[u, r]`` over itself plus ``eps`` (the rest is noise),
+    so ``p(j | r)`` = (the responsibilities of r on j + `pseudo` × the item's vote for r),
+    normalised over items, and ``p(j)`` = (j's evidence + `pseudo`), normalised; the new ratio
+    is their quotient. `votes`: items × personas, rows summing to 1 (the embedding's).
+    ``rounds = 0`` returns `likelihood` unchanged.
+
+    Measured on cached votes (docs/RESULTS.md §6): soft weights beat the MAP sets (hard 0/1
+    weights) by 0.02–0.05 F1 on the synthetic shops; 5 rounds reach most of what 8 do.
+    """
+    if rounds < 0 or pseudo <= 0:
+        raise ValueError("rounds must be >= 0 and pseudo > 0")
+    ratio = np.asarray(likelihood, dtype=np.float64)
+    votes = np.asarray(votes, dtype=np.float64)
+    if votes.shape != ratio.shape or weights.shape[1] != ratio.shape[0]:
+        raise ValueError("weights, likelihood and votes must agree on items and personas")
+    coo = sp.csr_matrix(weights).tocoo()
+    users, items, w = coo.row, coo.col, coo.data.astype(np.float64)
+    bought = np.bincount(items, weights=w, minlength=ratio.shape[0])
+    p_item = (bought + pseudo) / (bought + pseudo).sum()
+    for _ in range(rounds):
+        _, prob, _ = set_posterior(weights, ratio, eps=eps, max_personas=max_personas)
+        member = prob[users]  # purchases × personas: the buyer's soft set
+        size = np.maximum(member.sum(axis=1, keepdims=True), 1e-12)
+        on = member * (1.0 - eps) * ratio[items] / size
+        share = on / (on.sum(axis=1, keepdims=True) + eps)
+        counts = np.zeros_like(ratio)
+        np.add.at(counts, items, w[:, None] * share)
+        p_given = counts + pseudo * votes
+        p_given /= np.maximum(p_given.sum(axis=0, keepdims=True), 1e-300)
+        ratio = p_given / p_item[:, None]
+    return ratio

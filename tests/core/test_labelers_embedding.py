@@ -220,8 +220,38 @@ def test_posterior_rule_weighs_evidence_and_ignores_the_batch(fake):
     assert crowd[1].error == "empty_history"
 
 
+def test_fit_prior_re_estimates_item_ratios_from_their_buyers(fake):
+    """Under the niche settings the users' item ratios are the names' mixed with those
+    `refine_ratios` learns from who buys each item on the fitted users; items never seen there
+    keep the name's ratio; refine=0 keeps the names' alone."""
+    from core.labelers.set_posterior import refine_ratios
+
+    users = [UserHistory(f"c{i}", ((STAPLES[i], 1), (STAPLES[i + 1], 2), ("Dog Kibble", 1))) for i in range(8)]
+    users += [UserHistory(f"p{i}", (("Baby Nappies", 1), ("Infant Formula", 1), ("Organic Infant Formula", 1)))
+              for i in range(4)]
+    fitted = {w: EmbeddingLabeler(GROCERY, catalogue=CATALOGUE, refine=w) for w in (1.0, 0.5, 0.0)}
+    assert EmbeddingLabeler(GROCERY, catalogue=CATALOGUE).refine == 1.0  # the niche default
+    for lab in fitted.values():
+        lab.fit_prior(users)
+    _, counts, votes = fitted[1.0]._item_evidence(users)
+    names_ratio = votes / fitted[1.0].persona_base()
+    learned = refine_ratios(counts, names_ratio, votes)
+    for w, lab in fitted.items():
+        assert np.allclose(lab._evidence(users)[1], (1 - w) * names_ratio + w * learned)
+    assert not np.allclose(learned, names_ratio)
+    # an item none of the fitted users bought keeps its name's ratio
+    new = [UserHistory("n", (("Cat Litter", 1), (STAPLES[0], 1)))]
+    _, ratio = fitted[1.0]._evidence(new)
+    own = fitted[1.0].item_persona_scores(["Cat Litter"])[0] / fitted[1.0].persona_base()
+    assert np.allclose(ratio[0], own) and not np.allclose(ratio[1], names_ratio[0])
+    with pytest.raises(ValueError):
+        EmbeddingLabeler(GROCERY, refine=1.5)
+
+
 def test_fit_prior_learns_which_personas_are_common_among_users(fake):
-    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE)
+    # refine=0: the item ratios from the names alone (re-estimated from buyers, a persona that
+    # 12 of 13 users hold would explain every purchase alike and carry no evidence)
+    labeler = EmbeddingLabeler(GROCERY, catalogue=CATALOGUE, refine=0.0)
     assert np.allclose(labeler.persona_prior(), emb.RHO0)
     cooks = [UserHistory(f"c{i}", ((STAPLES[i], 1), (STAPLES[i + 1], 2))) for i in range(12)]
     parent = [UserHistory("p", (("Baby Nappies", 1), ("Infant Formula", 1)))]
@@ -270,6 +300,15 @@ def test_real_model_obvious_histories_get_obvious_personas(labeler):
     assert set(r_both.personas[:2]) == {CHEF, GARDEN}
     assert all(np.all(np.diff(r.scores) <= 0) for r in (r_chef, r_pet, r_both))
     assert labeler.label_items(["Stainless Steel Saucepan Set", "Dog Feeding Bowl"])[0][0] == CHEF
+
+
+def test_real_model_reads_a_synthetic_shop_as_niche(labeler):
+    """A catalogue spread evenly over niche personas keeps the niche settings (strength 0)."""
+    from core.labelers.shop_prior import UNEVEN_FROM
+
+    regime = labeler.regime()
+    assert 0.0 < regime["unevenness"] < UNEVEN_FROM and regime["strength"] == 0.0
+    assert labeler.settings() == emb.NICHE
 
 
 def test_real_model_organic_baby_food_is_a_parent_item():

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.labelers.set_posterior import RHO0, expected_f1_sets, set_posterior
+from core.labelers.set_posterior import EPS, RHO0, expected_f1_sets, refine_ratios, set_posterior
 
 
 def _log_posterior(weights: np.ndarray, ratios: np.ndarray, subset: tuple[int, ...], prior: np.ndarray,
@@ -91,3 +91,58 @@ def test_expected_f1_sets_match_brute_force(n, m, max_personas, seed):
     # a doubled number of confident personas is kept whole; one confident persona alone
     assert expected_f1_sets(np.array([[0.9, 0.9, 0.9, 0.9, 0.05]])).sum() == 4
     assert expected_f1_sets(np.array([[0.9, 0.2, 0.1, 0.1, 0.05]])).sum() == 1
+
+
+def _refine_brute(weights: np.ndarray, ratios: np.ndarray, votes: np.ndarray, rounds: int, pseudo: float,
+                  eps: float) -> np.ndarray:
+    """refine_ratios with loops over users, items and personas (soft sets from set_posterior)."""
+    n, n_items = weights.shape
+    m = ratios.shape[1]
+    p_item = np.array([weights[:, j].sum() + pseudo for j in range(n_items)])
+    p_item /= p_item.sum()
+    for _ in range(rounds):
+        _, prob, _ = set_posterior(sp.csr_matrix(weights), ratios, eps=eps)
+        counts = np.zeros((n_items, m))
+        for u in range(n):
+            size = sum(prob[u])
+            for j in range(n_items):
+                if weights[u, j] == 0:
+                    continue
+                total = sum((1 - eps) * prob[u, r] * ratios[j, r] / size for r in range(m)) + eps
+                for r in range(m):
+                    counts[j, r] += weights[u, j] * (1 - eps) * prob[u, r] * ratios[j, r] / size / total
+        given = counts + pseudo * votes
+        given /= given.sum(axis=0, keepdims=True)
+        ratios = given / p_item[:, None]
+    return ratios
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(2, 4), st.integers(0, 3), st.integers(0, 10**6))
+def test_refine_ratios_matches_brute_force(n_users, n_items, m, rounds, seed):
+    rng = np.random.default_rng(seed)
+    weights = rng.random((n_users, n_items)) * (rng.random((n_users, n_items)) < 0.6)
+    votes = rng.dirichlet(np.ones(m), size=n_items)
+    ratios = votes / votes.mean(axis=0)
+    got = refine_ratios(sp.csr_matrix(weights), ratios, votes, rounds=rounds, pseudo=0.7)
+    assert np.allclose(got, _refine_brute(weights, ratios, votes, rounds, 0.7, EPS), rtol=1e-9, atol=1e-12)
+    if rounds == 0:
+        assert np.array_equal(got, ratios)
+
+
+def test_refine_ratios_learns_an_item_from_its_buyers():
+    """Item 2's name leans to persona 0, but only persona-1 users (who buy items 1 and 3) buy it:
+    the re-estimate moves it to persona 1 and sharpens the items whose buyers agree with them."""
+    votes = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.2, 0.8]])
+    ratios = votes / votes.mean(axis=0)
+    weights = np.zeros((20, 4))
+    weights[:10, 0] = 1.0
+    weights[10:, [1, 2, 3]] = 1.0
+    got = refine_ratios(sp.csr_matrix(weights), ratios, votes)
+    assert ratios[2, 0] > ratios[2, 1] and got[2, 1] > got[2, 0]
+    assert got[0, 0] / got[0, 1] > ratios[0, 0] / ratios[0, 1]  # agreeing buyers: a sharper item
+    assert got[3, 1] / got[3, 0] > ratios[3, 1] / ratios[3, 0]
+    with pytest.raises(ValueError):
+        refine_ratios(sp.csr_matrix(weights), ratios, votes, rounds=-1)
+    with pytest.raises(ValueError):
+        refine_ratios(sp.csr_matrix(weights), ratios[:3], votes)
