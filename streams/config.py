@@ -257,6 +257,9 @@ SESSION_TIMEOUT_S = 30.0
 HEARTBEAT_INTERVAL_S = 1.0
 #: How long a rebalance waits for members to re-join (a loaded member re-joins late as well).
 REBALANCE_TIMEOUT_S = 30.0
+#: Client request timeout: above both (Faust refuses a session longer than it, and a JoinGroup
+#: may be held for the whole rebalance timeout).
+REQUEST_TIMEOUT_S = 40.0
 
 
 def faust_settings(config: StreamConfig) -> dict[str, Any]:
@@ -279,7 +282,7 @@ def faust_settings(config: StreamConfig) -> dict[str, Any]:
         "broker_session_timeout": SESSION_TIMEOUT_S,
         "broker_heartbeat_interval": HEARTBEAT_INTERVAL_S,
         "broker_rebalance_timeout": REBALANCE_TIMEOUT_S,
-        "broker_request_timeout": 30.0,
+        "broker_request_timeout": REQUEST_TIMEOUT_S,
         "broker_commit_interval": 1.0,
         "web_enabled": config.worker_port > 0,
         "web_port": config.worker_port or 6066,
