@@ -34,6 +34,16 @@ The stream needs four things the libraries do not offer publicly:
   (py-spy, bench/scale.py live phase). `fast_gzip` makes it level 1: ~100 MB/s, batches ~10%
   larger (3.0× instead of 3.3× on user rows).
 
+- **Committed-offset bookkeeping** (`faust.transport.consumer.Consumer._commit_offsets`). Faust
+  0.15.3 records the offsets of a commit as committed even when the broker refused it
+  (`did_commit` False: an `UnknownMemberIdError` while the group rebalances, which a worker that
+  missed its session timeout on a loaded host always meets). Its consumer then holds back every
+  later ack below that offset and skips every commit up to it (`Consumer.ack`, `_should_commit`),
+  so a partition the group never committed before stays uncommitted for good after the rebalance
+  (its lag never falls: `perform_seek` resets the bookkeeping only for partitions with a broker
+  commit). `commit_only_on_success` advances it only for a commit the broker accepted — the fix
+  faust-streaming merged upstream (PR 692); real Kafka and the embedded broker alike.
+
 `check_hooks()` verifies at start-up that each hook still has the shape this module was written
 against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
 """
@@ -58,10 +68,11 @@ try:  # the Cython batch builder producers use when aiokafka's extensions are bu
 except ImportError:  # pragma: no cover - pure-Python aiokafka
     _c_default_records = None
 from faust.tables.base import Collection
+from faust.transport.consumer import Consumer
 
 __all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
            "current_event", "widen_producer_buffer", "track_changelog_sends", "changelog_written",
-           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL"]
+           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL", "commit_only_on_success"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +88,9 @@ GZIP_LEVEL = 1
 _ORIGINAL_SEND_CHANGELOG = Collection.send_changelog
 SEND_CHANGELOG_PARAMETERS = ("self", "partition", "key", "value", "key_serializer", "value_serializer")
 _UNACKED: list[Any] = []  # changelog records' futures not yet awaited (`changelog_written`)
+
+_ORIGINAL_COMMIT_OFFSETS = Consumer._commit_offsets
+COMMIT_OFFSETS_PARAMETERS = ("self", "offsets", "start_new_transaction")
 
 
 class CompatError(RuntimeError):
@@ -104,6 +118,12 @@ def check_hooks() -> None:
                           "batch table writes (streams/_compat.py current_event) need updating")
     _check_parameters(_ORIGINAL_SEND_CHANGELOG, SEND_CHANGELOG_PARAMETERS, "faust Collection.send_changelog",
                       "changelog acknowledgements")
+    _check_parameters(_ORIGINAL_COMMIT_OFFSETS, COMMIT_OFFSETS_PARAMETERS, "faust Consumer._commit_offsets",
+                      "committed-offset bookkeeping")
+    for name in ("_committed_offset", "_commit"):
+        if name not in Consumer.__annotations__ and not hasattr(Consumer, name):
+            raise CompatError(f"faust Consumer.{name} is gone: the committed-offset bookkeeping "
+                              "(streams/_compat.py commit_only_on_success) needs updating")
     if not callable(getattr(default_records, "gzip_encode", None)):
         raise CompatError("aiokafka.record.default_records.gzip_encode is gone: the batch compression "
                           "level (streams/_compat.py fast_gzip) needs updating")
@@ -215,3 +235,33 @@ async def changelog_written() -> None:
         futs = _UNACKED[:]
         del _UNACKED[:len(futs)]
         await asyncio.gather(*futs)
+
+
+async def _commit_offsets(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+    """faust 0.15.3's `Consumer._commit_offsets` (its debug log table and flight recorder left
+    out), with the bookkeeping of a commit moved under `did_commit` (`commit_only_on_success`)."""
+    assignment = self.assignment()
+    committable = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+    revoked = {tp: offset for tp, offset in offsets.items() if tp not in assignment}
+    if revoked:
+        self.log.info("Discarded commit for revoked partitions that will be eventually processed again: %r",
+                      revoked)
+    if not committable:
+        return False
+    if self.in_transaction:
+        did_commit = await self.transactions.commit(committable, start_new_transaction=start_new_transaction)
+    else:
+        await self.app.producer.flush()
+        did_commit = await self._commit(committable)
+    if did_commit:
+        self.app.tables.on_commit(committable)
+        self._committed_offset.update(committable)
+        self.app.monitor.on_tp_commit(committable)
+    return bool(did_commit)
+
+
+def commit_only_on_success() -> None:
+    """Make faust record offsets as committed only when the broker accepted the commit
+    (process-wide, idempotent)."""
+    check_hooks()
+    Consumer._commit_offsets = _commit_offsets  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ import faust
 
 from streams._compat import (
     check_hooks,
+    commit_only_on_success,
     configure_fetch_pacing,
     fast_gzip,
     track_changelog_sends,
@@ -55,6 +56,7 @@ def create_app(config: StreamConfig) -> faust.App:
     check_hooks()  # fail at start-up, not mid-stream, when a library changed a private hook
     track_changelog_sends()  # batches are acked only once their rows are in the changelogs
     fast_gzip()  # changelog and op batches at zlib level 1, not aiokafka's 9
+    commit_only_on_success()  # a commit refused during a rebalance must not count as done
     configure_fetch_pacing(config.kafka_bootstrap)  # the embedded broker answers empty fetches at once
     settings = faust_settings(config)
     settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))

@@ -42,7 +42,8 @@ from core.settings import (
     to_env,
 )
 
-__all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace"]
+__all__ = ["StreamConfig", "ConfigError", "LABELERS", "DECODERS", "faust_settings", "replace", "SESSION_TIMEOUT_S",
+           "HEARTBEAT_INTERVAL_S", "REBALANCE_TIMEOUT_S"]
 
 if TYPE_CHECKING:
     from core.gplr import Decoder, Sampling
@@ -242,11 +243,29 @@ def _llm_from_env(env: Mapping[str, str]) -> Any:
     return LLMConfig.from_env(env)
 
 
+#: Consumer-group timeouts, seconds. The session timeout is how long a worker may go without a
+#: heartbeat before the broker drops it from the group; it was 6 s, so that a restarted worker
+#: did not wait for its dead predecessor to expire, but every worker is a static member
+#: (`streams.app.group_instance_id`): a restart takes over its own slot at once, whatever the
+#: timeout. What a short one cost: a worker starved of CPU on a loaded host (load 8–12 on 2 cores;
+#: a large recovery; a stop-the-world pause) missed it, the group rebalanced under it, and
+#: rebalances in the middle of a restart or a recovery are where the worker stopped consuming
+#: (docs/operations.md, "A restarted worker that stops consuming"). 30 s rides out such stalls; a
+#: worker that really died leaves its partitions idle that long on a real Kafka (noida-db never
+#: expels a static member). Heartbeats stay at 1 s (≤ a third of the session, cheap on a LAN).
+SESSION_TIMEOUT_S = 30.0
+HEARTBEAT_INTERVAL_S = 1.0
+#: How long a rebalance waits for members to re-join (a loaded member re-joins late as well).
+REBALANCE_TIMEOUT_S = 30.0
+#: Client request timeout: above both (Faust refuses a session longer than it, and a JoinGroup
+#: may be held for the whole rebalance timeout).
+REQUEST_TIMEOUT_S = 40.0
+
+
 def faust_settings(config: StreamConfig) -> dict[str, Any]:
     """Keyword arguments of `faust.App(config.app_id, **faust_settings(config))`.
 
-    The session timeout is short because a local broker answers fast: with Faust's 60 s default a
-    restarted worker waits that long for its old group member to expire. Offsets start at the
+    Group timeouts (`SESSION_TIMEOUT_S`, `REBALANCE_TIMEOUT_S`): see there. Offsets start at the
     earliest record so a fresh worker replays purchases already in the topic.
     """
     if not config.kafka_bootstrap:
@@ -260,10 +279,10 @@ def faust_settings(config: StreamConfig) -> dict[str, Any]:
         "topic_replication_factor": 1,
         "topic_allow_declare": True,
         "consumer_auto_offset_reset": "earliest",
-        "broker_session_timeout": 6.0,
-        "broker_heartbeat_interval": 1.0,
-        "broker_rebalance_timeout": 6.0,
-        "broker_request_timeout": 30.0,
+        "broker_session_timeout": SESSION_TIMEOUT_S,
+        "broker_heartbeat_interval": HEARTBEAT_INTERVAL_S,
+        "broker_rebalance_timeout": REBALANCE_TIMEOUT_S,
+        "broker_request_timeout": REQUEST_TIMEOUT_S,
         "broker_commit_interval": 1.0,
         "web_enabled": config.worker_port > 0,
         "web_port": config.worker_port or 6066,

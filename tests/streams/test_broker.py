@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 import streams.topics as topics_module
 from streams import metrics
 from streams.broker import BrokerError, EmbeddedBroker, bootstrap_or_embedded, free_port, wait_for_broker
-from streams.config import ConfigError, StreamConfig, faust_settings
+from streams.config import SESSION_TIMEOUT_S, ConfigError, StreamConfig, faust_settings
 from streams.topics import Topics, create_topics, internal_topics, register_internal
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,14 +99,16 @@ def test_faust_settings_need_a_bootstrap_and_map_the_config(tmp_path: Path) -> N
     s = faust_settings(StreamConfig(kafka_bootstrap="a:1,b:2", data_dir=tmp_path, partitions=3))
     assert s["broker"] == ["kafka://a:1", "kafka://b:2"]
     assert s["datadir"] == str(tmp_path / "faust") and s["topic_partitions"] == 3
-    assert s["broker_session_timeout"] <= 10
+    # static members ride out a starved worker (30 s), heartbeats at most a third of the session
+    assert s["broker_session_timeout"] == SESSION_TIMEOUT_S >= 20
+    assert s["broker_heartbeat_interval"] * 3 <= s["broker_session_timeout"]
 
 
 def test_faust_app_accepts_the_settings(tmp_path: Path) -> None:
     import faust
 
     app = faust.App("t", **faust_settings(StreamConfig(kafka_bootstrap="127.0.0.1:1", data_dir=tmp_path)))
-    assert app.conf.broker_session_timeout == 6.0
+    assert app.conf.broker_session_timeout == SESSION_TIMEOUT_S
     assert app.conf.topic_partitions == 4
 
 

@@ -3,12 +3,14 @@ installed classes (aiokafka's own `Fetcher._proc_fetch_request` answers the fetc
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 
 import pytest
 from aiokafka.consumer.fetcher import Fetcher, FetchError
 from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
+from mode.utils.logging import CompositeLogger
 
 from streams import _compat
 from streams._compat import (
@@ -209,3 +211,59 @@ def test_fast_gzip_builds_level_one_batches_that_read_back() -> None:
     finally:
         for module, original in saved:
             module.gzip_encode = original
+
+
+# -- committed-offset bookkeeping -------------------------------------------------------------
+def _consumer(broker_accepts: bool):
+    """A real faust Consumer (its real `_commit_offsets`, `_should_commit`, `ack` bookkeeping)
+    with the attributes a commit reads; `_commit` answers as the broker would."""
+    from collections import defaultdict
+
+    from faust.transport.drivers.aiokafka import Consumer  # the driver the worker runs
+
+    consumer = Consumer.__new__(Consumer)
+    tp = TopicPartition("t", 0)
+    commits: list[dict] = []
+
+    async def flush() -> None:
+        return None
+
+    async def _commit(offsets: dict) -> bool:
+        commits.append(dict(offsets))
+        return broker_accepts
+
+    consumer._committed_offset = defaultdict(lambda: None)  # noqa: SLF001
+    consumer._committed_offset[tp] = 4  # noqa: SLF001  # what the broker holds
+    consumer.in_transaction = False
+    consumer.log = CompositeLogger(logging.getLogger(__name__))
+    consumer.assignment = lambda: {tp}
+    consumer._commit = _commit  # noqa: SLF001
+    consumer.app = SimpleNamespace(producer=SimpleNamespace(flush=flush),
+                                   tables=SimpleNamespace(on_commit=lambda offsets: None),
+                                   monitor=SimpleNamespace(on_tp_commit=lambda offsets: None))
+    return consumer, tp, commits
+
+
+def test_a_refused_commit_is_not_recorded_as_committed() -> None:
+    """A commit the broker refuses (a rebalance: UnknownMemberId) leaves the bookkeeping where
+    the broker is, so the same offsets are committed again next time; faust 0.15.3 recorded them
+    and then skipped every commit up to them (the restarted worker whose lag never fell)."""
+    from faust.transport.consumer import Consumer
+
+    _compat.commit_only_on_success()
+    consumer, tp, commits = _consumer(broker_accepts=False)
+    assert asyncio.run(Consumer._commit_offsets(consumer, {tp: 10})) is False
+    assert consumer._committed_offset[tp] == 4  # noqa: SLF001
+    assert Consumer._should_commit(consumer, tp, 10)  # retried at the next commit
+    consumer, tp, commits = _consumer(broker_accepts=True)
+    assert asyncio.run(Consumer._commit_offsets(consumer, {tp: 10})) is True
+    assert consumer._committed_offset[tp] == 10 and commits == [{tp: 10}]  # noqa: SLF001
+    assert not Consumer._should_commit(consumer, tp, 10)
+
+
+def test_the_original_commit_bookkeeping_is_the_bug_the_hook_fixes() -> None:
+    """Guards the reason for the hook: if an upgraded faust stops advancing on a refused commit,
+    this fails and the hook can go."""
+    consumer, tp, _ = _consumer(broker_accepts=False)
+    asyncio.run(_compat._ORIGINAL_COMMIT_OFFSETS(consumer, {tp: 10}))  # noqa: SLF001
+    assert consumer._committed_offset[tp] == 10  # noqa: SLF001

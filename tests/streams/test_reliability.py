@@ -120,8 +120,8 @@ def test_kill_9_mid_stream_then_restart_loses_and_duplicates_nothing(
     watcher = LagWatcher(config)
     lag_at_kill = watcher.lag()
     produce(config.kafka_bootstrap, topics.purchases, events[cut:])  # the stream goes on meanwhile
-    worker_factory(config).wait_ready()
-    assert watcher.wait_drained(timeout=90, settle=2.0), f"lag stuck at {watcher.lag()}"
+    restarted = worker_factory(config).wait_ready()
+    assert watcher.wait_drained(timeout=90, settle=2.0), f"lag stuck at {watcher.lag()}:\n{restarted.log()[-3000:]}"
     watcher.close()
     print(f"lag when killed: {lag_at_kill}")
     checked = _check_against_exact(_updates(consume, config), shop.frame, labels, 6, config.top_k)
