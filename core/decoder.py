@@ -412,24 +412,36 @@ class PersonaModel:
         return self.channel.item_vectors(names)
 
     def add_text(self, text: np.ndarray | None, names: Sequence[str]) -> np.ndarray:
-        """A user's text state after the new distinct items `names` (`ItemChannel.add_text`)."""
-        return self.channel.add_text(text, names)
+        """A user's text state after the new distinct items `names` (None: no item yet): the item
+        channel's (`ItemChannel.add_text`), preceded, when the model has a zero-shot channel, by
+        its running state [Σ s(v) (personas), n] (`ZeroShotChannel.add_items`) — one float array,
+        so a stream row keeps both channels where it kept the text state."""
+        if self.zero_shot is None:
+            return self.channel.add_text(text, names)
+        zs, words = self._split(text)
+        return np.concatenate([self.zero_shot.add_items(zs, names), self.channel.add_text(words, names)])
+
+    def _split(self, text: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(zero-shot state, item-channel state) of a combined text state (`add_text`)."""
+        if text is None:
+            return None, None
+        head = self.decoder.n_personas + 1
+        text = np.asarray(text, dtype=np.float64)
+        if text.size < head:
+            raise ValueError(f"text state of {text.size} values has no zero-shot state")
+        return text[:head], text[head:]
 
     def zero_shot_features(self, graph: BipartiteGraph) -> np.ndarray | None:
         """Every user's zero-shot features (`ZeroShotChannel.user_features`); None without the channel."""
         return None if self.zero_shot is None else self.zero_shot.user_features(graph)
 
-    def add_items(self, state: np.ndarray | None, names: Sequence[str]) -> np.ndarray | None:
-        """A user's zero-shot state after the new distinct items `names` (None without the channel)."""
-        return None if self.zero_shot is None else self.zero_shot.add_items(state, names)
-
-    def decide_user(self, psi_raw: np.ndarray, text: np.ndarray | None, degree: int,
-                    zero_shot_state: np.ndarray | None = None) -> PersonaSnapshot:
+    def decide_user(self, psi_raw: np.ndarray, text: np.ndarray | None, degree: int) -> PersonaSnapshot:
         """The stream worker's call: one user's snapshot from its Ψ_raw row, its text state
-        (`add_text` over its distinct items), its number of distinct items and, when the model
-        has a zero-shot channel, its zero-shot state (`add_items` over the same items)."""
-        zs = None if self.zero_shot is None else self.zero_shot.feature(zero_shot_state)
-        return self.decoder.decide_one(psi_raw, self.channel.text_logit(text), degree, zs)
+        (`add_text` over its distinct items) and its number of distinct items."""
+        if self.zero_shot is None:
+            return self.decoder.decide_one(psi_raw, self.channel.text_logit(text), degree)
+        zs, words = self._split(text)
+        return self.decoder.decide_one(psi_raw, self.channel.text_logit(words), degree, self.zero_shot.feature(zs))
 
     def decide(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every user's (idx, scores) from the exact Ψ_raw of the graph."""

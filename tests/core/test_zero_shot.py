@@ -140,8 +140,12 @@ def test_only_the_zero_shot_channel_finds_a_persona_no_prototype_holds() -> None
     # the stream's call on one user's running state is the batch decision
     for u in pets + others[:5]:
         names = [str(g.item_names[v]) for v in g.user_item[u].indices]
-        snap = with_zs.decide_user(psi[u], with_zs.add_text(None, names), len(names), with_zs.add_items(None, names))
+        text = None
+        for name in names:  # one new item at a time, as the worker adds them
+            text = with_zs.add_text(text, [name])
+        snap = with_zs.decide_user(psi[u], text, len(names))
         assert snap.personas == tuple(int(i) for i in idx_zs[u] if i >= 0)
+        np.testing.assert_allclose(text[:4], channel.add_items(None, names), rtol=1e-12)
     again = PersonaModel.from_dict(with_zs.to_dict())
     np.testing.assert_array_equal(again.decide(g, psi)[0], idx_zs)
 
