@@ -29,12 +29,12 @@ import numpy as np
 
 from core.affinity import compute_affinity, debias_weights, label_distribution, prototype_matrix, top_personas
 from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES, PersonaModel, fit_persona_model, with_prior
-from core.zero_shot import ZeroShotChannel, zero_shot_channel
 from core.du import du_scores, select_du
 from core.graph import BipartiteGraph, EdgeWeight
 from core.labelers import histories_for
 from core.labelers.base import Labeler, LabelResult
 from core.personas import PersonaSet
+from core.zero_shot import ZeroShotChannel, zero_shot_channel
 
 __all__ = [
     "Assignment",

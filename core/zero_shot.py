@@ -28,7 +28,7 @@ calibration 0 was best.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,7 @@ class ZeroShotChannel:
         return cls(names, lift.copy())
 
 
-def zero_shot_channel(names: Sequence[str], personas: PersonaSet, *, labeler: Any = None) -> ZeroShotChannel:
+def zero_shot_channel(names: Iterable[str], personas: PersonaSet, *, labeler: Any = None) -> ZeroShotChannel:
     """The channel for a catalogue: MiniLM votes of each name (`EmbeddingLabeler` pinned to this
     catalogue, calibration `CALIBRATION`, temperature `TEMPERATURE`) over their catalogue mean.
 
@@ -157,4 +157,4 @@ def zero_shot_channel(names: Sequence[str], personas: PersonaSet, *, labeler: An
     return channel
 
 
-_LAST: dict[tuple, ZeroShotChannel] = {}
+_LAST: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], ZeroShotChannel] = {}
