@@ -454,8 +454,8 @@ class PersonaModel:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"kind": "persona_model", "channel": self.channel.to_dict(), "decoder": self.decoder.to_dict()}
-        if self.zero_shot is not None:
-            out["zero_shot"] = self.zero_shot.to_dict()
+        if self.zero_shot is not None:  # the catalogue that votes for any name, not per-item lifts
+            out["zero_shot"] = self.zero_shot.shipped().to_dict()
         return out
 
     @classmethod

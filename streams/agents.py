@@ -713,7 +713,10 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
             if sum(map(len, labels.values())) >= want or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k)
+        # the zero-shot channel: every known name is voted here, in the executor thread (the
+        # process-wide cache of core.zero_shot), so the worker's decisions embed only newer names
+        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k,
+                                logic.personas if cfg.zero_shot else None)
 
     started = time.monotonic()
     try:
@@ -723,8 +726,9 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
         return
     if model is None:
         return
-    logic.tables.model["current"] = encode_model(due, model)
-    logger.info("persona model v%d fitted in %.1fs", due, time.monotonic() - started)
+    record = encode_model(due, model)
+    logic.tables.model["current"] = record
+    logger.info("persona model v%d fitted in %.1fs (%d bytes)", due, time.monotonic() - started, len(record))
 
 
 #: The decision rule of the stream's persona model: batch GPLR's (`gplr label`'s) default.

@@ -29,12 +29,14 @@ The text channel needs no pushes: a user keeps its text state (its word counts a
 sums, `core.item_channel.ItemChannel.add_text`) for the model version it was computed with
 (`core.incremental.user_text_sum`) and recomputes it once per new version.
 
-The zero-shot channel (`core.zero_shot`, `gplr label`'s default) is fitted only when a caller
-passes the personas (`fit_graph_model(..., personas=...)`): the model then carries each catalogue
-item's lift s(v) and the user's text state carries its running mean in front of the word state
-(`PersonaModel.add_text`), so the worker needs no change; an item first bought after the refit
-counts as neutral (s(v) = 1) until the next. No worker passes them yet: it would load MiniLM in the
-refit worker and ship a model of about 1 MB on Online Retail (3,846 names × 20 lifts).
+The zero-shot channel (`core.zero_shot`, `gplr label`'s default; `GPLR_ZERO_SHOT`) is fitted
+when the caller passes the personas (the refit agent and `gplr backfill` do, by default): the
+model then carries the catalogue's word statistics and mean vote (`CatalogueVotes`, ~25 kB on
+Online Retail), not per-item lifts, and the user's text state carries its running sum of lifts in
+front of the word state (`PersonaModel.add_text`). The refit votes every known name in its
+executor thread through the process-wide cache the worker then reads; a name first bought after
+the refit is voted (embedded) when a user first needs it, with the refit's catalogue statistics —
+as `gplr label` on the grown catalogue would vote it, up to the words' IDF — not counted neutral.
 """
 from __future__ import annotations
 
