@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -120,7 +121,7 @@ def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 
 def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,
-               timeout: float, rate: float | None = None) -> dict[str, Any]:
+               timeout: float, rate: float | None = None, zero_shot: bool | None = None) -> dict[str, Any]:
     """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
     from streams.broker import bootstrap_or_embedded, free_port
     from streams.config import StreamConfig
@@ -136,7 +137,8 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         StreamConfig.from_env(), labeler="replay", replay_labels=data_dir / "user_personas_gpt4.csv.gz",
         personas_path=data_dir / "personas.json", label_budget=budget, label_rate_per_min=0,
         label_exclude=exclude, partitions=partitions, data_dir=workdir, metrics_port=free_port(),
-        worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info")
+        worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info",
+        **({} if zero_shot is None else {"zero_shot": zero_shot}))
     events = list(iter_events(frame.sort_values("ts", kind="stable")))
     with bootstrap_or_embedded(base) as cfg:
         topics = Topics(cfg.topic_prefix)
@@ -152,12 +154,14 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
                 raise RuntimeError(f"stream not drained in {timeout}s (lag {watcher.lag()})")
             seconds = time.monotonic() - t0
             costs = worker_metrics(cfg.metrics_port)
+            peak_rss = _peak_rss_mb(worker.proc.pid if worker.proc else None)
             updates = _read_topic(cfg.kafka_bootstrap, topics.persona_updates)
             labels = _read_topic(cfg.kafka_bootstrap, topics.labels)
             requests = _read_topic(cfg.kafka_bootstrap, topics.label_requests)
         finally:
             watcher.close()
             worker.stop()
+            log = worker.log()
     last: dict[str, list[int]] = {}
     reasons: dict[str, str] = {}
     for update in updates:  # one partition per user: arrival order is publication order
@@ -165,8 +169,23 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         reasons[str(update["user"])] = str(update.get("reason"))
     prototypes = {str(r["user"]): [int(p) for p in r["personas"]] for r in labels
                   if r.get("personas") and not r.get("error")}
+    refits = [(float(s), int(b)) for s, b in _REFIT_LINE.findall(log)]
     return {"sets": last, "reasons": reasons, "prototypes": prototypes, "seconds": seconds,
-            "events": len(events), "updates": len(updates), "costs": costs, "label_requests": len(requests)}
+            "events": len(events), "updates": len(updates), "costs": costs, "label_requests": len(requests),
+            "peak_rss_mb": peak_rss, "refits": refits, "zero_shot": base.zero_shot}
+
+
+_REFIT_LINE = re.compile(r"persona model v\d+ fitted in ([\d.]+)s \((\d+) bytes\)")  # streams.agents
+
+
+def _peak_rss_mb(pid: int | None) -> float | None:
+    """The worker's peak resident memory so far (Linux VmHWM), MB; None where unreadable."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return round(int(match.group(1)) / 1024, 1) if match else None
 
 
 # -- batch -----------------------------------------------------------------------------------------
@@ -205,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=None,
                         help="publish at most this many purchases/s (default: all at once, a backlog; with a "
                              "large backlog the worker labels only once it has caught up)")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="the worker without the zero-shot channel (GPLR_ZERO_SHOT=false); batch keeps its default")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the worker and broker on `kill` too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -230,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gplr-sq-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate)
+        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate,
+                            False if args.no_zero_shot else None)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -268,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "push_messages_per_purchase": round(
             stream["costs"].get("gplr_push_messages_total", 0.0) / max(stream["events"], 1), 3),
         "decisions_frozen_share": stream["costs"].get("gplr_decisions_frozen_share"),
+        "zero_shot": stream["zero_shot"], "worker_peak_rss_mb": stream["peak_rss_mb"],
+        "refits": len(stream["refits"]), "refit_seconds": [s for s, _ in stream["refits"]],
+        "model_bytes_max": max((b for _, b in stream["refits"]), default=None),
         "stream_recall": s_stream["recall"], "batch_recall": s_batch["recall"],
         "seconds": round(time.monotonic() - t_start, 1),
     }
