@@ -13,6 +13,9 @@ Setup (all seeded, fixed):
 * stream result: each user's last persona-update once the worker has drained;
 * batch: `gplr label` with its defaults (the CLI's own parser) on the same purchases and budget,
   held-out users excluded from labeling (`run_gplr(exclude=...)`);
+* the same decision path on the stream's prototypes: the refit's model fitted on the stream's final
+  prototypes, exact Ψ_raw (`stream_prototypes_batch_*`): the stream minus propagation's ε, so a
+  stream–batch gap splits into "which prototypes" and "the stream's decisions";
 * metrics (`core.gplr.score_sets`, the numbers bench/labels.py reports): per-user F1 of the persona
   set ("F1@5": at most 5 personas) and per-persona macro F1 against GPT-4's labels on held-out users
   that have one; the popularity baseline gives everyone the 5 personas most common among the
@@ -203,6 +206,27 @@ def run_batch(graph: BipartiteGraph, personas: PersonaSet, data_dir: Path, held:
     return {str(uid): list(result.assignment.personas_of(u)) for u, uid in enumerate(graph.user_ids)}
 
 
+def batch_on(frame, prototypes: Mapping[str, Sequence[int]], personas: PersonaSet, zero_shot: bool
+             ) -> dict[str, list[int]]:
+    """The refit's model fitted on the stream's own final prototypes (`streams.refit.fit_graph_model`,
+    the batch functions), deciding every user on exact Ψ_raw: what the stream's final state would
+    be without the ε of propagation — isolates the decision path from batch's other prototype draw."""
+    from core.affinity import exact_affinity, prototype_matrix
+    from core.decoder import PersonaModel
+    from streams.agents import REFIT_RULE
+    from streams.refit import fit_graph_model, history_graph
+
+    graph = history_graph(frame)
+    body = fit_graph_model(graph, prototypes, len(personas), REFIT_RULE, K, personas if zero_shot else None)
+    if body is None:
+        return {}
+    index = {str(u): i for i, u in enumerate(graph.user_ids)}
+    rows = {index[u]: tuple(p) for u, p in prototypes.items() if u in index and p}
+    idx, _ = PersonaModel.from_dict(body).decide(graph, exact_affinity(
+        graph, prototype_matrix(graph.n_users, rows, len(personas))))
+    return {uid: [int(i) for i in idx[u] if i >= 0] for uid, u in index.items()}
+
+
 def popularity(prototypes: Mapping[str, Sequence[int]], m: int) -> list[int]:
     """The K personas most common among the prototypes' labels (ties to the lower index)."""
     counts = np.bincount([p for ps in prototypes.values() for p in ps], minlength=m)
@@ -269,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     s_batch = score(batch, truth, scored, personas)
     s_pop = score({u: pop for u in scored}, truth, scored, personas)
     s_labels = score(truth, truth, scored, personas)
+    s_same = score(batch_on(frame, stream["prototypes"], personas, stream["zero_shot"]), truth, scored, personas)
     result: dict[str, Any] = {
         "bench": "stream_quality", "quick": bool(args.quick), "events": stream["events"],
         "users": graph.n_users, "scored_users": len(scored), "budget": args.budget,
         "stream_f1_at_5": s_stream["f1"], "batch_f1_at_5": s_batch["f1"], "popularity_f1_at_5": s_pop["f1"],
         "stream_macro_f1": s_stream["macro_f1"], "batch_macro_f1": s_batch["macro_f1"],
+        "stream_prototypes_batch_f1_at_5": s_same["f1"], "stream_prototypes_batch_macro_f1": s_same["macro_f1"],
         "top_set_share": s_stream["top_set_share"], "batch_top_set_share": s_batch["top_set_share"],
         "labels_top_set_share": s_labels["top_set_share"],
         "prevalence_tv": s_stream["prevalence_tv"], "batch_prevalence_tv": s_batch["prevalence_tv"],
