@@ -140,8 +140,9 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         StreamConfig.from_env(), labeler="replay", replay_labels=data_dir / "user_personas_gpt4.csv.gz",
         personas_path=data_dir / "personas.json", label_budget=budget, label_rate_per_min=0,
         label_exclude=exclude, partitions=partitions, data_dir=workdir, metrics_port=free_port(),
-        worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info",
-        **({} if zero_shot is None else {"zero_shot": zero_shot}))
+        worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info")
+    if zero_shot is not None:
+        base = dataclasses.replace(base, zero_shot=zero_shot)
     events = list(iter_events(frame.sort_values("ts", kind="stable")))
     with bootstrap_or_embedded(base) as cfg:
         topics = Topics(cfg.topic_prefix)

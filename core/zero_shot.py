@@ -208,9 +208,9 @@ class ZeroShotChannel:
         rows = np.fromiter((self._row.get(str(n), -1) for n in names), dtype=np.int64, count=len(names))
         known = rows >= 0
         out[known] = self.lift[rows[known]]
-        if self.catalogue is not None and not known.all():
+        if self.catalogue is not None and self.base is not None and not known.all():
             unknown = np.flatnonzero(~known)
-            out[unknown] = item_lift(self.catalogue.votes([str(names[i]) for i in unknown]), self.base)
+            out[unknown] = item_lift(self.catalogue.votes([str(names[int(i)]) for i in unknown]), self.base)
         return out
 
     def shipped(self) -> ZeroShotChannel:
