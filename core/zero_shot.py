@@ -23,7 +23,7 @@ What a model ships (`ZeroShotChannel.to_dict`) is not the per-item lifts (3,846 
 floats came to ~0.95 MB on Online Retail, near Kafka's 1 MB message limit, and would not fit a
 20k-item shop) but what computes them from any name (`CatalogueVotes`): the persona definitions,
 the catalogue's size and word document frequencies (what `EmbeddingLabeler.item_vectors` reads:
-IDF weights, frequent words) and the catalogue's mean vote `base` (|R| floats) — ~25 kB on Online
+IDF weights, frequent words) and the catalogue's mean vote `base` (|R| floats) — 30 kB on Online
 Retail. Every process turns names into raw votes through one process-wide cache (one MiniLM per
 persona set, votes cached per name and catalogue), so the stream's refit, which computes every
 known name's vote in its executor thread, leaves the worker only the names first seen after it;
@@ -87,7 +87,7 @@ PersonaKey = tuple[tuple[str, str], ...]  # (name, definition) per persona: what
 @dataclass(frozen=True)
 class CatalogueVotes:
     """MiniLM's raw persona votes of any item name under one catalogue's word statistics
-    (`EmbeddingLabeler.raw_votes`, temperature `TEMPERATURE`, calibration 0): a few kB to ship
+    (`EmbeddingLabeler.raw_votes`, temperature `TEMPERATURE`, calibration 0): tens of kB to ship
     where the votes themselves are |items| × |R| floats. Votes are cached per process (`votes`)."""
 
     personas: PersonaKey

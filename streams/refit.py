@@ -31,7 +31,7 @@ sums, `core.item_channel.ItemChannel.add_text`) for the model version it was com
 
 The zero-shot channel (`core.zero_shot`, `gplr label`'s default; `GPLR_ZERO_SHOT`) is fitted
 when the caller passes the personas (the refit agent and `gplr backfill` do, by default): the
-model then carries the catalogue's word statistics and mean vote (`CatalogueVotes`, ~25 kB on
+model then carries the catalogue's word statistics and mean vote (`CatalogueVotes`, 30 kB on
 Online Retail), not per-item lifts, and the user's text state carries its running sum of lifts in
 front of the word state (`PersonaModel.add_text`). The refit votes every known name in its
 executor thread through the process-wide cache the worker then reads; a name first bought after
