@@ -21,6 +21,8 @@ def test_a_refit_with_personas_ships_the_zero_shot_channel_the_worker_decides_wi
     shipped = fit_stream_model(purchases, prototypes, 5, "expected_f1", 5, personas=shop.personas)
     assert plain is not None and "zero_shot" not in plain  # without the personas: the model as before
     assert shipped is not None and shipped["zero_shot"]["personas"] == 5
+    # the catalogue's statistics, not per-item lifts: the worker votes names itself
+    assert shipped["zero_shot"]["names"] == [] and shipped["zero_shot"]["catalogue"]["size"] == 60
     version, model = decode_model(encode_model(3, json.loads(json.dumps(shipped))))
     assert version == 3 and model.zero_shot is not None
     assert model.decoder.coef[0, 3] != 0.0  # the channel carries weight
