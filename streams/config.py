@@ -147,8 +147,9 @@ class StreamConfig:
         why=f"must be one of {DECODERS}")
     zero_shot: bool = setting(
         True, "GPLR_ZERO_SHOT", "`GPLR_DECODER=model`: refits also fit the label-free zero-shot channel "
-        "(MiniLM votes of item names for the persona definitions, as `gplr label`; ~1 GB more worker "
-        "memory); `false`: the model without it (`gplr label --no-zero-shot`)",
+        "(MiniLM votes of item names for the persona definitions, as `gplr label`; MiniLM in the worker: "
+        "peak RSS 961 MB against 547 MB on the quick Online Retail replay); `false`: the model without it "
+        "(`gplr label --no-zero-shot`)",
         parse=boolean, show=lambda v: str(v).lower())
     log_level: str = setting("info", "GPLR_LOG_LEVEL", "`critical`, `error`, `warning`, `info` or `debug`",
                              parse=lower, check=lambda v: v in _LOG_LEVELS, why=f"must be one of {_LOG_LEVELS}")
