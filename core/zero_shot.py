@@ -213,6 +213,12 @@ class ZeroShotChannel:
             out[unknown] = item_lift(self.catalogue.votes([str(names[int(i)]) for i in unknown]), self.base)
         return out
 
+    def warm(self) -> None:
+        """Load this process's MiniLM and persona embeddings now (a worker calls it in a thread
+        when a model arrives, so its event loop does not pay the load at the first new name)."""
+        if self.catalogue is not None:
+            _labeler(self.catalogue)[0].persona_vectors()
+
     def shipped(self) -> ZeroShotChannel:
         """The channel without its table (catalogue and base only): what a model ships to the
         stream; it computes the same lifts (the table's are the catalogue's votes over `base`)."""

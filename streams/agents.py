@@ -677,6 +677,8 @@ async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics
         await topics.refit.send(key="refit", value={"milestone": due}, partition=0)
     if not logic.refresh_model():
         return
+    if logic.model.zero_shot is not None:  # MiniLM loaded off the event loop, before users decide
+        await asyncio.get_running_loop().run_in_executor(None, logic.model.zero_shot.warm)
     groups: dict[int, list[str]] = {}
     for user in list(logic.tables.users.table.keys()):
         groups.setdefault(partition_for(str(user), logic.config.partitions), []).append(str(user))

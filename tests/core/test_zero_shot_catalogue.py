@@ -9,7 +9,7 @@ import pytest
 
 from core.labelers.embedding import EmbeddingLabeler
 from core.personas import Persona, PersonaSet
-from core.zero_shot import CALIBRATION, TEMPERATURE, CatalogueVotes, ZeroShotChannel, zero_shot_channel
+from core.zero_shot import CALIBRATION, TEMPERATURE, CatalogueVotes, ZeroShotChannel, _labeler, zero_shot_channel
 
 PERSONAS = PersonaSet([Persona("Home Bakers", "people who bake cakes and bread at home"),
                        Persona("Gardeners", "people who grow plants and flowers in their garden"),
@@ -42,6 +42,8 @@ def test_the_shipped_channel_is_small_and_computes_the_same_lifts(channel: ZeroS
     np.testing.assert_array_equal(shipped.item_lifts(NAMES), channel.lift)  # the same cached votes, bit for bit
     np.testing.assert_array_equal(shipped.base, channel.base)
     assert shipped.catalogue == channel.catalogue and shipped.catalogue.key == channel.catalogue.key
+    shipped.warm()  # what a worker runs in a thread when the model arrives: MiniLM and the personas loaded
+    assert _labeler(shipped.catalogue)[0]._persona_vectors is not None  # noqa: SLF001
     words = {w for n in NAMES for w in n.split()}
     assert len(shipped.catalogue.words) == len(words)  # per word its count: no per-item floats
     assert dict(shipped.catalogue.words)["cake"] == 2 and dict(shipped.catalogue.words)["red"] == 2
