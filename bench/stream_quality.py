@@ -13,6 +13,9 @@ Setup (all seeded, fixed):
 * stream result: each user's last persona-update once the worker has drained;
 * batch: `gplr label` with its defaults (the CLI's own parser) on the same purchases and budget,
   held-out users excluded from labeling (`run_gplr(exclude=...)`);
+* the same decision path on the stream's prototypes: the refit's model fitted on the stream's final
+  prototypes, exact Ψ_raw (`stream_prototypes_batch_*`): the stream minus propagation's ε, so a
+  stream–batch gap splits into "which prototypes" and "the stream's decisions";
 * metrics (`core.gplr.score_sets`, the numbers bench/labels.py reports): per-user F1 of the persona
   set ("F1@5": at most 5 personas) and per-persona macro F1 against GPT-4's labels on held-out users
   that have one; the popularity baseline gives everyone the 5 personas most common among the
@@ -36,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -120,7 +124,7 @@ def _read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 
 def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions: int, workdir: Path,
-               timeout: float, rate: float | None = None) -> dict[str, Any]:
+               timeout: float, rate: float | None = None, zero_shot: bool | None = None) -> dict[str, Any]:
     """Replay `frame` through one worker; the last persona set per user, the prototypes, costs."""
     from streams.broker import bootstrap_or_embedded, free_port
     from streams.config import StreamConfig
@@ -137,6 +141,8 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         personas_path=data_dir / "personas.json", label_budget=budget, label_rate_per_min=0,
         label_exclude=exclude, partitions=partitions, data_dir=workdir, metrics_port=free_port(),
         worker_port=0, topic_prefix=f"sq-{tag}.", app_id=f"sq-{tag}", log_level="info")
+    if zero_shot is not None:
+        base = dataclasses.replace(base, zero_shot=zero_shot)
     events = list(iter_events(frame.sort_values("ts", kind="stable")))
     with bootstrap_or_embedded(base) as cfg:
         topics = Topics(cfg.topic_prefix)
@@ -152,12 +158,14 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
                 raise RuntimeError(f"stream not drained in {timeout}s (lag {watcher.lag()})")
             seconds = time.monotonic() - t0
             costs = worker_metrics(cfg.metrics_port)
+            peak_rss = _peak_rss_mb(worker.proc.pid if worker.proc else None)
             updates = _read_topic(cfg.kafka_bootstrap, topics.persona_updates)
             labels = _read_topic(cfg.kafka_bootstrap, topics.labels)
             requests = _read_topic(cfg.kafka_bootstrap, topics.label_requests)
         finally:
             watcher.close()
             worker.stop()
+            log = worker.log()
     last: dict[str, list[int]] = {}
     reasons: dict[str, str] = {}
     for update in updates:  # one partition per user: arrival order is publication order
@@ -165,8 +173,23 @@ def run_stream(frame, data_dir: Path, held: set[str], budget: float, partitions:
         reasons[str(update["user"])] = str(update.get("reason"))
     prototypes = {str(r["user"]): [int(p) for p in r["personas"]] for r in labels
                   if r.get("personas") and not r.get("error")}
+    refits = [(float(s), int(b)) for s, b in _REFIT_LINE.findall(log)]
     return {"sets": last, "reasons": reasons, "prototypes": prototypes, "seconds": seconds,
-            "events": len(events), "updates": len(updates), "costs": costs, "label_requests": len(requests)}
+            "events": len(events), "updates": len(updates), "costs": costs, "label_requests": len(requests),
+            "peak_rss_mb": peak_rss, "refits": refits, "zero_shot": base.zero_shot}
+
+
+_REFIT_LINE = re.compile(r"persona model v\d+ fitted in ([\d.]+)s \((\d+) bytes\)")  # streams.agents
+
+
+def _peak_rss_mb(pid: int | None) -> float | None:
+    """The worker's peak resident memory so far (Linux VmHWM), MB; None where unreadable."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, TypeError):
+        return None
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return round(int(match.group(1)) / 1024, 1) if match else None
 
 
 # -- batch -----------------------------------------------------------------------------------------
@@ -182,6 +205,27 @@ def run_batch(graph: BipartiteGraph, personas: PersonaSet, data_dir: Path, held:
     exclude = np.array([u for u, uid in enumerate(graph.user_ids) if str(uid) in held], dtype=np.int64)
     result = run_gplr(graph, personas, labeler, exclude=exclude, **_run_kwargs(args))
     return {str(uid): list(result.assignment.personas_of(u)) for u, uid in enumerate(graph.user_ids)}
+
+
+def batch_on(frame, prototypes: Mapping[str, Sequence[int]], personas: PersonaSet, zero_shot: bool
+             ) -> dict[str, list[int]]:
+    """The refit's model fitted on the stream's own final prototypes (`streams.refit.fit_graph_model`,
+    the batch functions), deciding every user on exact Ψ_raw: what the stream's final state would
+    be without the ε of propagation — isolates the decision path from batch's other prototype draw."""
+    from core.affinity import exact_affinity, prototype_matrix
+    from core.decoder import PersonaModel
+    from streams.agents import REFIT_RULE
+    from streams.refit import fit_graph_model, history_graph
+
+    graph = history_graph(frame)
+    body = fit_graph_model(graph, prototypes, len(personas), REFIT_RULE, K, personas if zero_shot else None)
+    if body is None:
+        return {}
+    index = {str(u): i for i, u in enumerate(graph.user_ids)}
+    rows = {index[u]: tuple(p) for u, p in prototypes.items() if u in index and p}
+    idx, _ = PersonaModel.from_dict(body).decide(graph, exact_affinity(
+        graph, prototype_matrix(graph.n_users, rows, len(personas))))
+    return {uid: [int(i) for i in idx[u] if i >= 0] for uid, u in index.items()}
 
 
 def popularity(prototypes: Mapping[str, Sequence[int]], m: int) -> list[int]:
@@ -205,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=None,
                         help="publish at most this many purchases/s (default: all at once, a backlog; with a "
                              "large backlog the worker labels only once it has caught up)")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="the worker without the zero-shot channel (GPLR_ZERO_SHOT=false); batch keeps its default")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the worker and broker on `kill` too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -230,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gplr-sq-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate)
+        stream = run_stream(frame, data_dir, held, args.budget, args.partitions, workdir, args.timeout, args.rate,
+                            False if args.no_zero_shot else None)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -247,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     s_batch = score(batch, truth, scored, personas)
     s_pop = score({u: pop for u in scored}, truth, scored, personas)
     s_labels = score(truth, truth, scored, personas)
+    s_same = score(batch_on(frame, stream["prototypes"], personas, stream["zero_shot"]), truth, scored, personas)
     result: dict[str, Any] = {
         "bench": "stream_quality", "quick": bool(args.quick), "events": stream["events"],
         "users": graph.n_users, "scored_users": len(scored), "budget": args.budget,
         "stream_f1_at_5": s_stream["f1"], "batch_f1_at_5": s_batch["f1"], "popularity_f1_at_5": s_pop["f1"],
         "stream_macro_f1": s_stream["macro_f1"], "batch_macro_f1": s_batch["macro_f1"],
+        "stream_prototypes_batch_f1_at_5": s_same["f1"], "stream_prototypes_batch_macro_f1": s_same["macro_f1"],
         "top_set_share": s_stream["top_set_share"], "batch_top_set_share": s_batch["top_set_share"],
         "labels_top_set_share": s_labels["top_set_share"],
         "prevalence_tv": s_stream["prevalence_tv"], "batch_prevalence_tv": s_batch["prevalence_tv"],
@@ -268,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         "push_messages_per_purchase": round(
             stream["costs"].get("gplr_push_messages_total", 0.0) / max(stream["events"], 1), 3),
         "decisions_frozen_share": stream["costs"].get("gplr_decisions_frozen_share"),
+        "zero_shot": stream["zero_shot"], "worker_peak_rss_mb": stream["peak_rss_mb"],
+        "refits": len(stream["refits"]), "refit_seconds": [s for s, _ in stream["refits"]],
+        "model_bytes_max": max((b for _, b in stream["refits"]), default=None),
         "stream_recall": s_stream["recall"], "batch_recall": s_batch["recall"],
         "seconds": round(time.monotonic() - t_start, 1),
     }

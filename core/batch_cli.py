@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES
+from core.decoder import DEFAULT_RULE, PREVALENCE_MATCH, RULES, ZERO_SHOT
 from core.gplr import DECODERS, GPLRResult, run_gplr, score_sets
 from core.gplr import Progress as ProgressCallback
 from core.graph import BipartiteGraph, EdgeWeight
@@ -62,6 +62,9 @@ def _add_gplr_options(p: argparse.ArgumentParser, k: int, budget: float) -> None
     p.add_argument("--prevalence-match", type=float, default=PREVALENCE_MATCH, metavar="S",
                    help="--decoder model: move decisions this share (0..1) of the way towards the "
                         "prototypes' persona prevalence (default %(default)s; 0 = pure expected F1)")
+    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=ZERO_SHOT,
+                   help="--decoder model: add the label-free zero-shot channel (MiniLM votes of the item names "
+                        "for each persona's definition, core.zero_shot) to the decoder (default on)")
     p.add_argument("--min-score", type=float, default=None,
                    help="drop personas scoring below this (use ~0.35 with --decoder words)")
     p.add_argument("--rounds", type=int, default=5, help="labeling rounds T (default 5)")
@@ -96,7 +99,8 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(budget=args.budget, rounds=args.rounds, hops=args.hops, eps=args.eps, beta=args.beta,
                 method=args.method, weight=args.weight, k=args.k, adaptive=args.adaptive,
                 min_score=args.min_score, decoder=args.decoder, rule=args.rule,
-                prevalence=args.prevalence_match, sampling=args.sampling, seed=args.seed)
+                prevalence=args.prevalence_match, sampling=args.sampling, seed=args.seed,
+                zero_shot=args.zero_shot and args.decoder == "model")
 
 
 def _check_args(args: argparse.Namespace) -> None:

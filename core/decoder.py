@@ -5,11 +5,14 @@ the common personas; Ψ's scale also depends on degrees and density, so no absol
 transfers between shops. Instead, per persona m, a small logistic model turns two scale-free
 channels into a calibrated probability
 
-    p[u, m] = σ(a_m · [t[u, m], g[u, m], √g[u, m]] + b_m),
+    p[u, m] = σ(a_m · [t[u, m], g[u, m], √g[u, m], z[u, m]] + b_m),
 
 with t the item channel's text logit (sublinear counts of the words of the user's items,
-`core.item_channel`) and
-g = Ψ_raw[u, m] / Σ_m' Ψ_raw[u, m'] the user's share of graph affinity. It is fitted on the
+`core.item_channel`),
+g = Ψ_raw[u, m] / Σ_m' Ψ_raw[u, m'] the user's share of graph affinity and z the label-free
+zero-shot channel (`core.zero_shot`: the log of the mean over the user's items of MiniLM's vote
+for the persona's definition over its catalogue share; 0 for every user when the model has no
+zero-shot channel, so its slope is then 0 and the decoder is the three-feature one). It is fitted on the
 prototypes with leave-one-out graph scores (a prototype's own label is removed from its Ψ_raw,
 exactly, by linearity: `core.affinity.self_return`) and out-of-fold text logits, because an
 unlabeled user never sees its own label. A persona is decided when p ≥ its own threshold
@@ -28,8 +31,8 @@ prototypes' base rates — through `with_prior`, the same fallback `core.gplr.as
 uses.
 
 Batch calls `PersonaDecoder.decide` on matrices, the stream `PersonaModel.decide_user` on one
-user's (Ψ_raw row, text state, degree) — the same formula on the same features; the fitted
-model is JSON-able (`to_dict`).
+user's (Ψ_raw row, text state, degree[, zero-shot state]) — the same formula on the same
+features; the fitted model is JSON-able (`to_dict`).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from core.item_channel import (
     user_text_logits,
     user_word_features,
 )
+from core.zero_shot import ZeroShotChannel
 
 __all__ = [
     "FEATURES",
@@ -70,11 +74,13 @@ __all__ = [
     "PREVALENCE_MATCH",
     "loo_psi_raw",
     "fit_persona_model",
+    "ZERO_SHOT",
 ]
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("text_logit", "graph_share", "sqrt_graph_share")
+FEATURES = ("text_logit", "graph_share", "sqrt_graph_share", "zero_shot")
+LEGACY_FEATURES = FEATURES[:3]  # a decoder stored before the zero-shot channel
 Rule = Literal["f1", "prevalence", "expected_f1"]
 RULES: tuple[str, ...] = ("f1", "prevalence", "expected_f1")
 NEVER = 2.0  # threshold of a persona no prototype has: no probability reaches it
@@ -82,6 +88,7 @@ NEVER = 2.0  # threshold of a persona no prototype has: no probability reaches i
 #: Online Retail's validation split (bench/persona_quality.py, docs/RESULTS.md §2b).
 DEFAULT_RULE = "expected_f1"
 PREVALENCE_MATCH = 0.55
+ZERO_SHOT = True  # `gplr label` adds the label-free zero-shot channel (core.zero_shot)
 DECODER_C = 100.0  # features are O(0.1) shares: weak regularisation (C=1 flattened the graph channel)
 MAX_PERSONAS = 5
 
@@ -95,19 +102,24 @@ def graph_share(psi_raw: np.ndarray) -> np.ndarray:
     return share
 
 
-def _channels(psi_raw: np.ndarray, text_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(clipped text logits, graph shares), both users × personas."""
+def _channels(psi_raw: np.ndarray, text_logit: np.ndarray, zero_shot: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clipped text logits, graph shares, zero-shot features — 0 when None), users × personas."""
     g = graph_share(psi_raw)
     t = np.clip(np.atleast_2d(np.asarray(text_logit, dtype=np.float64)), -20.0, 20.0)
     if t.shape != g.shape:
         raise ValueError(f"text logits {t.shape} and Ψ_raw {g.shape} differ in shape")
-    return t, g
+    z = np.zeros_like(g) if zero_shot is None else np.atleast_2d(np.asarray(zero_shot, dtype=np.float64))
+    if z.shape != g.shape:
+        raise ValueError(f"zero-shot features {z.shape} and Ψ_raw {g.shape} differ in shape")
+    return t, g, z
 
 
-def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+def decoder_features(psi_raw: np.ndarray, text_logit: np.ndarray, zero_shot: np.ndarray | None = None
+                     ) -> np.ndarray:
     """users × personas × FEATURES."""
-    t, g = _channels(psi_raw, text_logit)
-    return np.stack([t, g, np.sqrt(g)], axis=2)
+    t, g, z = _channels(psi_raw, text_logit, zero_shot)
+    return np.stack([t, g, np.sqrt(g), z], axis=2)
 
 
 def _no_evidence(psi_raw: np.ndarray, degree: np.ndarray) -> np.ndarray:
@@ -208,6 +220,9 @@ class PersonaDecoder:
         m = np.asarray(self.intercept).size
         if np.asarray(self.shift).size == 0:
             object.__setattr__(self, "shift", np.zeros(m))
+        coef = np.asarray(self.coef, dtype=np.float64)
+        if coef.shape == (m, len(LEGACY_FEATURES)):  # no zero-shot slope given: 0
+            object.__setattr__(self, "coef", np.hstack([coef, np.zeros((m, 1))]))
         for name, shape in (("coef", (m, len(FEATURES))), ("intercept", (m,)), ("thresholds", (m,)),
                             ("prior", (m,)), ("shift", (m,))):
             value = np.asarray(getattr(self, name), dtype=np.float64).reshape(shape)
@@ -223,18 +238,19 @@ class PersonaDecoder:
     def n_personas(self) -> int:
         return int(self.intercept.size)
 
-    def logits(self, psi_raw: np.ndarray, text_logit: np.ndarray) -> np.ndarray:
+    def logits(self, psi_raw: np.ndarray, text_logit: np.ndarray, zero_shot: np.ndarray | None = None
+               ) -> np.ndarray:
         """z[u, m] = coef[m]·features[u, m] + intercept[m] (one formula for batch and stream)."""
-        t, g = _channels(psi_raw, text_logit)
+        t, g, zs = _channels(psi_raw, text_logit, zero_shot)
         c = self.coef
-        z: np.ndarray = t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + self.intercept
+        z: np.ndarray = t * c[:, 0] + g * c[:, 1] + np.sqrt(g) * c[:, 2] + zs * c[:, 3] + self.intercept
         return z
 
     def probabilities(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
-                      shifted: bool = True) -> np.ndarray:
+                      shifted: bool = True, zero_shot: np.ndarray | None = None) -> np.ndarray:
         """p[u, m] in [0, 1] (with the prevalence shift; `shifted=False`: the calibrated ones);
         users with no purchase and no affinity get the prior."""
-        z = self.logits(psi_raw, text_logit)
+        z = self.logits(psi_raw, text_logit, zero_shot)
         return self._with_prior(z if shifted else z - self.shift, _no_evidence(psi_raw, degree))
 
     def _with_prior(self, z: np.ndarray, empty: np.ndarray) -> np.ndarray:
@@ -249,16 +265,18 @@ class PersonaDecoder:
         return select_personas(self._with_prior(z + delta, empty), self.thresholds, self.max_personas, self.rule,
                                size)
 
-    def decide(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def decide(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
+               zero_shot: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised: (idx, scores), users × max_personas, best first, -1 / 0 padded; scores are
         the shifted probabilities the personas were ranked by."""
-        return self._select(self.logits(psi_raw, text_logit), _no_evidence(psi_raw, degree))
+        return self._select(self.logits(psi_raw, text_logit, zero_shot), _no_evidence(psi_raw, degree))
 
-    def decide_one(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: int) -> PersonaSnapshot:
+    def decide_one(self, psi_raw: np.ndarray, text_logit: np.ndarray, degree: int,
+                   zero_shot: np.ndarray | None = None) -> PersonaSnapshot:
         """One user's persona snapshot (the stream worker's call)."""
+        zs = None if zero_shot is None else np.asarray(zero_shot, dtype=np.float64)[None, :]
         idx, scores = self.decide(np.asarray(psi_raw, dtype=np.float64)[None, :],
-                                  np.asarray(text_logit, dtype=np.float64)[None, :], np.array([degree]))
+                                  np.asarray(text_logit, dtype=np.float64)[None, :], np.array([degree]), zs)
         keep = idx[0] >= 0
         return PersonaSnapshot(tuple(int(i) for i in idx[0][keep]), tuple(float(s) for s in scores[0][keep]))
 
@@ -272,9 +290,10 @@ class PersonaDecoder:
     def from_dict(cls, d: Mapping[str, Any]) -> PersonaDecoder:
         if d.get("kind") != "persona_decoder":
             raise ValueError("not a persona decoder dict (kind != 'persona_decoder')")
-        if list(d.get("features", [])) != list(FEATURES):
+        coef = np.asarray(d["coef"], dtype=np.float64)  # stored before the zero-shot channel: 3 columns
+        if list(d.get("features", [])) not in (list(FEATURES), list(LEGACY_FEATURES)):
             raise ValueError(f"decoder features {d.get('features')} differ from this version's {list(FEATURES)}")
-        return cls(np.asarray(d["coef"]), np.asarray(d["intercept"]), np.asarray(d["thresholds"]),
+        return cls(coef, np.asarray(d["intercept"]), np.asarray(d["thresholds"]),
                    np.asarray(d["prior"]), int(d["max_personas"]), str(d["rule"]),
                    np.asarray(d.get("shift", [])))  # a decoder stored before the shift: none
 
@@ -288,15 +307,18 @@ def fit_decoder(
     max_personas: int = MAX_PERSONAS,
     C: float = DECODER_C,
     per_persona: bool = False,
+    zero_shot: np.ndarray | None = None,
 ) -> PersonaDecoder:
     """Fit the decoder on labeled users' held-out scores (rows: prototypes).
 
-    `psi_raw` must be leave-one-out (`loo_psi_raw`) and `text_logit` out-of-fold. The slopes
+    `psi_raw` must be leave-one-out (`loo_psi_raw`) and `text_logit` out-of-fold; `zero_shot`
+    (the prototypes' `core.zero_shot` features; label-free, so in-sample) may be None: its
+    slope is then 0. The slopes
     are shared by all personas (pooled over prototype × persona pairs, with a persona's own
     intercept) unless `per_persona`, where a persona with at least 5 positives gets its own.
     """
     y = np.asarray(y, dtype=bool)
-    x = decoder_features(psi_raw, text_logit)
+    x = decoder_features(psi_raw, text_logit, zero_shot)
     n, m, f = x.shape
     if y.shape != (n, m):
         raise ValueError(f"labels {y.shape} do not match scores {(n, m)}")
@@ -323,13 +345,14 @@ def fit_decoder(
                 own = LogisticRegression(C=C, max_iter=5000).fit(x[:, j, :], y[:, j])
                 coef[j], intercept[j] = own.coef_[0], own.intercept_[0]
     dec = PersonaDecoder(coef, intercept, np.zeros(m), prior, max_personas, rule)
-    probs = dec.probabilities(psi_raw, text_logit, np.ones(n))
+    probs = dec.probabilities(psi_raw, text_logit, np.ones(n), zero_shot=zero_shot)
     thresholds = np.zeros(m) if rule == "expected_f1" else fit_thresholds(probs, y, rule)
     return PersonaDecoder(coef, intercept, thresholds, prior, max_personas, rule)
 
 
 def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: np.ndarray, degree: np.ndarray,
-                     strength: float = 0.5, iters: int = 30) -> PersonaDecoder:
+                     strength: float = 0.5, iters: int = 30, zero_shot: np.ndarray | None = None
+                     ) -> PersonaDecoder:
     """The decoder with its intercepts shifted so that its decisions over these (unlabeled)
     users move towards the prototypes' persona prevalence; `strength` in [0, 1] is the share of
     the full matching shift applied (0: unchanged, 1: prevalence matched).
@@ -343,7 +366,7 @@ def match_prevalence(decoder: PersonaDecoder, psi_raw: np.ndarray, text_logit: n
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if strength == 0.0 or np.asarray(psi_raw).shape[0] == 0:
         return decoder
-    z = decoder.logits(psi_raw, text_logit)
+    z = decoder.logits(psi_raw, text_logit, zero_shot)
     empty = _no_evidence(psi_raw, degree)
     pi = decoder.prior
     delta = np.zeros_like(pi)
@@ -373,10 +396,12 @@ def loo_psi_raw(graph: BipartiteGraph, prototypes: Mapping[int, Sequence[int]], 
 
 @dataclass(frozen=True)
 class PersonaModel:
-    """Item channel + decoder: everything needed to decide a user's personas from Ψ_raw."""
+    """Item channel + decoder (+ the zero-shot channel, when fitted with one): everything needed
+    to decide a user's personas from Ψ_raw."""
 
     channel: ItemChannel
     decoder: PersonaDecoder
+    zero_shot: ZeroShotChannel | None = None
 
     def text_logits(self, graph: BipartiteGraph, features: Features | None = None) -> np.ndarray:
         """Every user's text logits (`core.item_channel.user_text_logits`)."""
@@ -387,29 +412,59 @@ class PersonaModel:
         return self.channel.item_vectors(names)
 
     def add_text(self, text: np.ndarray | None, names: Sequence[str]) -> np.ndarray:
-        """A user's text state after the new distinct items `names` (`ItemChannel.add_text`)."""
-        return self.channel.add_text(text, names)
+        """A user's text state after the new distinct items `names` (None: no item yet): the item
+        channel's (`ItemChannel.add_text`), preceded, when the model has a zero-shot channel, by
+        its running state [Σ s(v) (personas), n] (`ZeroShotChannel.add_items`) — one float array,
+        so a stream row keeps both channels where it kept the text state."""
+        if self.zero_shot is None:
+            return self.channel.add_text(text, names)
+        zs, words = self._split(text)
+        return np.concatenate([self.zero_shot.add_items(zs, names), self.channel.add_text(words, names)])
+
+    def _split(self, text: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(zero-shot state, item-channel state) of a combined text state (`add_text`)."""
+        if text is None:
+            return None, None
+        head = self.decoder.n_personas + 1
+        text = np.asarray(text, dtype=np.float64)
+        if text.size < head:
+            raise ValueError(f"text state of {text.size} values has no zero-shot state")
+        return text[:head], text[head:]
+
+    def zero_shot_features(self, graph: BipartiteGraph) -> np.ndarray | None:
+        """Every user's zero-shot features (`ZeroShotChannel.user_features`); None without the channel."""
+        return None if self.zero_shot is None else self.zero_shot.user_features(graph)
 
     def decide_user(self, psi_raw: np.ndarray, text: np.ndarray | None, degree: int) -> PersonaSnapshot:
         """The stream worker's call: one user's snapshot from its Ψ_raw row, its text state
         (`add_text` over its distinct items) and its number of distinct items."""
-        return self.decoder.decide_one(psi_raw, self.channel.text_logit(text), degree)
+        if self.zero_shot is None:
+            return self.decoder.decide_one(psi_raw, self.channel.text_logit(text), degree)
+        zs, words = self._split(text)
+        return self.decoder.decide_one(psi_raw, self.channel.text_logit(words), degree, self.zero_shot.feature(zs))
 
     def decide(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every user's (idx, scores) from the exact Ψ_raw of the graph."""
-        return self.decoder.decide(psi_raw, self.text_logits(graph), graph.user_degree)
+        return self.decoder.decide(psi_raw, self.text_logits(graph), graph.user_degree,
+                                   self.zero_shot_features(graph))
 
     def probabilities(self, graph: BipartiteGraph, psi_raw: np.ndarray) -> np.ndarray:
-        return self.decoder.probabilities(psi_raw, self.text_logits(graph), graph.user_degree)
+        return self.decoder.probabilities(psi_raw, self.text_logits(graph), graph.user_degree,
+                                          zero_shot=self.zero_shot_features(graph))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "persona_model", "channel": self.channel.to_dict(), "decoder": self.decoder.to_dict()}
+        out = {"kind": "persona_model", "channel": self.channel.to_dict(), "decoder": self.decoder.to_dict()}
+        if self.zero_shot is not None:  # the catalogue that votes for any name, not per-item lifts
+            out["zero_shot"] = self.zero_shot.shipped().to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PersonaModel:
         if d.get("kind") != "persona_model":
             raise ValueError("not a persona model dict (kind != 'persona_model')")
-        return cls(ItemChannel.from_dict(d["channel"]), PersonaDecoder.from_dict(d["decoder"]))
+        zs = d.get("zero_shot")
+        return cls(ItemChannel.from_dict(d["channel"]), PersonaDecoder.from_dict(d["decoder"]),
+                   None if zs is None else ZeroShotChannel.from_dict(zs))
 
 
 def fit_persona_model(
@@ -428,10 +483,12 @@ def fit_persona_model(
     max_personas: int = MAX_PERSONAS,
     per_persona: bool = False,
     prevalence: float = PREVALENCE_MATCH,
+    zero_shot: ZeroShotChannel | None = None,
 ) -> PersonaModel:
     """Fit the item channel on all prototypes and the decoder on their held-out scores, then
     shift it `prevalence` of the way towards the prototypes' persona prevalence over the
-    graph's other users (`match_prevalence`).
+    graph's other users (`match_prevalence`). With a `zero_shot` channel (`core.zero_shot`,
+    label-free, fixed) its user features are the decoder's fourth feature.
 
     `psi_raw` is the exact, not de-biased Ψ_raw of all users for these prototypes (computed
     when omitted). Deterministic given the prototypes and `seed` (the fold split).
@@ -444,13 +501,17 @@ def fit_persona_model(
                                        features=features)
     psi_loo = loo_psi_raw(graph, prototypes, n_personas, psi_raw, hops, weight)
     y = prototype_matrix(len(prototypes), dict(enumerate(prototypes.values())), n_personas) > 0
+    users = np.fromiter(prototypes, dtype=np.int64, count=len(prototypes))
+    if zero_shot is not None and zero_shot.n_personas != n_personas:
+        raise ValueError(f"the zero-shot channel has {zero_shot.n_personas} personas, not {n_personas}")
+    zs = None if zero_shot is None else zero_shot.user_features(graph)
     decoder = fit_decoder(psi_loo, text_oof, y, rule=rule, max_personas=max_personas, C=decoder_C,
-                          per_persona=per_persona)
+                          per_persona=per_persona, zero_shot=None if zs is None else zs[users])
     if prevalence > 0:
         if psi_raw is None:
             psi_raw = exact_affinity(graph, prototype_matrix(graph.n_users, prototypes, n_personas), hops, weight)
-        rest = np.setdiff1d(np.arange(graph.n_users), np.fromiter(prototypes, dtype=np.int64))
+        rest = np.setdiff1d(np.arange(graph.n_users), users)
         text = user_text_logits(graph, channel, features)
         decoder = match_prevalence(decoder, np.asarray(psi_raw)[rest], text[rest], graph.user_degree[rest],
-                                   prevalence)
-    return PersonaModel(channel, decoder)
+                                   prevalence, zero_shot=None if zs is None else zs[rest])
+    return PersonaModel(channel, decoder, zero_shot)

@@ -34,6 +34,7 @@ from core.graph import BipartiteGraph, EdgeWeight
 from core.labelers import histories_for
 from core.labelers.base import Labeler, LabelResult
 from core.personas import PersonaSet
+from core.zero_shot import ZeroShotChannel, zero_shot_channel
 
 __all__ = [
     "Assignment",
@@ -295,6 +296,7 @@ def run_gplr(
     seed: int = 0,
     exclude: np.ndarray | None = None,
     progress: Progress | None = None,
+    zero_shot: bool | ZeroShotChannel = False,
 ) -> GPLRResult:
     """Algorithm 1. `exclude` (user indices) are never chosen as prototypes (held-out users).
 
@@ -302,7 +304,9 @@ def run_gplr(
     (`decoder="model"`: `rule` picks the decision rule, `prevalence` how far decisions are
     moved towards the prototypes' persona prevalence, `k` caps the personas; `adaptive` and
     `min_score` do not apply), from Ψ (`decoder="graph"`, the paper) or from per-persona word
-    classifiers (`decoder="words"`; pair it with `min_score`, e.g. 0.35).
+    classifiers (`decoder="words"`; pair it with `min_score`, e.g. 0.35). `zero_shot` (model
+    decoder only): True adds the label-free zero-shot channel of the graph's item names
+    (`core.zero_shot.zero_shot_channel`, MiniLM), or pass a fitted `ZeroShotChannel`.
     """
     if sampling not in ("du", "random"):
         raise ValueError(f"sampling must be 'du' or 'random', got {sampling!r}")
@@ -364,10 +368,11 @@ def run_gplr(
         if progress:
             progress("persona model", 0, 1)
         psi_raw = psi / debias_weights(q_hat, beta)  # c > 0: Ψ_raw back, scale-free for the decoder
+        channel = zero_shot_channel(graph.item_names, personas) if zero_shot is True else zero_shot or None
         model = fit_persona_model(graph, labels, n_personas, psi_raw, hops=hops, weight=weight, seed=seed,
-                                  rule=rule, max_personas=k, prevalence=prevalence)
+                                  rule=rule, max_personas=k, prevalence=prevalence, zero_shot=channel)
         scores = model.probabilities(graph, psi_raw)
-        idx, decided = model.decoder.decide(psi_raw, model.text_logits(graph), graph.user_degree)
+        idx, decided = model.decide(graph, psi_raw)
         assignment = with_prototypes(idx, decided, scores, labels)
         if progress:
             progress("persona model", 1, 1)

@@ -677,6 +677,8 @@ async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics
         await topics.refit.send(key="refit", value={"milestone": due}, partition=0)
     if not logic.refresh_model():
         return
+    if logic.model.zero_shot is not None:  # MiniLM loaded off the event loop, before users decide
+        await asyncio.get_running_loop().run_in_executor(None, logic.model.zero_shot.warm)
     groups: dict[int, list[str]] = {}
     for user in list(logic.tables.users.table.keys()):
         groups.setdefault(partition_for(str(user), logic.config.partitions), []).append(str(user))
@@ -713,7 +715,10 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
             if sum(map(len, labels.values())) >= want or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k)
+        # the zero-shot channel: every known name is voted here, in the executor thread (the
+        # process-wide cache of core.zero_shot), so the worker's decisions embed only newer names
+        return fit_stream_model(purchases, labels, logic.m, REFIT_RULE, cfg.top_k,
+                                logic.personas if cfg.zero_shot else None)
 
     started = time.monotonic()
     try:
@@ -723,8 +728,9 @@ async def _refit(logic: StreamLogic, request: Any) -> None:
         return
     if model is None:
         return
-    logic.tables.model["current"] = encode_model(due, model)
-    logger.info("persona model v%d fitted in %.1fs", due, time.monotonic() - started)
+    record = encode_model(due, model)
+    logic.tables.model["current"] = record
+    logger.info("persona model v%d fitted in %.1fs (%d bytes)", due, time.monotonic() - started, len(record))
 
 
 #: The decision rule of the stream's persona model: batch GPLR's (`gplr label`'s) default.

@@ -242,7 +242,7 @@ def _fit_model(frame: pd.DataFrame, index: HistoryIndex, labels: Mapping[int, Se
     if config.decoder != "model" or not version:
         return None
     body = fit_graph_model(history_graph(frame), {str(index.user_ids[u]): p for u, p in labels.items()},
-                           n_personas, REFIT_RULE, config.top_k)
+                           n_personas, REFIT_RULE, config.top_k, config.personas() if config.zero_shot else None)
     if body is None:
         return None
     return version, PersonaModel.from_dict(body), encode_model(version, body)

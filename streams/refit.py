@@ -28,6 +28,15 @@ so the model must be fitted on the stream's own prototypes and reach every worke
 The text channel needs no pushes: a user keeps its text state (its word counts and two running
 sums, `core.item_channel.ItemChannel.add_text`) for the model version it was computed with
 (`core.incremental.user_text_sum`) and recomputes it once per new version.
+
+The zero-shot channel (`core.zero_shot`, `gplr label`'s default; `GPLR_ZERO_SHOT`) is fitted
+when the caller passes the personas (the refit agent and `gplr backfill` do, by default): the
+model then carries the catalogue's word statistics and mean vote (`CatalogueVotes`, 30 kB on
+Online Retail), not per-item lifts, and the user's text state carries its running sum of lifts in
+front of the word state (`PersonaModel.add_text`). The refit votes every known name in its
+executor thread through the process-wide cache the worker then reads; a name first bought after
+the refit is voted (embedded) when a user first needs it, with the refit's catalogue statistics —
+as `gplr label` on the grown catalogue would vote it, up to the words' IDF — not counted neutral.
 """
 from __future__ import annotations
 
@@ -113,15 +122,16 @@ def applied_labels(rows: Mapping[str, Any], n_personas: int) -> dict[str, tuple[
 
 
 def fit_stream_model(purchases: list[bytes], prototypes: Mapping[str, Sequence[int]], n_personas: int,
-                     rule: str, k: int) -> dict[str, Any] | None:
+                     rule: str, k: int, personas: Any = None) -> dict[str, Any] | None:
     """Fit the persona model on the stream's prototypes (`prototype_labels`); its JSON-able dict,
     or None when no labeled user has bought anything yet. Deterministic given its input (the
-    purchases are ordered by event id first), so fits on the same input ship the same model."""
-    return fit_graph_model(build_graph(purchases), prototypes, n_personas, rule, k)
+    purchases are ordered by event id first), so fits on the same input ship the same model.
+    `personas` (a `PersonaSet`): also fit the zero-shot channel on the purchased item names."""
+    return fit_graph_model(build_graph(purchases), prototypes, n_personas, rule, k, personas)
 
 
 def fit_graph_model(graph, prototypes: Mapping[str, Sequence[int]], n_personas: int, rule: str,
-                    k: int) -> dict[str, Any] | None:
+                    k: int, personas: Any = None) -> dict[str, Any] | None:
     """`fit_stream_model` on a graph already built (`history_graph`)."""
     from core.decoder import fit_persona_model
 
@@ -129,7 +139,13 @@ def fit_graph_model(graph, prototypes: Mapping[str, Sequence[int]], n_personas: 
     rows = {index[u]: tuple(p) for u, p in prototypes.items() if u in index and p}
     if not rows:
         return None
-    model = fit_persona_model(graph, dict(sorted(rows.items())), n_personas, rule=rule, max_personas=k)
+    zero_shot = None
+    if personas is not None:
+        from core.zero_shot import zero_shot_channel  # MiniLM only when asked for
+
+        zero_shot = zero_shot_channel(graph.item_names, personas)
+    model = fit_persona_model(graph, dict(sorted(rows.items())), n_personas, rule=rule, max_personas=k,
+                              zero_shot=zero_shot)
     return model.to_dict()
 
 

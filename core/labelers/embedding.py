@@ -142,6 +142,15 @@ def tokens(name: str) -> list[str]:
     return _WORD.findall(name.lower())
 
 
+def word_counts(names: Iterable[str]) -> dict[str, int]:
+    """Per word, the number of names it occurs in (a catalogue's document frequencies)."""
+    df: dict[str, int] = {}
+    for name in names:
+        for w in set(tokens(name)):
+            df[w] = df.get(w, 0) + 1
+    return df
+
+
 def persona_bar(base: np.ndarray) -> np.ndarray:
     """Per-persona unit of a user's score: its catalogue share, capped at the uniform share 1/|R|.
 
@@ -336,17 +345,24 @@ class EmbeddingLabeler:
                 self._calib = self._calibrate(list(dict.fromkeys(names)))
             return self._calib
 
-    def _calibrate(self, names: list[str]) -> _Calibration:
-        n = len(names)
-        df: dict[str, int] = {}
-        for name in names:
-            for w in set(tokens(name)):
-                df[w] = df.get(w, 0) + 1
+    def word_calibration(self, n: int, df: Mapping[str, int]) -> _Calibration:
+        """The word statistics of a catalogue of `n` names with document frequencies `df`
+        (`word_counts`): all that `item_vectors` reads (IDF, frequent words); no per-persona moments."""
         idf = {w: float(np.log((1.0 + n) / (1.0 + c))) for w, c in df.items()}
         # a word in more than max_df of the names is dropped (needs a catalogue of some size)
         frequent = frozenset(w for w, c in df.items() if c > self.max_df * n and n >= 1.0 / self.max_df)
-        partial = _Calibration(n, idf, frequent, float(np.log(1.0 + n)), np.zeros(0), np.zeros(0), 1.0, np.zeros(0),
-                               0.0, {})
+        return _Calibration(n, idf, frequent, float(np.log(1.0 + n)), np.zeros(0), np.zeros(0), 1.0, np.zeros(0),
+                            0.0, {})
+
+    def raw_votes(self, names: Sequence[str], calib: _Calibration) -> np.ndarray:
+        """Votes from the raw cosine similarities (calibration 0) under `calib`'s word statistics:
+        `item_persona_scores` of a labeler with calibration 0 pinned to that catalogue."""
+        return self._votes(self._similarity(names, calib))
+
+    def _calibrate(self, names: list[str]) -> _Calibration:
+        n = len(names)
+        partial = self.word_calibration(n, word_counts(names))
+        idf, frequent = partial.idf, partial.frequent
         sims = self._similarity(names, partial)
         grand_mean = sims.mean()
         grand_var = sims.var(axis=0).mean()

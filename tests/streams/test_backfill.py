@@ -220,7 +220,8 @@ def test_fresh_budget_and_model_as_the_worker_would(shop, tmp_path) -> None:
     version, model = decode_model(model_rec)
     assert version == milestone(mentions) > 0
     refit = fit_stream_model([e.to_json() for e in iter_events(shop.frame)], prototypes, len(shop.personas),
-                             REFIT_RULE, 3)
+                             REFIT_RULE, 3, config.personas() if config.zero_shot else None)
+    assert config.zero_shot and model.zero_shot is not None  # GPLR_ZERO_SHOT's default, as the refit
     assert model.to_dict() == refit
     unlabeled = [s for s in users.values() if s.label is None]
     assert all(s.text_version == version and s.published for s in unlabeled)  # decided by the model

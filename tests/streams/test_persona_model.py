@@ -3,8 +3,9 @@
 Through the real broker: labels published up front cross the label milestones, the refit worker
 fits the model with the batch function and ships it through the `persona-model` table, every
 worker re-decides its users. Afterwards both channels match the batch computation: Ψ̂_raw within
-the relative bound (graph) and the word-count text state exactly (text), and each user's published personas are
-the model's decision on those two rows.
+the relative bound (graph), the word-count text state exactly (text) and the zero-shot state up to
+MiniLM's float noise between processes, and each user's published personas are the model's
+decision on those rows.
 """
 from __future__ import annotations
 
@@ -32,14 +33,19 @@ def test_stream_decides_with_the_refitted_persona_model(stream_config, worker_fa
 
     graph = BipartiteGraph.from_frame(shop.frame)
     batch_text = user_text_logits(graph, model.channel)  # text logits from the batch graph
+    assert model.zero_shot is not None  # GPLR_ZERO_SHOT's default: its state rides in front of the words'
+    head = model.decoder.n_personas + 1
     checked = 0
     for row, uid in enumerate(graph.user_ids):
         state = users[str(uid)]
         if state.label is not None:
             continue
         names = [it.name for it in state.items.values()]
-        np.testing.assert_allclose(state.text, model.add_text(None, names), atol=1e-9)
-        np.testing.assert_allclose(model.channel.text_logit(state.text), batch_text[row], atol=1e-9)
+        want = model.add_text(None, names)
+        np.testing.assert_allclose(state.text[head:], want[head:], atol=1e-9)  # the word state: exact
+        # Σ s(v) and n: MiniLM votes embedded in another process (batches padded differently): float noise
+        np.testing.assert_allclose(state.text[:head], want[:head], rtol=1e-5)
+        np.testing.assert_allclose(model.channel.text_logit(state.text[head:]), batch_text[row], atol=1e-9)
         decided = model.decide_user(psi_raw(state), state.text, len(state.items))
         assert set(state.published) == set(decided.personas), uid
         checked += 1
