@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1/10 of Instacart Full")
     parser.add_argument("--scale", type=float, default=None,
                         help="share of Instacart Full (default 1, --quick 0.1): the embedded broker holds 2.3-5.5x the "
-                             "changelog in memory, more while a worker reads it (docs/RESULTS.md §9a), so a full run needs a real Kafka or ~32 GB")
+                             "changelog in memory, more while a worker reads it (docs/RESULTS.md §9a), so a full run "
+                             "needs a real Kafka or ~32 GB")
     parser.add_argument("--live", type=int, default=None, help="unpaced live purchases (default 100,000; quick 20,000)")
     parser.add_argument("--paced", type=int, default=None,
                         help="paced live purchases for latency (default 20,000; quick 5,000)")
