@@ -14,11 +14,16 @@ import time
 
 import pytest
 
-from core.data import iter_events
 from streams.config import SESSION_TIMEOUT_S
 from streams.demo import LagWatcher
-from streams.topics import Topics
-from tests.streams.test_reliability import _check_against_exact, _config, _label_records, _labels_for, _shop, _updates
+from tests.streams.test_reliability import (
+    _check_against_exact,
+    _config,
+    _crash_at_first_update,
+    _labels_for,
+    _shop,
+    _updates,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -42,15 +47,7 @@ def test_a_restarted_worker_frozen_mid_backlog_keeps_its_slot_and_drains(
     shop = _shop(n_users=90)
     labels = _labels_for(shop)
     config = _config(make_config, broker, tmp_path)
-    topics = Topics(config.topic_prefix)
-    produce(config.kafka_bootstrap, topics.labels, _label_records(labels))
-    events = list(iter_events(shop.frame))
-    cut = int(len(events) * 0.7)
-    worker = worker_factory(config).wait_ready()
-    produce(config.kafka_bootstrap, topics.purchases, events[:cut])
-    consume(config.kafka_bootstrap, topics.persona_updates, until=lambda r: len(r) >= 1, timeout=60)
-    worker.kill()
-    produce(config.kafka_bootstrap, topics.purchases, events[cut:])
+    _crash_at_first_update(config, produce, consume, worker_factory, shop, labels)
     restarted = worker_factory(config).wait_ready()
     assert restarted.pid is not None
     _freeze(restarted.pid, FROZEN_S)  # right after Ready: in the middle of the backlog and its first commits
