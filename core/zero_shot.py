@@ -29,7 +29,10 @@ persona set, votes cached per name and catalogue), so the stream's refit, which 
 known name's vote in its executor thread, leaves the worker only the names first seen after it;
 those are voted (not counted neutral) when first needed, as batch run on the grown catalogue would
 vote them. The vote is the same function of (name, catalogue statistics) in `gplr label` and in
-the worker.
+the worker, to the bit: MiniLM's vectors do not depend on what else is embedded in the call, and
+they persist on disk between processes (`core.embedding_cache`, `GPLR_EMBEDDING_CACHE`), so
+`gplr label` and a worker on the same machine embed a name once, and a run that finds every name
+there never loads MiniLM.
 
 Measured on Online Retail (bench/persona_quality.py, docs/RESULTS.md §2b, 5% budget, 3 seeds):
 validation F1@5 0.690 → 0.72, macro F1 0.42 → 0.50 at the same prevalence shift; of the variants

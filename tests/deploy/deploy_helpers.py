@@ -145,12 +145,15 @@ class _Recorder(dict):
 
 
 def config_variables() -> set[str]:
-    """Every environment variable the stream settings (LLM settings included) read."""
+    """Every environment variable the stream settings (LLM settings included) and the embedding
+    cache every gplr process uses (`core.embedding_cache`) read."""
+    from core.embedding_cache import EmbeddingCacheConfig
     from streams.config import StreamConfig
 
     env = _Recorder()
     env["GPLR_LABELER"] = "openai"  # LLM settings are only read when the openai labeler is chosen
     StreamConfig.from_env(env)
+    EmbeddingCacheConfig.from_env(env)
     return env.read
 
 
