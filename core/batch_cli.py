@@ -115,8 +115,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, result: GPLRResult,
                       hops: int = 1, weight: EdgeWeight = "binary") -> int:
     """Write one row per user (id, persona names, scores, llm_labelled) as JSON lines or CSV; JSON
-    lines also carry, per persona, its evidence items and prototypes (`core.evidence`, what
-    `gplr explain` prints). `hops`/`weight` must be those the affinity was computed with."""
+    lines also carry, per persona, its evidence items and prototypes and, with a zero-shot
+    channel, that channel's part of the decision (`core.evidence`, what `gplr explain` prints).
+    `hops`/`weight` must be those the affinity was computed with."""
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"{path}: output must end in .jsonl or .csv")
@@ -126,15 +127,18 @@ def write_assignments(path: Path, graph: BipartiteGraph, personas: PersonaSet, r
     tmp = path.with_name(path.name + ".part")  # a crash never leaves half a file under the name
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         if suffix == ".jsonl":
-            from core.evidence import result_evidence
+            from core.evidence import result_evidence, zero_shot_evidence
 
             items, protos = result_evidence(graph, result, names, hops, weight)
+            zero_shot = None if result.model is None else zero_shot_evidence(graph, a.idx, result.model)
             for u in range(graph.n_users):
                 row = {"user_id": str(graph.user_ids[u]),
                        "personas": [names[p] for p in a.personas_of(u)],
                        "scores": [round(s, 6) for s in a.scores_of(u)],
                        "llm_labelled": bool(a.llm_labelled[u]),
                        "evidence": items[u], "prototypes": protos[u]}
+                if zero_shot is not None:
+                    row["zero_shot"] = zero_shot[u]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
             out = csv.writer(fh)

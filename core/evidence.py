@@ -22,6 +22,15 @@ Each item's graph value further splits into the prototypes whose labels reached 
 (Ψ_raw is linear in L): `batch_prototypes` gives, per persona, the prototypes with the largest
 share (K[u, w] · L[w, m] / Ψ_raw[u, m], K = (1/ℓ̂) Σ_ℓ (P P')^ℓ).
 
+The zero-shot channel (`core.zero_shot`, when the persona model has one) is the decoder's fourth
+feature z[u, m] = ln(mean over u's distinct items of s(v)[m] + FLOOR), s(v) the lift of MiniLM's
+vote of item v's name for persona m (1 = as much as the shop's average item). `zero_shot_evidence`
+gives, per listed persona, the decoder's own term of it — slope a_m · z[u, m], added to the
+persona's logit (`PersonaDecoder.logits`; a basket of average items has z = ln(1 + FLOOR) ≈ 0, so
+the term is what the names add or take away) —, the names' mean lift, and the items whose names
+vote most for the persona (largest s(v)[m]; each with its share of Σ_v s(v)[m], the mean's exact
+decomposition).
+
 >>> import numpy as np
 >>> [[e['item_id'], e['share'], e['channel']] for e in
 ...  user_evidence(["a", "b", "c"], ["Mug", "Tin", "Cup"], np.array([[0.1], [0.3], [0.0]]))[0]]
@@ -50,6 +59,7 @@ __all__ = [
     "prototype_reach",
     "batch_prototypes",
     "result_evidence",
+    "zero_shot_evidence",
 ]
 
 TOP_ITEMS = 3
@@ -208,3 +218,38 @@ def result_evidence(graph: BipartiteGraph, result: Any, persona_names: Sequence[
     items = batch_evidence(graph, idx, values, text_scores, intercept, weight)
     protos = batch_prototypes(graph, idx, result.prototypes, n_personas, persona_names, hops, weight)
     return items, protos
+
+
+def zero_shot_evidence(graph: BipartiteGraph, idx: np.ndarray, model: Any,
+                       k: int = TOP_ITEMS) -> list[list[dict[str, Any]]] | None:
+    """Per user, per listed persona (`idx`, users × slots, −1 padded) the zero-shot channel's part
+    of the decision (see the module docstring): {feature, mean_lift, slope, contribution,
+    items: [{item_id, name, lift, share}]} with at most `k` items, largest lift
+    first, ties by item id. None when `model` (a `core.decoder.PersonaModel`) has no zero-shot
+    channel. The feature is `PersonaModel.zero_shot_features`, the slope the decoder's own."""
+    from core.decoder import FEATURES
+    from core.zero_shot import FLOOR
+
+    channel = getattr(model, "zero_shot", None)
+    if channel is None:
+        return None
+    feature = model.zero_shot_features(graph)  # exactly what the decision read
+    slope = np.asarray(model.decoder.coef, dtype=np.float64)[:, FEATURES.index("zero_shot")]
+    lift = channel.item_lifts([str(n) for n in graph.item_names])
+    ui = sp.csr_matrix(graph.user_item)  # distinct items: the channel's mean is over them
+    out: list[list[dict[str, Any]]] = []
+    for u in range(graph.n_users):
+        cols = ui.indices[ui.indptr[u]:ui.indptr[u + 1]]
+        ids = graph.item_ids[cols]
+        row = []
+        for p in (int(p) for p in idx[u] if p >= 0):
+            z, a = float(feature[u, p]), float(slope[p])
+            col = lift[cols, p]
+            share = shares(col[:, None])[:, 0]
+            row.append({"feature": round(z, SHARE_DIGITS), "mean_lift": round(float(np.exp(z)) - FLOOR, SHARE_DIGITS),
+                        "slope": round(a, SHARE_DIGITS), "contribution": round(a * z, SHARE_DIGITS),
+                        "items": [{"item_id": str(ids[r]), "name": str(graph.item_names[cols[r]]),
+                                   "lift": round(float(col[r]), SHARE_DIGITS),
+                                   "share": round(float(share[r]), SHARE_DIGITS)} for r in _top(ids, col, k)]})
+        out.append(row)
+    return out

@@ -1,8 +1,9 @@
 """`gplr explain USER`: each persona of a customer with its score and the evidence behind it.
 
 Sources: `--from FILE`, a `gplr label` JSON-lines output (items and, for the graph channel, the
-prototype customers whose LLM labels reached the user) or persona-updates records saved by
-`gplr watch --json` (items); without `--from`, the stream's persona-updates topic when the
+prototype customers whose LLM labels reached the user; with the zero-shot channel, its term in
+the persona's logit and the items whose names vote most for the persona) or persona-updates
+records saved by `gplr watch --json` (items); without `--from`, the stream's persona-updates topic when the
 stream package is installed (it sets `stream_source`, see `streams.cli`). The evidence itself
 is computed by `core.evidence`; this module only finds and prints it.
 """
@@ -40,17 +41,20 @@ def find_user(path: Path, user: str) -> Mapping[str, Any] | None:
 
 def normalise(record: Mapping[str, Any], source: str) -> dict[str, Any]:
     """One shape for both sources: {user, source, labelled_by, personas: [{name, score,
-    evidence, prototypes}]}."""
+    evidence, prototypes, zero_shot}]} (`zero_shot`: `core.evidence.zero_shot_evidence`'s entry,
+    None without the channel)."""
     if "user_id" in record:  # a `gplr label` row: parallel lists
         names, scores = record.get("personas", []), record.get("scores", [])
         evidence, protos = record.get("evidence") or [], record.get("prototypes") or []
+        zero_shot = record.get("zero_shot") or []
         personas = [{"name": n, "score": s, "evidence": evidence[j] if j < len(evidence) else [],
-                     "prototypes": protos[j] if j < len(protos) else []}
+                     "prototypes": protos[j] if j < len(protos) else [],
+                     "zero_shot": zero_shot[j] if j < len(zero_shot) else None}
                     for j, (n, s) in enumerate(zip(names, scores))]
         by = "LLM (prototype)" if record.get("llm_labelled") else "propagation"
         return {"user": str(record["user_id"]), "source": source, "labelled_by": by, "personas": personas}
     personas = [{"name": p.get("name"), "score": p.get("score"), "evidence": p.get("evidence", []),
-                 "prototypes": []} for p in record.get("personas", [])]
+                 "prototypes": [], "zero_shot": p.get("zero_shot")} for p in record.get("personas", [])]
     return {"user": str(record.get("user")), "source": source, "labelled_by": record.get("labelled_by", ""),
             "reason": record.get("reason", ""), "personas": personas}
 
@@ -68,11 +72,25 @@ def render(view: Mapping[str, Any]) -> str:
             lines.append(f"    {head:<11} {e['share']:6.1%}  {item} ({e['channel']})")
         if not p["evidence"]:
             lines.append("    items:      none (no prototype or item name points to it: the prior)")
+        lines += _zero_shot_lines(p.get("zero_shot"))
         for j, w in enumerate(p["prototypes"]):
             head = "prototypes:" if j == 0 else ""
             lines.append(f"    {head:<11} {w['share']:6.1%}  customer {w['user_id']}, labeled "
                          f"{', '.join(w['labels'])}")
     return "\n".join(lines)
+
+
+def _zero_shot_lines(z: Mapping[str, Any] | None) -> list[str]:
+    """The zero-shot channel's part of a persona's decision: its term in the persona's logit and
+    the names' mean lift, then the items whose names vote most for the persona (their lift s(v))."""
+    if not z:
+        return []
+    lines = [f"    {'zero-shot:':<11} {float(z['contribution']):+.3f} to the logit: the names' mean lift "
+             f"{float(z['mean_lift']):.2f} (an average item: 1)"]
+    for e in z.get("items", []):
+        item = e["name"] if e["name"] == e["item_id"] else f"{e['name']} [{e['item_id']}]"
+        lines.append(f"    {'':<11} lift {float(e['lift']):5.2f}  {item}")
+    return lines
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

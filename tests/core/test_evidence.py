@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from core.evidence import (
     prototype_reach,
     shares,
     user_evidence,
+    zero_shot_evidence,
 )
 from core.graph import BipartiteGraph
 from core.synthetic import make_shop
@@ -147,6 +149,55 @@ def test_text_channel_explains_a_persona_the_graph_does_not_reach():
             assert got[item] == pytest.approx(share, abs=1e-6)
 
 
+def test_zero_shot_evidence_is_the_decoders_own_term_and_the_names_that_vote_most():
+    from core.personas import Persona, PersonaSet
+    from core.zero_shot import FLOOR, zero_shot_channel
+
+    class Votes:  # MiniLM's stand-in: fixed persona votes per item name (rows sum to 1)
+        def __init__(self, names: list[str], seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            self.votes = {n: rng.dirichlet(np.full(M, 0.5)) for n in names}
+
+        def item_persona_scores(self, names):
+            return np.stack([self.votes[str(n)] for n in names])
+
+    checked = 0
+    for seed in range(4):
+        graph, labels = _graph(seed, n_users=40)
+        names = [str(n) for n in graph.item_names]
+        personas = PersonaSet([Persona(f"p{m}", f"persona {m}") for m in range(M)])
+        channel = zero_shot_channel(names, personas, labeler=Votes(names, seed))
+        model = fit_persona_model(graph, labels, M, zero_shot=channel)
+        psi = exact_affinity(graph, prototype_matrix(graph.n_users, labels, M))
+        idx, _ = model.decide(graph, psi)
+        found = zero_shot_evidence(graph, idx, model)
+        assert found is not None and zero_shot_evidence(graph, idx, replace(model, zero_shot=None)) is None
+        slope = model.decoder.coef[:, 3]
+        assert np.any(slope != 0)
+        text = model.text_logits(graph)
+        # the channel's part of each logit, by the decoder's own arithmetic: with it minus without it
+        term = model.decoder.logits(psi, text, model.zero_shot_features(graph)) - model.decoder.logits(psi, text)
+        dense = graph.user_item.toarray() > 0
+        for u in range(graph.n_users):
+            listed = [int(p) for p in idx[u] if p >= 0]
+            assert len(found[u]) == len(listed)
+            items = np.flatnonzero(dense[u])
+            for p, e in zip(listed, found[u]):
+                assert e["contribution"] == pytest.approx(term[u, p], abs=2e-6)
+                lifts = channel.lift[items, p]  # brute force from the channel's table
+                z = np.log((lifts.mean() if items.size else 1.0) + FLOOR)  # no item: an average basket
+                assert e["feature"] == pytest.approx(z, abs=1e-6) and e["slope"] == pytest.approx(slope[p], abs=1e-6)
+                assert e["mean_lift"] == pytest.approx(np.exp(z) - FLOOR, abs=1e-6)
+                want = sorted((-round(float(lf), 9), str(graph.item_ids[v])) for v, lf in zip(items, lifts))[:TOP_ITEMS]
+                assert [x["item_id"] for x in e["items"]] == [v for _, v in want]
+                assert [x["lift"] for x in e["items"]] == pytest.approx([-lf for lf, _ in want], abs=1e-6)
+                share = {str(graph.item_ids[v]): lf / lifts.sum() for v, lf in zip(items, lifts)}
+                assert [x["share"] for x in e["items"]] == pytest.approx([share[x["item_id"]] for x in e["items"]],
+                                                                       abs=1e-6)
+                checked += 1
+    assert checked > 100
+
+
 def test_shares_of_mixed_signs_use_the_positive_part():
     out = shares(np.array([[1.0, -1.0], [3.0, -2.0], [-4.0, 0.0]]))
     assert out[:, 0].tolist() == [0.25, 0.75, 0.0]
@@ -194,11 +245,18 @@ def test_explain_prints_text_and_json_and_refuses_bad_input(shop_files, capsys, 
     assert text.startswith(f"customer {row['user_id']} (batch; propagation)")
     for name, items in zip(row["personas"], row["evidence"]):
         assert name in text and all(e["name"] in text for e in items)
+    # the zero-shot channel (`gplr label`'s default): its term and the names voting most, per persona
+    assert len(row["zero_shot"]) == len(row["personas"])
+    assert text.count("zero-shot:") == len(row["personas"])
+    for z in row["zero_shot"]:
+        assert f"{z['contribution']:+.3f} to the logit: the names' mean lift {z['mean_lift']:.2f}" in text
+        assert all(f"lift {e['lift']:5.2f}  {e['name']}" in text for e in z["items"])
     assert main(["explain", row["user_id"], "--from", str(out), "--json"]) == 0
     view = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in view["personas"]] == row["personas"]
     assert [p["evidence"] for p in view["personas"]] == row["evidence"]
     assert [p["prototypes"] for p in view["personas"]] == row["prototypes"]
+    assert [p["zero_shot"] for p in view["personas"]] == row["zero_shot"]
     # a saved persona-updates record (`gplr watch --json`) is read too; the last one wins
     updates = tmp_path / "updates.jsonl"
     record = {"user": "u1", "personas": [{"idx": 0, "name": "p0", "score": 0.5, "evidence": [
