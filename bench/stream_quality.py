@@ -25,7 +25,8 @@ Setup (all seeded, fixed):
   users; `labeled_share` = prototypes / users seen by the stream; per-persona recall.
 
     python bench/stream_quality.py --data-dir /work/shared/data/online_retail
-    python bench/stream_quality.py --quick    # the first 30,000 purchases, < 3 min on an idle machine
+    python bench/stream_quality.py --quick    # the first 30,000 purchases: ~2 min at load 6-8, ~1 min
+                                              # once MiniLM's vectors are cached (GPLR_EMBEDDING_CACHE)
 
 `--workdir DIR` keeps the worker's RocksDB, the broker's data and both logs (default: a temporary
 folder, removed); `label_requests` and `events_in` (purchases the worker counted) in the JSON

@@ -72,7 +72,8 @@ def test_the_worker_decides_with_the_zero_shot_channel_as_batch(stream_config, w
     graph = history_graph(frame)  # batch: the same fit function on the same purchases and labels
     batch = fit_graph_model(graph, labels, len(PERSONAS), "expected_f1", config.top_k, PERSONAS)
     assert batch is not None
-    np.testing.assert_allclose(np.asarray(batch["decoder"]["coef"]), model.decoder.coef, rtol=1e-6, atol=1e-9)
+    # the same fit on the same features: MiniLM's votes are the same bits in the worker and here
+    np.testing.assert_allclose(np.asarray(batch["decoder"]["coef"]), model.decoder.coef, rtol=1e-12, atol=1e-12)
     index = {str(u): i for i, u in enumerate(graph.user_ids)}
     streamed = np.vstack([psi_raw(users[str(u)]) for u in graph.user_ids])
     # batch's vectorised decision (features from the graph, names voted in this process) with the
