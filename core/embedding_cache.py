@@ -83,7 +83,12 @@ class EmbeddingCacheConfig:
         if self.location:
             return Path(self.location).expanduser()
         base = os.environ.get("XDG_CACHE_HOME", "").strip()
-        return (Path(base) if base else Path.home() / ".cache") / "gplr"
+        if base:
+            return Path(base) / "gplr"
+        try:
+            return Path.home() / ".cache" / "gplr"
+        except RuntimeError:  # no home folder (a bare container user): no cache rather than a crash
+            return None
 
 
 # -- the model's identity ----------------------------------------------------------------------
@@ -217,7 +222,7 @@ class EmbeddingCache:
 
     def get(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The cached vectors of those `texts` that have a valid one (missing or damaged: left out)."""
-        wanted = list(dict.fromkeys(str(t) for t in texts))
+        wanted = [t for t in dict.fromkeys(str(t) for t in texts) if _storable(t)]
         found: dict[str, np.ndarray] = {}
         with self._lock:
             db = self._connect()
@@ -246,7 +251,10 @@ class EmbeddingCache:
         """Store `vectors` (text → vector of this cache's length; the first put fixes the length)."""
         if not vectors:
             return
-        rows = [(str(t), np.ascontiguousarray(v, dtype="<f4").tobytes()) for t, v in vectors.items()]
+        rows = [(str(t), np.ascontiguousarray(v, dtype="<f4").tobytes()) for t, v in vectors.items()
+                if _storable(str(t))]
+        if not rows:
+            return
         dim = len(rows[0][1]) // 4
         with self._lock:
             db = self._connect()
@@ -272,6 +280,16 @@ class EmbeddingCache:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def _storable(text: str) -> bool:
+    """Whether SQLite can key a text (UTF-8; a lone surrogate, e.g. from a badly decoded file, is
+    not): such a text is always computed, never cached."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _CACHES: dict[tuple[str, str], EmbeddingCache] = {}

@@ -17,7 +17,7 @@ DIM = 6
 
 def vector(text: str) -> np.ndarray:
     """A text's fake embedding: unit float32 from its hash."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
     v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
     return v / np.linalg.norm(v)
 
@@ -133,6 +133,16 @@ def test_a_damaged_file_is_recomputed_not_an_error(tmp_path: Path, model_dir: Pa
     fresh = embed(TEXTS, model_dir, lambda: loads.append(1) or FakeModel(), EmbeddingCacheConfig(str(path.parent)))
     assert loads == [1] and all(fresh[t].tobytes() == vector(t).tobytes() for t in TEXTS)
     assert sorted(EmbeddingCache(path).get(TEXTS)) == sorted(TEXTS)  # repaired and stored again
+
+
+def test_a_text_sqlite_cannot_key_is_computed_every_time(tmp_path: Path, model_dir: Path) -> None:
+    odd = "caf\udce9 mug"  # a lone surrogate (bytes decoded with surrogateescape)
+    for _ in range(2):
+        out = embed([odd, "mug"], model_dir, FakeModel, config(tmp_path))
+        assert out[odd].tobytes() == vector(odd).tobytes() and out["mug"].tobytes() == vector("mug").tobytes()
+    loads: list[int] = []
+    embed([odd, "mug"], model_dir, lambda: loads.append(1) or FakeModel(), config(tmp_path))
+    assert loads == [1]  # the odd text again; "mug" from the cache
 
 
 def test_an_unusable_folder_or_off_means_no_cache(tmp_path: Path, model_dir: Path,
