@@ -13,7 +13,9 @@ Two parts:
   batches of exactly `ROWS` texts (a short batch is filled up with copies of its last text), so
   every call of the model has the shape (`ROWS`, length) and no padding: a text's vector is the
   same bits whatever else is encoded with it, alone or among thousands (tested; the torch thread
-  count does not change it either). Cost: at most `ROWS` − 1 spare rows per token length.
+  count does not change it either). Cost: at most `ROWS` − 1 spare rows per token length. One
+  torch thread while encoding: on the shared 2-core host (load 8–11) two threads took 5× as long
+  (600 names: 26.1 s against 5.0 s, docs/RESULTS.md §5b).
 * **A persistent cache** (`EmbeddingCache`): text → float32 vector in one SQLite file per model
   (`model_key`: the model files' contents, the versions of torch / transformers /
   sentence-transformers, `ROWS`), in the folder `GPLR_EMBEDDING_CACHE` names (unset: the user's
