@@ -308,15 +308,21 @@ class EmbeddingLabeler:
 
     # -- embeddings ----------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm embeddings (len(texts), dim); each distinct text is encoded once, ever."""
-        with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-            if missing:
-                model = _load_model(self._model_path)
-                vectors = model.encode(missing, batch_size=self._batch_size, normalize_embeddings=True,
-                                       convert_to_numpy=True, show_progress_bar=False)
-                self._cache.update(zip(missing, np.asarray(vectors, dtype=np.float32)))
-            return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        """Unit-norm embeddings (len(texts), dim); each distinct text is encoded once, ever.
+
+        The lock is taken per chunk of `batch_size` texts: a thread embedding a whole catalogue
+        (a refit) holds it for one chunk at a time, so another thread (a worker's event loop
+        voting a new name) waits one chunk, not the whole catalogue."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        for start in range(0, len(missing), self._batch_size):
+            with self._lock:
+                chunk = [t for t in missing[start:start + self._batch_size] if t not in self._cache]
+                if chunk:
+                    model = _load_model(self._model_path)
+                    vectors = model.encode(chunk, batch_size=self._batch_size, normalize_embeddings=True,
+                                           convert_to_numpy=True, show_progress_bar=False)
+                    self._cache.update(zip(chunk, np.asarray(vectors, dtype=np.float32)))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
 
     def persona_vectors(self) -> np.ndarray:
         if self._persona_vectors is None:

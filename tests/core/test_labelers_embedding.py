@@ -363,3 +363,52 @@ def test_calibration_on_a_synthetic_shop_beats_popularity(labeler):
     assert f1.max() > popularity_f1 + 0.05
     with pytest.raises(ValueError):
         calibrate_threshold(lab, [], {})
+
+
+class SlowBagOfWords(BagOfWords):
+    """BagOfWords that takes `delay` seconds per encode call and records the calls' sizes."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.calls = delay, []
+
+    def encode(self, texts, **kw: object) -> np.ndarray:
+        import time
+
+        self.calls.append(len(texts))
+        time.sleep(self.delay)
+        return super().encode(texts, **kw)
+
+
+def test_a_big_encode_holds_the_lock_one_chunk_at_a_time(monkeypatch):
+    """A worker's event loop voting one new name must not wait for a refit thread embedding a
+    whole catalogue: the other thread gets the lock between chunks (the old code held it for the
+    whole catalogue, so the one name came back only after every chunk)."""
+    import threading
+    import time
+
+    model = SlowBagOfWords(delay=0.05)
+    monkeypatch.setattr(emb, "_load_model", lambda path: model)
+    labeler = EmbeddingLabeler(GROCERY, batch_size=8)
+    catalogue = [f"{w} {i}" for i, w in enumerate(STAPLES * 4)]  # 80 names: 10 chunks, ≥ 0.5 s
+    started = threading.Event()
+    finished: dict[str, float] = {}
+
+    def refit() -> None:
+        started.set()
+        labeler.encode(catalogue)
+        finished["catalogue"] = time.monotonic()
+
+    thread = threading.Thread(target=refit)
+    thread.start()
+    started.wait()
+    time.sleep(0.02)  # the catalogue's first chunk is being encoded
+    one = labeler.encode(["Dog Kibble"])
+    finished["one"] = time.monotonic()
+    thread.join()
+    assert finished["one"] < finished["catalogue"]
+    assert max(model.calls) <= 8 and sum(model.calls) == len(catalogue) + 1
+    # the same vectors as an encoder that saw everything at once (bag of words: exact)
+    everything = EmbeddingLabeler(GROCERY)
+    monkeypatch.setattr(emb, "_load_model", lambda path: BagOfWords())
+    assert np.allclose(labeler.encode(catalogue), everything.encode(catalogue))
+    assert np.allclose(one, everything.encode(["Dog Kibble"]))
