@@ -288,12 +288,13 @@ def commit_only_on_success() -> None:
 
 
 def dropped_head(consumer: Any, tp: Any) -> tuple[int, int] | None:
-    """(committed, first acked) when `tp`'s acked offsets start above its committed offset with
-    no recorded gap to explain it (records fetched and never delivered), else None."""
+    """(committed, first done) when the offsets `tp` has done — acked, or in a gap faust recorded
+    (a jump between two delivered offsets, which faust takes for compaction) — start above its
+    committed offset: records fetched and never processed. Else None."""
     acked, committed = consumer._acked[tp], consumer._committed_offset[tp]
-    if not acked or committed is None or consumer._gap[tp]:
+    if not acked or committed is None:
         return None
-    head = min(acked)
+    head = min([*acked, *(interval.begin for interval in consumer._gap[tp])])
     return (committed, head) if head > committed else None
 
 

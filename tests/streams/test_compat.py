@@ -321,10 +321,14 @@ def test_a_dropped_head_is_read_again_from_the_committed_offset(acked: list[int]
 def test_no_rewind_without_a_dropped_head(monkeypatch: pytest.MonkeyPatch) -> None:
     in_order = _Consumer(10, [10, 11, 12])
     assert _new_offset(in_order) == 13 and not in_order.seeks
-    recorded_gap = _Consumer(10, [12, 13], gap=[(11, 12)])  # faust's own gap (e.g. compaction)
-    assert _new_offset(recorded_gap) == _new_offset(_Consumer(10, [12, 13], gap=[(11, 12)]),
-                                                    _compat._ORIGINAL_NEW_OFFSET)
-    assert not recorded_gap.seeks
+    recorded_gap = _Consumer(10, [10, 12, 13], gap=[(11, 12)])  # faust's own gap after a processed head
+    assert _new_offset(recorded_gap) == 14 and not recorded_gap.seeks
+    def missing_before_a_gap() -> _Consumer:  # 10 never delivered, then a jump from 11 to 13
+        return _Consumer(10, [13, 14], gap=[(11, 13)])
+
+    assert _new_offset(missing_before_a_gap(), _compat._ORIGINAL_NEW_OFFSET) == 15  # faust: over all of it
+    consumer = missing_before_a_gap()
+    assert _new_offset(consumer) is None and consumer.seeks == [(consumer.tp, 10)]
     gone = _Consumer(10, [11, 12])  # records that never come back: faust's rule after the patience
     monkeypatch.setattr(_compat, "REWIND_PATIENCE_S", 0.0)
     assert _new_offset(gone) is None and _new_offset(gone) == 13
