@@ -153,22 +153,31 @@ _CALIBS: OrderedDict[str, Any] = OrderedDict()  # catalogue key → its word cal
 
 
 def _labeler(catalogue: CatalogueVotes) -> tuple[Any, Any]:
-    """The process's labeler for the catalogue's personas and the catalogue's word calibration."""
+    """The process's labeler for the catalogue's personas and the catalogue's word calibration.
+
+    Built outside `_LOCK` (it embeds the catalogue's words: seconds): a refit thread building the
+    next catalogue's calibration must not hold up the worker's event loop voting a new name under
+    the current one. Two threads may build the same one at once; the first stored wins."""
     from core.labelers.embedding import EmbeddingLabeler  # sentence-transformers only when asked for
     from core.personas import Persona
 
     with _LOCK:
         labeler = _LABELERS.get(catalogue.personas)
-        if labeler is None:
-            personas = PersonaSet([Persona(n, d) for n, d in catalogue.personas])
-            labeler = _LABELERS[catalogue.personas] = EmbeddingLabeler(
-                personas, temperature=TEMPERATURE, calibration=CALIBRATION)
+    if labeler is None:
+        personas = PersonaSet([Persona(n, d) for n, d in catalogue.personas])
+        built = EmbeddingLabeler(personas, temperature=TEMPERATURE, calibration=CALIBRATION)
+        with _LOCK:
+            labeler = _LABELERS.setdefault(catalogue.personas, built)
+    with _LOCK:
         calib = _CALIBS.get(catalogue.key)
-        if calib is None:
-            calib = _CALIBS[catalogue.key] = labeler.word_calibration(catalogue.size, dict(catalogue.words))
+    if calib is None:
+        built_calib = labeler.word_calibration(catalogue.size, dict(catalogue.words))
+        with _LOCK:
+            calib = _CALIBS.setdefault(catalogue.key, built_calib)
+            _CALIBS.move_to_end(catalogue.key)
             while len(_CALIBS) > _CATALOGUES:
                 _CALIBS.popitem(last=False)
-        return labeler, calib
+    return labeler, calib
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,17 @@ The stream needs four things the libraries do not offer publicly:
   commit). `commit_only_on_success` advances it only for a commit the broker accepted — the fix
   faust-streaming merged upstream (PR 692); real Kafka and the embedded broker alike.
 
+- **Records fetched but never delivered** (`faust.transport.consumer.Consumer._new_offset`). A
+  restarted worker sometimes acks offsets N+k.. of a partition while N..N+k-1 (one fetched
+  batch) never reached the agent: recovery resumes the stream partitions *before* it seeks them
+  to the committed offsets, so a fetch can be drained in the consumer thread and then dropped by
+  `Consumer.getmany`. Faust then either never commits that partition again (k ≥ 2: the lag stays
+  flat for good, the "stall" of the lost-disk test) or commits past the missing record (k = 1: a
+  purchase silently lost). Each agent acks its partition in offset order, so acked offsets above
+  a missing head are proof of a drop. `rewind_dropped_heads` holds that commit back and seeks
+  the partition to its committed offset once: the missing records are fetched again and the ones
+  after them replayed, as after a kill -9 (the stream is idempotent; `streams.agents`).
+
 `check_hooks()` verifies at start-up that each hook still has the shape this module was written
 against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
 """
@@ -72,7 +83,7 @@ from faust.transport.consumer import Consumer
 
 __all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
            "current_event", "widen_producer_buffer", "track_changelog_sends", "changelog_written",
-           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL", "commit_only_on_success"]
+           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL", "commit_only_on_success", "rewind_dropped_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +102,9 @@ _UNACKED: list[Any] = []  # changelog records' futures not yet awaited (`changel
 
 _ORIGINAL_COMMIT_OFFSETS = Consumer._commit_offsets
 COMMIT_OFFSETS_PARAMETERS = ("self", "offsets", "start_new_transaction")
+
+_ORIGINAL_NEW_OFFSET = Consumer._new_offset
+NEW_OFFSET_PARAMETERS = ("self", "tp")
 
 
 class CompatError(RuntimeError):
@@ -124,6 +138,12 @@ def check_hooks() -> None:
         if name not in Consumer.__annotations__ and not hasattr(Consumer, name):
             raise CompatError(f"faust Consumer.{name} is gone: the committed-offset bookkeeping "
                               "(streams/_compat.py commit_only_on_success) needs updating")
+    _check_parameters(_ORIGINAL_NEW_OFFSET, NEW_OFFSET_PARAMETERS, "faust Consumer._new_offset",
+                      "dropped-record rewinds")
+    for name in ("_acked", "_gap", "seek"):
+        if name not in Consumer.__annotations__ and not hasattr(Consumer, name):
+            raise CompatError(f"faust Consumer.{name} is gone: the dropped-record rewinds "
+                              "(streams/_compat.py rewind_dropped_heads) needs updating")
     if not callable(getattr(default_records, "gzip_encode", None)):
         raise CompatError("aiokafka.record.default_records.gzip_encode is gone: the batch compression "
                           "level (streams/_compat.py fast_gzip) needs updating")
@@ -265,3 +285,56 @@ def commit_only_on_success() -> None:
     (process-wide, idempotent)."""
     check_hooks()
     Consumer._commit_offsets = _commit_offsets  # type: ignore[method-assign]
+
+
+def dropped_head(consumer: Any, tp: Any) -> tuple[int, int] | None:
+    """(committed, first done) when the offsets `tp` has done — acked, or in a gap faust recorded
+    (a jump between two delivered offsets, which faust takes for compaction) — start above its
+    committed offset: records fetched and never processed. Else None."""
+    acked, committed = consumer._acked[tp], consumer._committed_offset[tp]
+    if not acked or committed is None:
+        return None
+    head = min([*acked, *(interval.begin for interval in consumer._gap[tp])])
+    return (committed, head) if head > committed else None
+
+
+#: Seconds a rewound partition waits for its missing head before faust's own rule applies again
+#: (records that truly no longer exist, e.g. compacted away, must not hold its commits forever).
+REWIND_PATIENCE_S = 60.0
+_PENDING: set[Any] = set()  # rewind tasks in flight (a reference, so they are not collected)
+
+
+def _new_offset(self: Any, tp: Any) -> int | None:
+    """faust's `_new_offset`, except that a dropped head is re-read instead of committed over or
+    waited for forever: seek back to the committed offset once per (partition, offset), and
+    commit nothing on that partition until the head is back (or REWIND_PATIENCE_S passed)."""
+    import time
+
+    dropped = dropped_head(self, tp)
+    if dropped is not None:
+        committed, head = dropped
+        rewound: dict[Any, float] = self.__dict__.setdefault("_gplr_rewound", {})
+        since = rewound.get((tp, committed))
+        if since is None:
+            rewound[(tp, committed)] = time.monotonic()
+            logger.warning("%s: offsets %d..%d were fetched but never processed (faust dropped them); "
+                           "reading again from %d", tp, committed, head - 1, committed)
+            _REWINDS.append((tp, committed))
+            task = asyncio.ensure_future(self.seek(tp, committed))
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
+            return None
+        if time.monotonic() - since < REWIND_PATIENCE_S:
+            return None
+        logger.error("%s: offsets %d..%d still missing %.0f s after a rewind; committing past them",
+                     tp, committed, head - 1, REWIND_PATIENCE_S)
+    return _ORIGINAL_NEW_OFFSET(self, tp)
+
+
+_REWINDS: list[Any] = []  # (tp, offset) of every rewind in this process (tests, metrics)
+
+
+def rewind_dropped_heads() -> None:
+    """Make faust re-read records it fetched but dropped (process-wide, idempotent)."""
+    check_hooks()
+    Consumer._new_offset = _new_offset  # type: ignore[method-assign]

@@ -107,7 +107,7 @@ from streams.tables import Tables, decode_state, encode_state, in_partition, lab
 from streams.topics import Topics, register_internal
 
 __all__ = ["StreamTopics", "StreamLogic", "Out", "partition_for", "register_agents",
-           "BATCH_MAX", "BATCH_WITHIN", "USER_OPS", "ITEM_OPS"]
+           "BATCH_MAX", "BATCH_WITHIN", "USER_OPS", "ITEM_OPS", "upgrade_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ class StreamLogic:
         self._vectors: dict[str, np.ndarray] = {}  # item name → s(v) under the current model
         self.applied_ops, self.last_applied = 0, 0.0  # user-side changes (final refit, streams.refit)
         self._final_mark: tuple[float, int] = (0.0, 0)
+        self.model_lock = asyncio.Lock()  # one model upgrade at a time (`upgrade_model`)
+        self.model_checked = False  # the user side looked for a shipped model since start-up
 
     # -- helpers -------------------------------------------------------------------------------
     def _user_part(self, user: str) -> int:
@@ -271,26 +273,30 @@ class StreamLogic:
             self._debias_key = key
         return self._debias
 
-    def refresh_model(self) -> bool:
-        """Read the shipped persona model (`streams.refit`); True when a newer version arrived."""
+    def newer_model(self) -> tuple[int, Any] | None:
+        """The shipped persona model (`streams.refit`) when it is newer than the one in use, else None."""
         from streams.refit import decode_model
 
         if self.config.decoder != "model" or self.tables.model is None:
-            return False
+            return None
         try:
             version, model = decode_model(self.tables.model.get("current"))
         except Exception:  # a table not yet recovered, or a bad record: keep the last model
             logger.debug("persona model not readable yet", exc_info=True)
-            return False
+            return None
         if model is None or version <= self.model_version:
-            return False
+            return None
         if model.decoder.n_personas != self.m:
             logger.error("persona model v%d has %d personas, the stream %d: ignored", version,
                          model.decoder.n_personas, self.m)
-            return False
+            self.model_version = version  # not again at every tick
+            return None
+        return version, model
+
+    def install_model(self, version: int, model: Any) -> None:
+        """Decide with `model` from now on (its zero-shot channel must be warm: `upgrade_model`)."""
         self.model, self.model_version, self._vectors = model, version, {}
         logger.info("persona model v%d in use", version)
-        return True
 
     def item_vectors(self, names: list[str]) -> np.ndarray:
         """s(v) rows for item names under the current model (cached per name)."""
@@ -666,6 +672,23 @@ async def send_or_die(topics: StreamTopics, outs: list[Out]) -> None:
         os._exit(EXIT_SEND_FAILED)
 
 
+async def upgrade_model(logic: StreamLogic) -> bool:
+    """Install a newer shipped persona model, if there is one; True when one was installed.
+
+    Its zero-shot channel loads MiniLM and embeds the persona definitions and the catalogue's
+    words first, in a thread: a decision must never do that on the event loop (it took 20-40 s on
+    a loaded host, the worker's timers, commits and agents all frozen meanwhile)."""
+    async with logic.model_lock:
+        found = logic.newer_model()
+        if found is None:
+            return False
+        version, model = found
+        if model.zero_shot is not None:
+            await asyncio.get_running_loop().run_in_executor(None, model.zero_shot.warm)
+        logic.install_model(version, model)
+        return True
+
+
 async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics) -> None:
     """Ask for a refit at a new label milestone; on a newly shipped model, have every local user
     decide again (refresh user-ops, so the rows change under the user-ops agent as always)."""
@@ -675,10 +698,8 @@ async def _model_upkeep(app: faust.App, logic: StreamLogic, topics: StreamTopics
     if due and due > getattr(logic, "_refit_asked", 0):
         logic._refit_asked = due  # type: ignore[attr-defined]
         await topics.refit.send(key="refit", value={"milestone": due}, partition=0)
-    if not logic.refresh_model():
+    if not await upgrade_model(logic):
         return
-    if logic.model.zero_shot is not None:  # MiniLM loaded off the event loop, before users decide
-        await asyncio.get_running_loop().run_in_executor(None, logic.model.zero_shot.warm)
     groups: dict[int, list[str]] = {}
     for user in list(logic.tables.users.table.keys()):
         groups.setdefault(partition_for(str(user), logic.config.partitions), []).append(str(user))
@@ -766,6 +787,9 @@ def register_agents(app: faust.App, logic: StreamLogic, topics: StreamTopics) ->
     @app.agent(topics.user_ops, name="user-ops")
     async def user_ops(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN["user-ops"]):  # type: ignore[attr-defined]  # not in faust's StreamT stub
+            if not logic.model_checked:  # a restarted worker decides with its recovered model, warm
+                await upgrade_model(logic)
+                logic.model_checked = True
             await send_or_die(topics, per_partition(events, logic.on_user_ops, USER_OPS))
 
     @app.agent(topics.item_ops, name="item-ops")

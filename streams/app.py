@@ -12,6 +12,7 @@ from streams._compat import (
     commit_only_on_success,
     configure_fetch_pacing,
     fast_gzip,
+    rewind_dropped_heads,
     track_changelog_sends,
     widen_producer_buffer,
 )
@@ -57,6 +58,7 @@ def create_app(config: StreamConfig) -> faust.App:
     track_changelog_sends()  # batches are acked only once their rows are in the changelogs
     fast_gzip()  # changelog and op batches at zlib level 1, not aiokafka's 9
     commit_only_on_success()  # a commit refused during a rebalance must not count as done
+    rewind_dropped_heads()  # records faust fetched but never delivered are read again
     configure_fetch_pacing(config.kafka_bootstrap)  # the embedded broker answers empty fetches at once
     settings = faust_settings(config)
     settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))

@@ -142,6 +142,28 @@ def _load_model(path: str | None) -> Any:
 _LOAD_MODEL = _load_model  # the real loader: only its vectors go to the persistent cache (see `encode`)
 
 
+_MODEL_CALLS = threading.Lock()  # one call into a sentence-transformers model at a time
+
+
+class _OneCallAtATime:
+    """A model whose calls (encode, tokenize) run one at a time in the process: its fast tokenizer
+    must not be used by two threads at once, and holding this per call instead of a labeler's
+    lock for a whole catalogue lets a short request in between two batches of a long one."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._model, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _MODEL_CALLS:
+                return attr(*args, **kwargs)
+        return call
+
+
 def tokens(name: str) -> list[str]:
     """Lower-case words of a product name (letters only; digits and punctuation split words).
 
@@ -317,18 +339,25 @@ class EmbeddingLabeler:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings (len(texts), dim), each a function of its text alone (`core.embedding_cache`:
         fixed-shape batches, and the persistent cache of `GPLR_EMBEDDING_CACHE`); each distinct text
-        is looked up or encoded once per labeler."""
+        is looked up or encoded once per labeler.
+
+        No lock is held while encoding, only around each model call (`_OneCallAtATime`): a thread
+        embedding a whole catalogue (a refit) lets another (a worker's event loop voting a new
+        name) in between two of its batches. Two threads may encode one text; the bits are equal."""
         from core.embedding_cache import EmbeddingCacheConfig, embed
 
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-            if missing:
-                path = _model_dir(self._model_path)
-                # the cache is keyed by the model folder's files: a stand-in encoder (a test's
-                # `_load_model`) must neither read nor write it
-                config = None if _load_model is _LOAD_MODEL else EmbeddingCacheConfig("off")
-                self._cache.update(embed(missing, path, lambda: _load_model(path), config))
-            return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        if missing:
+            path = _model_dir(self._model_path)
+            # the cache is keyed by the model folder's files: a stand-in encoder (a test's
+            # `_load_model`) must neither read nor write it
+            config = None if _load_model is _LOAD_MODEL else EmbeddingCacheConfig("off")
+            vectors = embed(missing, path, lambda: _OneCallAtATime(_load_model(path)), config)
+            with self._lock:
+                for text, vector in vectors.items():
+                    self._cache.setdefault(text, vector)
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
 
     def persona_vectors(self) -> np.ndarray:
         if self._persona_vectors is None:

@@ -363,3 +363,52 @@ def test_calibration_on_a_synthetic_shop_beats_popularity(labeler):
     assert f1.max() > popularity_f1 + 0.05
     with pytest.raises(ValueError):
         calibrate_threshold(lab, [], {})
+
+
+class SlowBagOfWords(BagOfWords):
+    """BagOfWords that takes `delay` seconds per encode call and records the calls' sizes."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.calls = delay, []
+
+    def encode(self, texts, **kw: object) -> np.ndarray:
+        import time
+
+        self.calls.append(len(texts))
+        time.sleep(self.delay)
+        return super().encode(texts, **kw)
+
+
+def test_a_short_encode_is_not_held_up_by_a_whole_catalogue(monkeypatch):
+    """A worker's event loop voting one new name must not wait for a refit thread embedding a
+    whole catalogue: no lock is held across the catalogue's model calls, so the short request
+    gets in between two of them (the old code held the labeler's lock for the whole catalogue,
+    so the one name came back only after it)."""
+    import threading
+    import time
+
+    model = SlowBagOfWords(delay=0.05)
+    monkeypatch.setattr(emb, "_load_model", lambda path: model)
+    labeler = EmbeddingLabeler(GROCERY)
+    catalogue = [f"{w} {i}" for i, w in enumerate(STAPLES * 16)]  # 320 names: 10 model calls, ≥ 0.5 s
+    started = threading.Event()
+    finished: dict[str, float] = {}
+
+    def refit() -> None:
+        started.set()
+        labeler.encode(catalogue)
+        finished["catalogue"] = time.monotonic()
+
+    thread = threading.Thread(target=refit)
+    thread.start()
+    started.wait()
+    time.sleep(0.02)  # the catalogue's first model call is under way
+    one = labeler.encode(["Dog Kibble"])
+    finished["one"] = time.monotonic()
+    thread.join()
+    assert finished["one"] < finished["catalogue"]
+    # the same vectors as an encoder that saw everything at once (bag of words: exact)
+    monkeypatch.setattr(emb, "_load_model", lambda path: BagOfWords())
+    everything = EmbeddingLabeler(GROCERY)
+    assert np.allclose(labeler.encode(catalogue), everything.encode(catalogue))
+    assert np.allclose(one, everything.encode(["Dog Kibble"]))

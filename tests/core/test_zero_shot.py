@@ -164,3 +164,42 @@ def test_the_fourth_feature_enters_the_logit_linearly() -> None:
     np.testing.assert_array_equal(old.coef[:, 3], 0.0)
     with pytest.raises(ValueError, match="differ in shape"):
         dec.logits(psi, text, zs[:, :2])
+
+
+def test_building_one_catalogues_calibration_does_not_hold_up_another(monkeypatch) -> None:
+    """A refit thread building the next catalogue's word calibration (seconds of MiniLM) must not
+    block the worker voting under the current one (the old `_labeler` held the process lock
+    throughout). A fake labeler stands in for MiniLM."""
+    import threading
+    import time
+
+    import core.labelers.embedding as emb
+    import core.zero_shot as zs
+    from core.zero_shot import CatalogueVotes, _labeler
+
+    release = threading.Event()
+
+    class FakeLabeler:
+        def __init__(self, personas, **_: object) -> None:
+            self.personas = personas
+
+        def word_calibration(self, size: int, words: dict) -> str:
+            if size == 2:  # the next catalogue: slow until released
+                release.wait(5)
+            return f"calibration of {size}"
+
+    monkeypatch.setattr(emb, "EmbeddingLabeler", FakeLabeler)
+    monkeypatch.setattr(zs, "_LABELERS", {})
+    monkeypatch.setattr(zs, "_CALIBS", zs.OrderedDict())
+    personas = (("Pet", "dogs"), ("Cook", "pasta"))
+    current, following = CatalogueVotes(personas, 1, (("dog", 1),)), CatalogueVotes(personas, 2, (("dog", 2),))
+    assert _labeler(current)[1] == "calibration of 1"
+    slow = threading.Thread(target=_labeler, args=(following,))
+    slow.start()
+    time.sleep(0.05)  # the slow build is under way
+    labeler, calib = _labeler(current)
+    still_building = slow.is_alive()  # the old code returned only after the slow build gave up
+    release.set()
+    slow.join()
+    assert calib == "calibration of 1" and still_building
+    assert _labeler(following)[1] == "calibration of 2" and _labeler(following)[0] is labeler

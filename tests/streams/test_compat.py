@@ -267,3 +267,69 @@ def test_the_original_commit_bookkeeping_is_the_bug_the_hook_fixes() -> None:
     consumer, tp, _ = _consumer(broker_accepts=False)
     asyncio.run(_compat._ORIGINAL_COMMIT_OFFSETS(consumer, {tp: 10}))  # noqa: SLF001
     assert consumer._committed_offset[tp] == 10  # noqa: SLF001
+
+
+# -- records fetched but never delivered --------------------------------------------------------
+class _Consumer:
+    """What faust's `Consumer._new_offset` and the rewind use: the ack bookkeeping and `seek`."""
+
+    def __init__(self, committed: int, acked: list[int], gap: list[tuple[int, int]] = ()) -> None:
+        from collections import defaultdict
+
+        from intervaltree import IntervalTree
+
+        self.tp = TopicPartition("purchases", 1)
+        self._committed_offset = defaultdict(lambda: None, {self.tp: committed})
+        self._acked = defaultdict(list, {self.tp: list(acked)})
+        self._acked_index = defaultdict(set, {self.tp: set(acked)})
+        self._gap = defaultdict(IntervalTree)
+        for start, end in gap:
+            self._gap[self.tp].addi(start, end)
+        self.seeks: list[tuple[TopicPartition, int]] = []
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def _new_offset(consumer: _Consumer, rule=_compat._new_offset) -> int | None:
+    async def run() -> int | None:
+        out = rule(consumer, consumer.tp)
+        await asyncio.sleep(0)  # let a scheduled seek run
+        await asyncio.sleep(0)
+        return out
+    return asyncio.run(run())
+
+
+def test_faust_commits_over_one_dropped_record_and_never_over_two() -> None:
+    """The two faces of the drop this hook repairs: faust's own rule."""
+    assert _new_offset(_Consumer(10, [11, 12]), _compat._ORIGINAL_NEW_OFFSET) == 13  # 10 lost
+    assert _new_offset(_Consumer(10, [13, 14]), _compat._ORIGINAL_NEW_OFFSET) is None  # stuck for good
+
+
+@pytest.mark.parametrize("acked", [[11, 12], [13, 14]])
+def test_a_dropped_head_is_read_again_from_the_committed_offset(acked: list[int]) -> None:
+    consumer = _Consumer(10, acked)
+    assert _new_offset(consumer) is None  # nothing committed over the missing records
+    assert consumer.seeks == [(consumer.tp, 10)]
+    assert _new_offset(consumer) is None  # waiting for them: no second seek, no commit
+    assert consumer.seeks == [(consumer.tp, 10)]
+    consumer._acked[consumer.tp] = [10, *range(11, 15)]  # read again and processed
+    consumer._acked_index[consumer.tp] = set(consumer._acked[consumer.tp])
+    assert _new_offset(consumer) == 15 and consumer.seeks == [(consumer.tp, 10)]
+
+
+def test_no_rewind_without_a_dropped_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    in_order = _Consumer(10, [10, 11, 12])
+    assert _new_offset(in_order) == 13 and not in_order.seeks
+    recorded_gap = _Consumer(10, [10, 12, 13], gap=[(11, 12)])  # faust's own gap after a processed head
+    assert _new_offset(recorded_gap) == 14 and not recorded_gap.seeks
+    def missing_before_a_gap() -> _Consumer:  # 10 never delivered, then a jump from 11 to 13
+        return _Consumer(10, [13, 14], gap=[(11, 13)])
+
+    assert _new_offset(missing_before_a_gap(), _compat._ORIGINAL_NEW_OFFSET) == 15  # faust: over all of it
+    consumer = missing_before_a_gap()
+    assert _new_offset(consumer) is None and consumer.seeks == [(consumer.tp, 10)]
+    gone = _Consumer(10, [11, 12])  # records that never come back: faust's rule after the patience
+    monkeypatch.setattr(_compat, "REWIND_PATIENCE_S", 0.0)
+    assert _new_offset(gone) is None and _new_offset(gone) == 13
+    assert gone.seeks == [(gone.tp, 10)]

@@ -53,8 +53,10 @@ def assert_same_state(config, reference, frame, labels) -> None:
     assert np.abs(streamed - exact).max() <= threshold(config.eps) + 1e-9
 
 
-# Was flaky under load (rows missing from the changelog although their input offsets were
-# committed: Faust's pre-commit flush can return early); agents now wait for changelog acks.
+# Was flaky under load: rows missing from the changelog although their input offsets were
+# committed (Faust's pre-commit flush can return early; agents now wait for changelog acks), and
+# records faust fetched and dropped at the end of recovery, which stalled the purchases or lost
+# one (repaired by streams._compat.rewind_dropped_heads; docs/operations.md).
 def test_empty_state_dir_rebuilds_from_changelogs(
         broker, tmp_path, make_config, produce, worker_factory) -> None:
     shop = _shop(n_users=80, seed=11)
