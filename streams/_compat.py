@@ -55,6 +55,13 @@ The stream needs four things the libraries do not offer publicly:
   the partition to its committed offset once: the missing records are fetched again and the ones
   after them replayed, as after a kill -9 (the stream is idempotent; `streams.agents`).
 
+- **Deliveries held until the seek** (`faust.tables.recovery.Recovery._resume_streams` and
+  `on_recovery_completed`). Those resume the stream partitions, seek them to the committed
+  offsets, then resume the app's flow control, which clears the stream queues. Records fetched
+  between the first and the last step are delivered, cleared and marked read — the likely source
+  of the drops above. `hold_deliveries_until_seek` suspends the flow control first, so such a
+  record waits at the queue's door until the seek is done and is then delivered, not cleared.
+
 `check_hooks()` verifies at start-up that each hook still has the shape this module was written
 against (aiokafka 0.14, faust-streaming 0.15) and raises `CompatError` naming what changed.
 """
@@ -79,11 +86,13 @@ try:  # the Cython batch builder producers use when aiokafka's extensions are bu
 except ImportError:  # pragma: no cover - pure-Python aiokafka
     _c_default_records = None
 from faust.tables.base import Collection
+from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
 __all__ = ["CompatError", "check_hooks", "install_fetch_pacing", "configure_fetch_pacing", "is_embedded_bootstrap",
            "current_event", "widen_producer_buffer", "track_changelog_sends", "changelog_written",
-           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL", "commit_only_on_success", "rewind_dropped_heads"]
+           "DEFAULT_MIN_CYCLE_S", "fast_gzip", "GZIP_LEVEL", "commit_only_on_success", "rewind_dropped_heads",
+           "hold_deliveries_until_seek"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +113,8 @@ _ORIGINAL_COMMIT_OFFSETS = Consumer._commit_offsets
 COMMIT_OFFSETS_PARAMETERS = ("self", "offsets", "start_new_transaction")
 
 _ORIGINAL_NEW_OFFSET = Consumer._new_offset
+_ORIGINAL_RESUMES = {name: getattr(Recovery, name) for name in ("_resume_streams", "on_recovery_completed")}
+RESUME_PARAMETERS = ("self", "generation_id")
 NEW_OFFSET_PARAMETERS = ("self", "tp")
 
 
@@ -140,6 +151,8 @@ def check_hooks() -> None:
                               "(streams/_compat.py commit_only_on_success) needs updating")
     _check_parameters(_ORIGINAL_NEW_OFFSET, NEW_OFFSET_PARAMETERS, "faust Consumer._new_offset",
                       "dropped-record rewinds")
+    for name, method in _ORIGINAL_RESUMES.items():
+        _check_parameters(method, RESUME_PARAMETERS, f"faust Recovery.{name}", "deliveries held until the seek")
     for name in ("_acked", "_gap", "seek"):
         if name not in Consumer.__annotations__ and not hasattr(Consumer, name):
             raise CompatError(f"faust Consumer.{name} is gone: the dropped-record rewinds "
@@ -338,3 +351,20 @@ def rewind_dropped_heads() -> None:
     """Make faust re-read records it fetched but dropped (process-wide, idempotent)."""
     check_hooks()
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
+
+
+def _held(name: str) -> Any:
+    original = _ORIGINAL_RESUMES[name]
+
+    async def resume(self: Any, generation_id: int = 0) -> None:
+        self.app.flow_control.suspend()  # resumed (queues cleared, then filled) by the original after its seek
+        await original(self, generation_id)
+    resume.held = True  # type: ignore[attr-defined]
+    return resume
+
+
+def hold_deliveries_until_seek() -> None:
+    """Make faust's end of recovery hold stream deliveries until its seek (process-wide, idempotent)."""
+    check_hooks()
+    for name in _ORIGINAL_RESUMES:
+        setattr(Recovery, name, _held(name))

@@ -12,6 +12,7 @@ from streams._compat import (
     commit_only_on_success,
     configure_fetch_pacing,
     fast_gzip,
+    hold_deliveries_until_seek,
     rewind_dropped_heads,
     track_changelog_sends,
     widen_producer_buffer,
@@ -59,6 +60,7 @@ def create_app(config: StreamConfig) -> faust.App:
     fast_gzip()  # changelog and op batches at zlib level 1, not aiokafka's 9
     commit_only_on_success()  # a commit refused during a rebalance must not count as done
     rewind_dropped_heads()  # records faust fetched but never delivered are read again
+    hold_deliveries_until_seek()  # and none is dropped at the end of a recovery in the first place
     configure_fetch_pacing(config.kafka_bootstrap)  # the embedded broker answers empty fetches at once
     settings = faust_settings(config)
     settings.setdefault("consumer_group_instance_id", config.instance_id or group_instance_id(config))

@@ -333,3 +333,38 @@ def test_no_rewind_without_a_dropped_head(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(_compat, "REWIND_PATIENCE_S", 0.0)
     assert _new_offset(gone) is None and _new_offset(gone) == 13
     assert gone.seeks == [(gone.tp, 10)]
+
+
+def test_recovery_resumes_streams_with_deliveries_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust's end of recovery resumes the stream partitions, seeks, then resumes the flow control
+    (clearing the stream queues); the hook suspends the flow control before it starts, so a record
+    fetched in between waits for the seek instead of being queued and then cleared."""
+    from mode.utils.queues import FlowControlEvent, FlowControlQueue
+
+    seen: list[tuple[str, bool]] = []
+
+    async def original(self, generation_id: int = 0) -> None:  # faust's order of steps
+        seen.append(("resume partitions", self.app.flow_control.is_active()))
+        delivery = asyncio.ensure_future(self.deliver("a record fetched before the seek"))
+        await asyncio.sleep(0.01)
+        seen.append(("seek", delivery.done()))
+        self.app.flow_control.resume()  # clears the queues
+        await delivery
+
+    async def scenario() -> list[str]:
+        flow = FlowControlEvent()
+        queue: FlowControlQueue = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+
+        class Recovering:
+            app = SimpleNamespace(flow_control=flow)
+
+            async def deliver(self, record: str) -> None:  # the conductor: acquire, then queue
+                await flow.acquire()
+                queue.put_nowait(record)
+
+        monkeypatch.setitem(_compat._ORIGINAL_RESUMES, "_resume_streams", original)
+        await _compat._held("_resume_streams")(Recovering())
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert asyncio.run(scenario()) == ["a record fetched before the seek"]  # unheld: cleared, []
+    assert seen == [("resume partitions", False), ("seek", False)]
