@@ -7,13 +7,14 @@ loses part of what the rewound batches sent."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from core.data import iter_events
 from core.events import PurchaseEvent
-from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw
+from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw, told_value
 from streams.agents import Out
 from streams.records import (
     UserOp,
@@ -235,6 +236,42 @@ def test_packed_states_roundtrip():
     got = decode_state(encode_state(item))
     assert got.buyers["u"][1].tolist() == [1.0, 0, 0] and got.buyers["v"] == (0, None)
     got.s -= 1.0
+
+
+def test_rows_of_the_first_layout_still_decode():
+    """A changelog written before the compact layout (float64 told values and labels, int64
+    counters and versions) recovers into the same states; a layout newer than the code fails."""
+    user = decode_state(pickle.dumps((
+        "user", 3, ["i", "j"], ["Mug", "Cup"], np.array([[2, 4, 5], [1, -1, 1]], dtype=np.int64).tobytes(),
+        np.array([[0.1, 0.2, 0.7], [np.nan] * 3]).tobytes(), None, (), 0, np.array([0.1, 0.2, 0.7]).tobytes(), 3, 7,
+        ((1, 0.5),), False, np.array([-5, 2**62], dtype=np.int64).tobytes(), 1, 0, None, 0, -1)))
+    assert user.items["i"].value.tolist() == [0.1, 0.2, 0.7] and user.items["j"].value is None
+    assert (user.items["i"].count, user.items["i"].seq, user.items["j"].name) == (2, 4, "Cup")
+    assert user.recent_ids == [-5, 2**62] and user.applied_offset == 7 and user.published == {1: 0.5}
+    item = decode_state(pickle.dumps(("item", 3, ["u", "v"], np.array([1, 0], dtype=np.int64).tobytes(), [0],
+                                      np.array([[1 / 3, 2 / 3, 0.0]]).tobytes(), np.array([1 / 3, 2 / 3, 0]).tobytes(),
+                                      np.zeros(3).tobytes(), 2, 9)))
+    assert item.buyers["u"][1].tolist() == [1 / 3, 2 / 3, 0.0] and item.buyers["v"] == (0, None) and item.seq == 2
+    assert decode_state(encode_state(user)).items["i"].value.tolist() == [0.1, 0.2, 0.7]  # re-encoded exactly
+    with pytest.raises(ValueError, match="newer"):
+        decode_state(pickle.dumps(("user/9", 3)))
+
+
+def test_compact_rows_are_exact_and_smaller():
+    """Float32-exact told values (`told_value`) and small counters take the compact encodings;
+    the decoded row is the same state, bit for bit."""
+    rng = np.random.default_rng(0)
+    user = UserState(16)
+    for k in range(40):
+        value = told_value(np.where(rng.random(16) < 0.5, 0.0, rng.random(16)), 0.1)
+        user.items[f"i{k}"] = UserItem(int(rng.integers(1, 50)), 1, value, int(rng.integers(1, 90)), f"item {k}")
+        user.total += value
+    raw = encode_state(user)
+    back = decode_state(raw)
+    assert encode_state(back) == raw and back.total.tobytes() == user.total.tobytes()
+    assert all(a.value.tobytes() == b.value.tobytes() for a, b in zip(user.items.values(), back.items.values()))
+    dense = 40 * (16 * 8 + 3 * 8)  # the first layout's per-item arrays
+    assert len(raw) < 0.6 * dense
 
 
 def test_state_cache_is_bounded_by_encoded_bytes():
