@@ -7,8 +7,9 @@ into the worker's rows — as its own objects (`core.incremental.UserState` / `I
 reference) or, for many rows at once, as the packed columns those objects encode to
 (`user_columns`, `item_columns`; see `streams.tables.user_tuple`) — in the state a worker
 reaches once every push has landed with M̃[v] = M[v] (so Ψ̂ = exact Ψ; with the worker's θ, M̃[v]
-is M[v] rounded to float32 as its items tell it): every item told its buyers M[v] (seq 1, or seq 0 for an item no prototype reaches: the shared reply the
-worker sends a new buyer), every user counted each item's value once. `streams.backfill` decides
+is M[v] rounded to float32 as its items tell it): every item told its buyers M[v] (seq 1, or
+seq 0 for an item no prototype reaches: the shared reply the worker sends a new buyer), every
+user counted each item's value once. `streams.backfill` decides
 the personas with the worker's own functions and writes the rows to the tables' changelogs.
 
 What is per-row exact, as in the worker: purchase counts and quantities per (user, item) after

@@ -42,10 +42,22 @@ ROCKSDB_OPTIONS = {"write_buffer_size": 4 * 1024**2, "max_write_buffer_number": 
                    "block_cache_size": 8 * 1024**2, "block_cache_compressed_size": 8 * 1024**2,
                    "target_file_size_base": 16 * 1024**2}
 #: Decoded rows kept per table (see `StateTable`): what a batch touches again soon, bounded by
-#: count and by their encoded bytes — at grocery density a user row is ~13 kB encoded and several
-#: times that decoded, so 50,000 rows alone let a worker pass 4 GiB at 1/2 Instacart scale.
+#: count and by the memory the decoded rows hold (`row_footprint`) — at grocery density a decoded
+#: user row is ~20-100 kB, so 50,000 rows alone let a worker pass 4 GiB at 1/2 Instacart scale.
+#: 192 MiB per table is about what the former bound (64 MiB of first-layout encoded rows) held.
 ROW_CACHE_ROWS = 50_000
-ROW_CACHE_BYTES = 64 * 1024**2
+ROW_CACHE_BYTES = 192 * 1024**2
+
+
+def row_footprint(state: Any, encoded: int) -> int:
+    """Bytes a decoded row holds in memory, estimated (tracemalloc, 16 personas: ≈ 470 per user
+    item, 150 per item buyer). Why not the encoded size: compact rows decode to 6-14 times their
+    bytes, so a bound on encoded bytes would let the cache's memory grow with every encoding gain."""
+    if isinstance(state, UserState):
+        return 1400 + (340 + 8 * state.n_personas) * len(state.items) + 8 * len(state.recent_ids)
+    if isinstance(state, ItemState):
+        return 1800 + 150 * len(state.buyers)
+    return encoded
 
 
 def _raw(arr: np.ndarray | None) -> bytes | None:
@@ -87,10 +99,9 @@ def _pack_user(st: UserState) -> tuple:
     keys = list(st.items)
     rows = list(st.items.values())
     ints = np.array([(it.count, it.seq, it.quantity) for it in rows], dtype=np.int64).reshape(-1, 3)
-    values = np.full((len(rows), st.n_personas), np.nan)
-    for r, it in enumerate(rows):
-        if it.value is not None:
-            values[r] = it.value
+    pending = np.full(st.n_personas, np.nan)
+    values = np.array([pending if it.value is None else it.value for it in rows], dtype=np.float64
+                      ).reshape(len(rows), st.n_personas)
     mask, told = sparse_floats(values)
     return user_tuple(st.n_personas, keys, [it.name for it in rows], narrow_ints(ints), mask, told, _raw(st.label),
                       st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
@@ -102,9 +113,10 @@ def _user_state(m: int, keys: list[str], names: list[str], ints: np.ndarray, val
                 rest: tuple) -> UserState:
     (label, lp, lv, total, events, applied, published, requested, recent, publishes, quiet, text, text_items,
      text_version) = rest
+    pending = np.isnan(values[:, 0]).tolist() if len(values) and values.shape[1] else [False] * len(keys)
     items = {
-        k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
-        for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
+        k: UserItem(c, q, None if p else v, qty, n)
+        for k, n, (c, q, qty), v, p in zip(keys, names, ints.tolist(), list(values), pending)
     }
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
                      requested, _arr(recent, np.int64).tolist(), publishes, quiet, _arr(text),
@@ -221,7 +233,7 @@ class StateTable(Generic[S]):
         self.cache_size = cache_size
         self.cache_bytes = cache_bytes
         self._cache: dict[str, S] = {}
-        self._cached_bytes = 0  # encoded size of the rows in the cache (a row put twice counts twice)
+        self._cached_bytes = 0  # `row_footprint` of the rows in the cache (a row put twice counts twice)
 
     def get(self, key: str) -> S | None:
         state = self._cache.get(key)
@@ -229,13 +241,13 @@ class StateTable(Generic[S]):
             raw = self.table.get(key)
             state = decode_state(raw)
             if state is not None:
-                self._keep(key, state, len(raw))
+                self._keep(key, state, row_footprint(state, len(raw)))
         return state
 
     def put(self, key: str, state: S) -> None:
         raw = encode_state(state)
         self.table[key] = raw
-        self._keep(key, state, len(raw))
+        self._keep(key, state, row_footprint(state, len(raw)))
 
     def _keep(self, key: str, state: S, size: int) -> None:
         """Cache a row; when the cache is full (rows or bytes), start it afresh (no LRU bookkeeping

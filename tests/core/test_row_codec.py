@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.row_codec import (dense_floats, narrow_int_rows, narrow_ints, sparse_float_rows, sparse_floats,
-                            wide_ints)
+from core.row_codec import dense_floats, narrow_int_rows, narrow_ints, sparse_float_rows, sparse_floats, wide_ints
 
 EDGES = [0, 1, -1, 127, -128, 128, -129, 2**15 - 1, -(2**15), 2**15, 2**31 - 1, -(2**31), 2**31, 2**62, -(2**63)]
 

@@ -27,7 +27,7 @@ from streams.records import (
     encode_values,
     partition_for,
 )
-from streams.tables import StateTable, decode_state, encode_state
+from streams.tables import StateTable, decode_state, encode_state, row_footprint
 from tests.streams.test_idempotence import Log, _check, _labels, _logic, _roundtrip
 
 
@@ -274,15 +274,20 @@ def test_compact_rows_are_exact_and_smaller():
     assert len(raw) < 0.6 * dense
 
 
-def test_state_cache_is_bounded_by_encoded_bytes():
-    """Rows of ~1.7 kB against a 4 kB bound: the cache never holds more than the bound, and a
-    row it dropped is read back from the table, equal to what was put."""
-    table = StateTable({}, cache_size=1000, cache_bytes=4096)
-    size = len(encode_state(UserState(200)))
-    assert 1024 < size < 2048
+def test_state_cache_is_bounded_by_decoded_footprint():
+    """Rows of 8 items (each ~0.5 kB decoded, ~100 B encoded) against a 16 kB bound: the cache
+    counts what the decoded rows hold, never more than the bound, and a row it dropped is read
+    back from the table, equal to what was put."""
+    table = StateTable({}, cache_size=1000, cache_bytes=16384)
+
+    def state(n: int) -> UserState:
+        return UserState(16, {f"i{k}": UserItem(1, 0, np.zeros(16), 1, "x") for k in range(8)}, events=n)
+
+    size = row_footprint(state(0), 0)
+    assert 4096 < size < 8192 and len(encode_state(state(0))) < size / 5
     for n in range(10):
-        table.put(f"u{n}", UserState(200, events=n))
-        assert table._cached_bytes <= 4096 and len(table._cache) <= 4096 // size
+        table.put(f"u{n}", state(n))
+        assert table._cached_bytes <= 16384 and len(table._cache) <= 16384 // size
     assert "u0" not in table._cache and table.get("u0").events == 0
 
 
