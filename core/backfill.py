@@ -6,9 +6,10 @@ edges, counts, quantities, first names, event-id hashes per user) and `StateBuil
 into the worker's rows — as its own objects (`core.incremental.UserState` / `ItemState`, the
 reference) or, for many rows at once, as the packed columns those objects encode to
 (`user_columns`, `item_columns`; see `streams.tables.user_tuple`) — in the state a worker
-reaches once every push has landed with M̃[v] = M[v] (so Ψ̂ = exact Ψ): every item told its
-buyers its exact M[v] (seq 1, or seq 0 for an item no prototype reaches: the shared reply the
-worker sends a new buyer), every user counted each item's value once. `streams.backfill` decides
+reaches once every push has landed with M̃[v] = M[v] (so Ψ̂ = exact Ψ; with the worker's θ, M̃[v]
+is M[v] rounded to float32 as its items tell it): every item told its buyers M[v] (seq 1, or
+seq 0 for an item no prototype reaches: the shared reply the worker sends a new buyer), every
+user counted each item's value once. `streams.backfill` decides
 the personas with the worker's own functions and writes the rows to the tables' changelogs.
 
 What is per-row exact, as in the worker: purchase counts and quantities per (user, item) after
@@ -27,7 +28,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from core.event_hash import event_keys
-from core.incremental import ItemState, UserItem, UserState, label_vector
+from core.incremental import ItemState, UserItem, UserState, label_vector, told_value
+from core.row_codec import narrow_int_rows, sparse_float_rows
 from core.stream_protocol import RECENT_IDS
 
 __all__ = ["HistoryIndex", "StateBuilder", "UserColumns", "ItemColumns", "remember_events", "HISTORY_OFFSET"]
@@ -88,8 +90,9 @@ class UserColumns(NamedTuple):
     lo: int
     keys: list[list[str]]  # item ids, in first-purchase order
     names: list[list[str]]
-    ints: list[bytes]  # (count, seq, quantity) int64 per item
-    values: list[bytes]  # told float64 × m per item
+    ints: list[bytes]  # (count, seq, quantity) per item (`core.row_codec.narrow_ints`)
+    value_masks: list[bytes]  # told values × m per item (`core.row_codec.sparse_floats`)
+    values: list[bytes]
     total: list[bytes]  # T[u]
     recent: list[bytes]  # remembered event-id hashes (int64)
     events: list[int]
@@ -101,9 +104,10 @@ class ItemColumns(NamedTuple):
 
     item: str
     users: list[str]
-    versions: bytes  # int64 per buyer
+    versions: bytes  # per buyer (`core.row_codec.narrow_ints`)
     labeled: list[int]  # positions of the labeled buyers
-    labels: bytes  # their labels, float64 × m
+    label_mask: bytes  # their labels × m (`core.row_codec.sparse_floats`)
+    labels: bytes
     s: bytes
     told: bytes
     seq: int
@@ -198,9 +202,12 @@ class StateBuilder:
 
     Item v: buyers {user: (label version, L[user] or None)}, S[v] = Σ L, M̃[v] = M[v] = S[v]/d_v,
     seq 1 when M[v] has mass (it pushed) else 0 (the shared reply); user u: its edges with the
-    value they counted, T[u] = Σ_v M̃[v], its label (version 1), events and seen event ids."""
+    value they counted, T[u] = Σ_v M̃[v], its label (version 1), events and seen event ids.
+    With `theta` (the worker's push threshold) M̃[v] is told as the worker's items tell it
+    (`core.incremental.told_value`: float32-rounded); without, M̃[v] = M[v] exactly."""
 
-    def __init__(self, index: HistoryIndex, prototypes: Mapping[int, Sequence[int]], n_personas: int) -> None:
+    def __init__(self, index: HistoryIndex, prototypes: Mapping[int, Sequence[int]], n_personas: int,
+                 theta: float | None = None) -> None:
         self.index, self.m = index, n_personas
         self.labels = {int(u): tuple(int(p) for p in dict.fromkeys(ps) if 0 <= int(p) < n_personas)
                        for u, ps in prototypes.items()}
@@ -217,7 +224,8 @@ class StateBuilder:
         s = np.asarray(incidence[rows].T @ phi[rows]).reshape(index.n_items, n_personas)
         degree = np.bincount(index.edge_item, minlength=index.n_items)
         self.item_s = s
-        self.told = s / np.maximum(degree, 1)[:, None]
+        exact = s / np.maximum(degree, 1)[:, None]
+        self.told = exact if theta is None else told_value(exact, theta)
         self.seq = (self.told.sum(axis=1) > 0).astype(np.int64)
         self.total = np.asarray(incidence @ self.told).reshape(index.n_users, n_personas)
         self._edges: tuple[Any, ...] | None = None
@@ -267,13 +275,14 @@ class StateBuilder:
         versions = np.zeros(len(codes), dtype=np.int64)
         versions[marked] = 1
         w = 8 * self.m
-        vblob, lblob = versions.tobytes(), np.ascontiguousarray(self.phi[np.asarray(codes)[marked]]).tobytes()
+        vrows = narrow_int_rows(versions, ptr)
+        lmasks, lrows = sparse_float_rows(self.phi[np.asarray(codes, dtype=np.int64)[marked]], mark_ptr)
         sblob, tblob = np.ascontiguousarray(self.item_s).tobytes(), np.ascontiguousarray(self.told).tobytes()
         mptr, seq = mark_ptr.tolist(), self.seq.tolist()
         for v, item in enumerate(self.index.item_ids.tolist()):
             lo, hi, a, b = ptr[v], ptr[v + 1], mptr[v], mptr[v + 1]
-            yield ItemColumns(str(item), buyer_ids[lo:hi], vblob[8 * lo:8 * hi], (marked[a:b] - lo).tolist(),
-                              lblob[w * a:w * b], sblob[w * v:w * (v + 1)], tblob[w * v:w * (v + 1)], seq[v])
+            yield ItemColumns(str(item), buyer_ids[lo:hi], vrows[v], (marked[a:b] - lo).tolist(), lmasks[v], lrows[v],
+                              sblob[w * v:w * (v + 1)], tblob[w * v:w * (v + 1)], seq[v])
 
     def user_columns(self, lo: int, hi: int) -> UserColumns:
         """Users lo..hi−1 as packed columns (what `user_row` encodes to, built in bulk)."""
@@ -290,10 +299,11 @@ class StateBuilder:
         w = 8 * self.m
         hashes = index.event_keys[vptr[0]:vptr[-1]].tobytes()
         total = np.ascontiguousarray(self.total[lo:hi])
+        masks, values = sparse_float_rows(self.told[items], eptr)
         return UserColumns(
             lo, [keys[a - e0:b - e0] for a, b in zip(eptr[:-1], eptr[1:])],
             [edge_names[a - e0:b - e0] for a, b in zip(eptr[:-1], eptr[1:])],
-            _slices(ints.tobytes(), eptr, 24), _slices(np.ascontiguousarray(self.told[items]).tobytes(), eptr, w),
+            narrow_int_rows(ints, eptr), masks, values,
             _slices(total.tobytes(), list(range(hi - lo + 1)), w),
             [hashes[8 * (_window(a, b) - vptr[0]):8 * (b - vptr[0])] for a, b in zip(vptr[:-1], vptr[1:])],
             np.diff(vptr).tolist(), total / np.maximum(index.degrees[lo:hi], 1)[:, None])

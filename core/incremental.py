@@ -58,6 +58,8 @@ __all__ = [
     "with_prior",
     "threshold",
     "must_push",
+    "told_value",
+    "TOLD_F32_MIN_THETA",
     "label_vector",
     "user_purchase",
     "user_history",
@@ -90,6 +92,26 @@ def threshold(eps: float, hops: int = 1) -> float:
 def must_push(exact: np.ndarray, told: np.ndarray, theta: float) -> bool:
     """The relative push rule ‖exact − told‖₁ > θ‖exact‖₁ (an item with M = M̃ = 0 never pushes)."""
     return float(np.abs(exact - told).sum()) > theta * float(np.abs(exact).sum())
+
+
+#: Above this θ an item tells M rounded to float32 (`told_value`); at or below it, exactly.
+TOLD_F32_MIN_THETA = 1e-6
+
+
+def told_value(exact: np.ndarray, theta: float) -> np.ndarray:
+    """M̃ as an item tells it: M rounded to float32 (as float64), unless θ ≤ `TOLD_F32_MIN_THETA`.
+
+    Why: every buyer's row keeps the m values it was told, re-written on each change; float32
+    values take half the bytes there (`core.row_codec`), and a buyer stores exactly what it was
+    told, so T[u] stays the sum of its stored values. The guarantee is unchanged: the push rule
+    measures the real residual ‖M − M̃‖₁, rounding included, and the rounding (≤ 2⁻²⁴‖M‖₁ ≈
+    6·10⁻⁸‖M‖₁) is far inside θ‖M‖₁ for θ > 10⁻⁶, so it never triggers a push by itself. A finer θ
+    (tests that want M̃ = M) keeps float64."""
+    exact = np.asarray(exact, dtype=np.float64)
+    if theta <= TOLD_F32_MIN_THETA:
+        return exact.copy()
+    out: np.ndarray = exact.astype(np.float32).astype(np.float64)
+    return out
 
 
 def label_vector(personas: Sequence[int], n_personas: int) -> np.ndarray:
@@ -310,7 +332,7 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> U
     """Apply a buyer upsert at the item; return the value to send (reply or push) and whether it pushed.
 
     New buyer: d_v += 1, S += L. Newer label: S += L_new − L_old. If ‖M − M̃‖₁ > θ‖M‖₁ afterwards,
-    M̃ := M, seq += 1 and every buyer (the new one included) is told; else only a new buyer is
+    M̃ := M (`told_value`), seq += 1 and every buyer (the new one included) is told; else only a new buyer is
     told the shared M̃. A duplicate or stale upsert changes nothing and re-tells its sender, which
     the sender ignores unless its earlier reply was lost.
     """
@@ -324,7 +346,7 @@ def item_upsert(state: ItemState, item: str, msg: Membership, theta: float) -> U
         state.s += msg.label
     state.buyers[msg.user] = (msg.version, None if msg.label is None else np.asarray(msg.label, dtype=np.float64))
     if state.degree and must_push(state.exact, state.told, theta):
-        state.told = state.exact.copy()
+        state.told = told_value(state.exact, theta)
         state.seq += 1
         return Upsert(item_value(state, item, state.buyers), True)
     return Upsert(item_value(state, item, (msg.user,)) if is_new else None, False)

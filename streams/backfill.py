@@ -269,6 +269,7 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
     """Build every table row for `frame` and send it to `sink` (`send(topic, key, value,
     partition)`, `flush()`); the history's summary. See `run_backfill`."""
     from core.backfill import HISTORY_OFFSET, HistoryIndex, StateBuilder
+    from core.incremental import threshold
     from streams.agents import StreamLogic
     from streams.labeling import LabelPolicy
     from streams.records import partition_for
@@ -291,7 +292,7 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
         chosen = choose_prototypes(index, config, policy.excluded)
         prototypes, scores = label_users(index, chosen, config, personas)
         requested = set(chosen)
-    builder = StateBuilder(index, prototypes, m)
+    builder = StateBuilder(index, prototypes, m, threshold(config.eps, 1))
     lap("labels")
     say(f"prototypes: {len(builder.labels)}")
 
@@ -304,7 +305,8 @@ def write_rows(config: StreamConfig, frame: pd.DataFrame, labels: Mapping[str, S
 
     items_log, users_log = changelog_topic(config.app_id, "items"), changelog_topic(config.app_id, "users")
     for c in builder.item_columns():
-        row = item_tuple(m, c.users, c.versions, c.labeled, c.labels, c.s, c.told, c.seq, HISTORY_OFFSET)
+        row = item_tuple(m, c.users, c.versions, c.labeled, c.label_mask, c.labels, c.s, c.told, c.seq,
+                         HISTORY_OFFSET)
         sink.send(items_log, faust_key(c.item), encode_packed(row), partition_for(c.item, config.partitions))
     sink.flush()
     lap("items")
@@ -422,9 +424,9 @@ def _bulk_rows(builder: Any, logic: Any, start: int, stop: int, scores: Mapping[
         else:
             chosen, personas, label, version = published[j], (), None, 0
             publishes = int(bool(chosen))
-        row = user_tuple(builder.m, cols.keys[j], cols.names[j], cols.ints[j], cols.values[j], label, personas, version,
-                         cols.total[j], cols.events[j], HISTORY_OFFSET, chosen, u in requested, cols.recent[j],
-                         publishes, 0)
+        row = user_tuple(builder.m, cols.keys[j], cols.names[j], cols.ints[j], cols.value_masks[j], cols.values[j],
+                         label, personas, version, cols.total[j], cols.events[j], HISTORY_OFFSET, chosen,
+                         u in requested, cols.recent[j], publishes, 0)
         yield u, encode_packed(row), None
 
 

@@ -3,8 +3,9 @@
 Every user-side table is written only by the user-ops agent and every item-side table only by
 the item-ops agent, so each row lives in exactly one partition's store (Faust writes a key to
 the changelog partition of the event being processed). Rows hold whole `core.incremental`
-states, pickled (arrays as raw bytes): one write per row per batch keeps a row's update
-atomic, which is what the idempotence argument in `streams.agents` relies on.
+states, pickled (arrays as raw bytes; the per-item and per-buyer ones compacted by
+`core.row_codec`): one write per row per batch keeps a row's update atomic, which is what the
+idempotence argument in `streams.agents` relies on.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 from faust.types.tables import GlobalTableT, TableT
 
 from core.incremental import ItemState, UserItem, UserState
+from core.row_codec import dense_floats, narrow_ints, sparse_floats, wide_ints
 from streams._compat import current_event
 
 __all__ = ["in_partition", "StateTable", "Tables", "define_tables", "encode_state", "decode_state", "encode_packed",
@@ -40,10 +42,22 @@ ROCKSDB_OPTIONS = {"write_buffer_size": 4 * 1024**2, "max_write_buffer_number": 
                    "block_cache_size": 8 * 1024**2, "block_cache_compressed_size": 8 * 1024**2,
                    "target_file_size_base": 16 * 1024**2}
 #: Decoded rows kept per table (see `StateTable`): what a batch touches again soon, bounded by
-#: count and by their encoded bytes — at grocery density a user row is ~13 kB encoded and several
-#: times that decoded, so 50,000 rows alone let a worker pass 4 GiB at 1/2 Instacart scale.
+#: count and by the memory the decoded rows hold (`row_footprint`) — at grocery density a decoded
+#: user row is ~20-100 kB, so 50,000 rows alone let a worker pass 4 GiB at 1/2 Instacart scale.
+#: 192 MiB per table is about what the former bound (64 MiB of first-layout encoded rows) held.
 ROW_CACHE_ROWS = 50_000
-ROW_CACHE_BYTES = 64 * 1024**2
+ROW_CACHE_BYTES = 192 * 1024**2
+
+
+def row_footprint(state: Any, encoded: int) -> int:
+    """Bytes a decoded row holds in memory, estimated (tracemalloc, 16 personas: ≈ 470 per user
+    item, 150 per item buyer). Why not the encoded size: compact rows decode to 6-14 times their
+    bytes, so a bound on encoded bytes would let the cache's memory grow with every encoding gain."""
+    if isinstance(state, UserState):
+        return 1400 + (340 + 8 * state.n_personas) * len(state.items) + 8 * len(state.recent_ids)
+    if isinstance(state, ItemState):
+        return 1800 + 150 * len(state.buyers)
+    return encoded
 
 
 def _raw(arr: np.ndarray | None) -> bytes | None:
@@ -63,50 +77,70 @@ def _arr(raw: bytes | None, dtype: type = np.float64, cols: int | None = None) -
     return arr if cols is None else arr.reshape(-1, cols)
 
 
-def user_tuple(m: int, keys: list[str], names: list[str], ints: bytes | None, values: bytes | None,
+#: Tags of the packed rows. Rows of the first layout ("user", "item": every array float64/int64)
+#: may still sit in a changelog written before the compact one; they decode as they were.
+USER_TAG, ITEM_TAG = "user/2", "item/2"
+
+
+def user_tuple(m: int, keys: list[str], names: list[str], ints: bytes, value_mask: bytes, values: bytes,
                label: bytes | None, label_personas: tuple[int, ...], label_version: int, total: bytes | None,
                events: int, applied: int, published: tuple, requested: bool, recent: bytes | None,
                publishes: int = 0, quiet: int = 0,
                text: bytes | None = None, text_items: int = 0, text_version: int = -1) -> tuple:
     """A user row as it is pickled (the one place of its layout): `ints` are (count, seq, quantity)
-    int64 per item, `values` the told float64 × m per item (NaN: no reply yet), `recent` the
-    event-id hashes as int64. `core.backfill` builds these columns for many rows at once."""
-    return ("user", m, keys, names, ints, values, label, label_personas, label_version, total, events, applied,
-            published, requested, recent, publishes, quiet, text, text_items, text_version)
+    per item (`core.row_codec.narrow_ints`), `value_mask`/`values` the told values × m per item
+    (`sparse_floats`; NaN: no reply yet), `recent` the event-id hashes as int64. `core.backfill`
+    builds these columns for many rows at once."""
+    return (USER_TAG, m, keys, names, ints, value_mask, values, label, label_personas, label_version, total, events,
+            applied, published, requested, recent, publishes, quiet, text, text_items, text_version)
 
 
 def _pack_user(st: UserState) -> tuple:
     keys = list(st.items)
     rows = list(st.items.values())
     ints = np.array([(it.count, it.seq, it.quantity) for it in rows], dtype=np.int64).reshape(-1, 3)
-    values = np.full((len(rows), st.n_personas), np.nan)
-    for r, it in enumerate(rows):
-        if it.value is not None:
-            values[r] = it.value
-    return user_tuple(st.n_personas, keys, [it.name for it in rows], _raw(ints), _raw(values), _raw(st.label),
+    pending = np.full(st.n_personas, np.nan)
+    values = np.array([pending if it.value is None else it.value for it in rows], dtype=np.float64
+                      ).reshape(len(rows), st.n_personas)
+    mask, told = sparse_floats(values)
+    return user_tuple(st.n_personas, keys, [it.name for it in rows], narrow_ints(ints), mask, told, _raw(st.label),
                       st.label_personas, st.label_version, _raw(st.total), st.events, st.applied_offset,
                       tuple(st.published.items()), st.requested, _raw(np.array(st.recent_ids, dtype=np.int64)),
                       st.publishes, st.quiet, _raw(st.text), st.text_items, st.text_version)
 
 
-def _unpack_user(t: tuple) -> UserState:
-    (_, m, keys, names, ints, values, label, lp, lv, total, events, applied, published, requested,
-     recent, publishes, quiet, text, text_items, text_version) = t
-    ints, values = _arr(ints, np.int64, 3), _arr(values, np.float64, m)
+def _user_state(m: int, keys: list[str], names: list[str], ints: np.ndarray, values: np.ndarray,
+                rest: tuple) -> UserState:
+    (label, lp, lv, total, events, applied, published, requested, recent, publishes, quiet, text, text_items,
+     text_version) = rest
+    pending = np.isnan(values[:, 0]).tolist() if len(values) and values.shape[1] else [False] * len(keys)
     items = {
-        k: UserItem(int(c), int(q), None if np.isnan(v[0]) else v, int(qty), n)
-        for k, n, (c, q, qty), v in zip(keys, names, ints.tolist(), values)
+        k: UserItem(c, q, None if p else v, qty, n)
+        for k, n, (c, q, qty), v, p in zip(keys, names, ints.tolist(), list(values), pending)
     }
     return UserState(m, items, _arr(label), tuple(lp), lv, _arr(total), events, applied, dict(published),
                      requested, _arr(recent, np.int64).tolist(), publishes, quiet, _arr(text),
                      text_items, text_version)
 
 
-def item_tuple(m: int, users: list[str], versions: bytes | None, labeled: list[int], labels: bytes | None,
+def _unpack_user(t: tuple) -> UserState:
+    _, m, keys, names, ints, mask, values = t[:7]
+    return _user_state(m, keys, names, wide_ints(ints, 3 * len(keys)).reshape(-1, 3),
+                       dense_floats(mask, values, len(keys), m), t[7:])
+
+
+def _unpack_user_v1(t: tuple) -> UserState:
+    """A row of the first layout (float64 told values, int64 counters)."""
+    _, m, keys, names, ints, values = t[:6]
+    return _user_state(m, keys, names, _arr(ints, np.int64, 3), _arr(values, np.float64, m), t[6:])
+
+
+def item_tuple(m: int, users: list[str], versions: bytes, labeled: list[int], label_mask: bytes, labels: bytes,
                s: bytes | None, told: bytes | None, seq: int, applied: int) -> tuple:
-    """An item row as it is pickled (the one place of its layout): `versions` int64 per buyer,
-    `labeled` the positions of buyers with a label, `labels` their float64 × m labels."""
-    return ("item", m, users, versions, labeled, labels, s, told, seq, applied)
+    """An item row as it is pickled (the one place of its layout): `versions` per buyer
+    (`core.row_codec.narrow_ints`), `labeled` the positions of buyers with a label,
+    `label_mask`/`labels` their labels × m (`sparse_floats`)."""
+    return (ITEM_TAG, m, users, versions, labeled, label_mask, labels, s, told, seq, applied)
 
 
 def _pack_item(st: ItemState) -> tuple:
@@ -114,18 +148,34 @@ def _pack_item(st: ItemState) -> tuple:
     versions = np.array([v for v, _ in st.buyers.values()], dtype=np.int64)
     labeled = [i for i, (_, lab) in enumerate(st.buyers.values()) if lab is not None]
     labels = np.array([st.buyers[users[i]][1] for i in labeled]).reshape(len(labeled), st.n_personas)
-    return item_tuple(st.n_personas, users, _raw(versions), labeled, _raw(labels), _raw(st.s), _raw(st.told),
+    mask, packed = sparse_floats(labels)
+    return item_tuple(st.n_personas, users, narrow_ints(versions), labeled, mask, packed, _raw(st.s), _raw(st.told),
                       st.seq, st.applied_offset)
 
 
-def _unpack_item(t: tuple) -> ItemState:
-    _, m, users, versions, labeled, labels, s, told, seq, applied = t
-    versions, labels = _arr(versions, np.int64), _arr(labels, np.float64, m)
+def _item_state(m: int, users: list[str], versions: np.ndarray, labeled: list[int], labels: np.ndarray,
+                s: bytes | None, told: bytes | None, seq: int, applied: int) -> ItemState:
     lab: list[np.ndarray | None] = [None] * len(users)
     for i, row in zip(labeled, labels):
         lab[i] = row
     buyers = {u: (int(v), lb) for u, v, lb in zip(users, versions.tolist(), lab)}
     return ItemState(m, buyers, _arr(s), _arr(told), seq, applied)
+
+
+def _unpack_item(t: tuple) -> ItemState:
+    _, m, users, versions, labeled, mask, labels, s, told, seq, applied = t
+    return _item_state(m, users, wide_ints(versions, len(users)), labeled,
+                       dense_floats(mask, labels, len(labeled), m), s, told, seq, applied)
+
+
+def _unpack_item_v1(t: tuple) -> ItemState:
+    """A row of the first layout (int64 versions, float64 labels)."""
+    _, m, users, versions, labeled, labels, s, told, seq, applied = t
+    return _item_state(m, users, _arr(versions, np.int64), labeled, _arr(labels, np.float64, m), s, told, seq,
+                       applied)
+
+
+_UNPACK = {USER_TAG: _unpack_user, ITEM_TAG: _unpack_item, "user": _unpack_user_v1, "item": _unpack_item_v1}
 
 
 def encode_state(state: Any) -> bytes:
@@ -147,10 +197,12 @@ def decode_state(raw: bytes | None) -> Any:
     if raw is None:
         return None
     obj = pickle.loads(raw)
-    if isinstance(obj, tuple) and obj and obj[0] == "user":
-        return _unpack_user(obj)
-    if isinstance(obj, tuple) and obj and obj[0] == "item":
-        return _unpack_item(obj)
+    if isinstance(obj, tuple) and obj and isinstance(obj[0], str):
+        unpack = _UNPACK.get(obj[0])
+        if unpack is not None:
+            return unpack(obj)
+        if obj[0].startswith(("user/", "item/")):  # a layout newer than this code: never guess
+            raise ValueError(f"table row of unknown layout {obj[0]!r}: written by a newer GPLR version")
     return obj
 
 
@@ -181,7 +233,7 @@ class StateTable(Generic[S]):
         self.cache_size = cache_size
         self.cache_bytes = cache_bytes
         self._cache: dict[str, S] = {}
-        self._cached_bytes = 0  # encoded size of the rows in the cache (a row put twice counts twice)
+        self._cached_bytes = 0  # `row_footprint` of the rows in the cache (a row put twice counts twice)
 
     def get(self, key: str) -> S | None:
         state = self._cache.get(key)
@@ -189,13 +241,13 @@ class StateTable(Generic[S]):
             raw = self.table.get(key)
             state = decode_state(raw)
             if state is not None:
-                self._keep(key, state, len(raw))
+                self._keep(key, state, row_footprint(state, len(raw)))
         return state
 
     def put(self, key: str, state: S) -> None:
         raw = encode_state(state)
         self.table[key] = raw
-        self._keep(key, state, len(raw))
+        self._keep(key, state, row_footprint(state, len(raw)))
 
     def _keep(self, key: str, state: S, size: int) -> None:
         """Cache a row; when the cache is full (rows or bytes), start it afresh (no LRU bookkeeping

@@ -69,6 +69,6 @@ def test_item_columns_equal_the_worker_encoder() -> None:
     assert [c.item for c in columns] == [item for item, _ in objects]
     assert any(c.labeled for c in columns) and any(not c.labeled for c in columns)
     for c, (_item, state) in zip(columns, objects):
-        packed = item_tuple(builder.m, c.users, c.versions, c.labeled, c.labels, c.s, c.told, c.seq,
+        packed = item_tuple(builder.m, c.users, c.versions, c.labeled, c.label_mask, c.labels, c.s, c.told, c.seq,
                             state.applied_offset)
         assert encode_packed(packed) == encode_state(state)

@@ -7,13 +7,14 @@ loses part of what the rewound batches sent."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from core.data import iter_events
 from core.events import PurchaseEvent
-from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw
+from core.incremental import ItemState, Membership, UserItem, UserState, psi_raw, told_value
 from streams.agents import Out
 from streams.records import (
     UserOp,
@@ -26,7 +27,7 @@ from streams.records import (
     encode_values,
     partition_for,
 )
-from streams.tables import StateTable, decode_state, encode_state
+from streams.tables import StateTable, decode_state, encode_state, row_footprint
 from tests.streams.test_idempotence import Log, _check, _labels, _logic, _roundtrip
 
 
@@ -237,15 +238,56 @@ def test_packed_states_roundtrip():
     got.s -= 1.0
 
 
-def test_state_cache_is_bounded_by_encoded_bytes():
-    """Rows of ~1.7 kB against a 4 kB bound: the cache never holds more than the bound, and a
-    row it dropped is read back from the table, equal to what was put."""
-    table = StateTable({}, cache_size=1000, cache_bytes=4096)
-    size = len(encode_state(UserState(200)))
-    assert 1024 < size < 2048
+def test_rows_of_the_first_layout_still_decode():
+    """A changelog written before the compact layout (float64 told values and labels, int64
+    counters and versions) recovers into the same states; a layout newer than the code fails."""
+    user = decode_state(pickle.dumps((
+        "user", 3, ["i", "j"], ["Mug", "Cup"], np.array([[2, 4, 5], [1, -1, 1]], dtype=np.int64).tobytes(),
+        np.array([[0.1, 0.2, 0.7], [np.nan] * 3]).tobytes(), None, (), 0, np.array([0.1, 0.2, 0.7]).tobytes(), 3, 7,
+        ((1, 0.5),), False, np.array([-5, 2**62], dtype=np.int64).tobytes(), 1, 0, None, 0, -1)))
+    assert user.items["i"].value.tolist() == [0.1, 0.2, 0.7] and user.items["j"].value is None
+    assert (user.items["i"].count, user.items["i"].seq, user.items["j"].name) == (2, 4, "Cup")
+    assert user.recent_ids == [-5, 2**62] and user.applied_offset == 7 and user.published == {1: 0.5}
+    item = decode_state(pickle.dumps(("item", 3, ["u", "v"], np.array([1, 0], dtype=np.int64).tobytes(), [0],
+                                      np.array([[1 / 3, 2 / 3, 0.0]]).tobytes(), np.array([1 / 3, 2 / 3, 0]).tobytes(),
+                                      np.zeros(3).tobytes(), 2, 9)))
+    assert item.buyers["u"][1].tolist() == [1 / 3, 2 / 3, 0.0] and item.buyers["v"] == (0, None) and item.seq == 2
+    assert decode_state(encode_state(user)).items["i"].value.tolist() == [0.1, 0.2, 0.7]  # re-encoded exactly
+    with pytest.raises(ValueError, match="newer"):
+        decode_state(pickle.dumps(("user/9", 3)))
+
+
+def test_compact_rows_are_exact_and_smaller():
+    """Float32-exact told values (`told_value`) and small counters take the compact encodings;
+    the decoded row is the same state, bit for bit."""
+    rng = np.random.default_rng(0)
+    user = UserState(16)
+    for k in range(40):
+        value = told_value(np.where(rng.random(16) < 0.5, 0.0, rng.random(16)), 0.1)
+        user.items[f"i{k}"] = UserItem(int(rng.integers(1, 50)), 1, value, int(rng.integers(1, 90)), f"item {k}")
+        user.total += value
+    raw = encode_state(user)
+    back = decode_state(raw)
+    assert encode_state(back) == raw and back.total.tobytes() == user.total.tobytes()
+    assert all(a.value.tobytes() == b.value.tobytes() for a, b in zip(user.items.values(), back.items.values()))
+    dense = 40 * (16 * 8 + 3 * 8)  # the first layout's per-item arrays
+    assert len(raw) < 0.6 * dense
+
+
+def test_state_cache_is_bounded_by_decoded_footprint():
+    """Rows of 8 items (each ~0.5 kB decoded, ~100 B encoded) against a 16 kB bound: the cache
+    counts what the decoded rows hold, never more than the bound, and a row it dropped is read
+    back from the table, equal to what was put."""
+    table = StateTable({}, cache_size=1000, cache_bytes=16384)
+
+    def state(n: int) -> UserState:
+        return UserState(16, {f"i{k}": UserItem(1, 0, np.zeros(16), 1, "x") for k in range(8)}, events=n)
+
+    size = row_footprint(state(0), 0)
+    assert 4096 < size < 8192 and len(encode_state(state(0))) < size / 5
     for n in range(10):
-        table.put(f"u{n}", UserState(200, events=n))
-        assert table._cached_bytes <= 4096 and len(table._cache) <= 4096 // size
+        table.put(f"u{n}", state(n))
+        assert table._cached_bytes <= 16384 and len(table._cache) <= 16384 // size
     assert "u0" not in table._cache and table.get("u0").events == 0
 
 
