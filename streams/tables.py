@@ -154,7 +154,7 @@ def _pack_item(st: ItemState) -> tuple:
 
 
 def _item_state(m: int, users: list[str], versions: np.ndarray, labeled: list[int], labels: np.ndarray,
-                s: bytes | None, told: bytes | None, seq: int, applied: int) -> ItemState:
+                s: bytes, told: bytes, seq: int, applied: int) -> ItemState:
     lab: list[np.ndarray | None] = [None] * len(users)
     for i, row in zip(labeled, labels):
         lab[i] = row
