@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from core.embedding_cache import EmbeddingCacheConfig
 from core.labelers.openai_labeler import LLMConfig
 from core.settings import declared, table_rows
 from streams.config import StreamConfig
@@ -46,8 +47,8 @@ def test_declarations_are_what_the_readers_read() -> None:
     """The variables `from_env` really looks up are exactly the declared ones (plus a fallback)."""
     from recsys.trainer import TrainerConfig
 
-    stream_and_llm = {meta.env for cls in (StreamConfig, LLMConfig) for _, meta, _ in declared(cls)}
-    assert config_variables() == stream_and_llm
+    readers = (StreamConfig, LLMConfig, EmbeddingCacheConfig)
+    assert config_variables() == {meta.env for cls in readers for _, meta, _ in declared(cls)}
     assert trainer_variables() == {meta.env for _, meta, _ in declared(TrainerConfig)} | {"GPLR_METRICS_PORT"}
 
 
