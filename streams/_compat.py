@@ -1,6 +1,6 @@
 """Every use of a private attribute of faust, mode or aiokafka, fenced in one module.
 
-The stream needs four things the libraries do not offer publicly:
+The stream needs these things the libraries do not offer publicly:
 
 - **Fetch pacing** (aiokafka `Fetcher._proc_fetch_request`). Kafka long-polls an empty fetch (the
   broker holds it up to `fetch_max_wait_ms`), but the embedded broker (noida-db 0.2.3) answers at
@@ -46,9 +46,8 @@ The stream needs four things the libraries do not offer publicly:
 
 - **Records fetched but never delivered** (`faust.transport.consumer.Consumer._new_offset`). A
   restarted worker sometimes acks offsets N+k.. of a partition while N..N+k-1 (one fetched
-  batch) never reached the agent: recovery resumes the stream partitions *before* it seeks them
-  to the committed offsets, so a fetch can be drained in the consumer thread and then dropped by
-  `Consumer.getmany`. Faust then either never commits that partition again (k ≥ 2: the lag stays
+  batch) never reached the agent (see the next hook for the likely path; `Consumer.getmany`
+  itself dropped none of them, instrumented). Faust then either never commits that partition again (k ≥ 2: the lag stays
   flat for good, the "stall" of the lost-disk test) or commits past the missing record (k = 1: a
   purchase silently lost). Each agent acks its partition in offset order, so acked offsets above
   a missing head are proof of a drop. `rewind_dropped_heads` holds that commit back and seeks
@@ -72,6 +71,7 @@ import contextvars
 import inspect
 import ipaddress
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -307,7 +307,10 @@ def dropped_head(consumer: Any, tp: Any) -> tuple[int, int] | None:
     acked, committed = consumer._acked[tp], consumer._committed_offset[tp]
     if not acked or committed is None:
         return None
-    head = min([*acked, *(interval.begin for interval in consumer._gap[tp])])
+    head = min(acked)
+    gaps = consumer._gap[tp]
+    if gaps:
+        head = min(head, min(interval.begin for interval in gaps))
     return (committed, head) if head > committed else None
 
 
@@ -321,8 +324,6 @@ def _new_offset(self: Any, tp: Any) -> int | None:
     """faust's `_new_offset`, except that a dropped head is re-read instead of committed over or
     waited for forever: seek back to the committed offset once per (partition, offset), and
     commit nothing on that partition until the head is back (or REWIND_PATIENCE_S passed)."""
-    import time
-
     dropped = dropped_head(self, tp)
     if dropped is not None:
         committed, head = dropped
@@ -332,7 +333,6 @@ def _new_offset(self: Any, tp: Any) -> int | None:
             rewound[(tp, committed)] = time.monotonic()
             logger.warning("%s: offsets %d..%d were fetched but never processed (faust dropped them); "
                            "reading again from %d", tp, committed, head - 1, committed)
-            _REWINDS.append((tp, committed))
             task = asyncio.ensure_future(self.seek(tp, committed))
             _PENDING.add(task)
             task.add_done_callback(_PENDING.discard)
@@ -342,9 +342,6 @@ def _new_offset(self: Any, tp: Any) -> int | None:
         logger.error("%s: offsets %d..%d still missing %.0f s after a rewind; committing past them",
                      tp, committed, head - 1, REWIND_PATIENCE_S)
     return _ORIGINAL_NEW_OFFSET(self, tp)
-
-
-_REWINDS: list[Any] = []  # (tp, offset) of every rewind in this process (tests, metrics)
 
 
 def rewind_dropped_heads() -> None:
@@ -359,7 +356,6 @@ def _held(name: str) -> Any:
     async def resume(self: Any, generation_id: int = 0) -> None:
         self.app.flow_control.suspend()  # resumed (queues cleared, then filled) by the original after its seek
         await original(self, generation_id)
-    resume.held = True  # type: ignore[attr-defined]
     return resume
 
 
