@@ -98,6 +98,36 @@ def _labels(shop, users: set[str], seed: int) -> dict[str, tuple[int, ...]]:
     return {pool[i]: tuple(shop.user_truth[pool[i]]) for i in sorted(chosen)}
 
 
+class RssTimeline:
+    """Resident memory of the worker (and the broker) sampled each `period` s, tagged with the
+    bench's phase, so the peak can be placed: recovery, live, paced."""
+
+    def __init__(self, pids: dict[str, int | None], period: float = 0.5) -> None:
+        import threading
+
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self._pids, self._period = pids, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            for name, pid in self._pids.items():
+                try:
+                    mb = _status_kb(pid, "VmRSS") / 1024
+                except OSError:  # the process is gone
+                    continue
+                phase = self.peaks.setdefault(self.phase, {})
+                phase[name] = max(phase.get(name, 0.0), round(mb, 1))
+
+    def close(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peaks
+
+
 class _Updates:
     """Persona updates from `start` offsets (a background consumer)."""
 
@@ -145,7 +175,8 @@ def _config(bootstrap: str, work: Path, name: str, partitions: int, eps: float, 
                         personas_path=personas, label_sources=("bench",))
 
 
-def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_updates: bool) -> dict[str, Any]:
+def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_updates: bool,
+             broker_pid: int | None = None) -> dict[str, Any]:
     """Backfill, recover, live: the warm start's numbers."""
     t0 = time.monotonic()
     report = run_backfill(config, hist, {u: list(p) for u, p in labels.items()}, updates=with_updates,
@@ -158,6 +189,8 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_u
     paced_events = list(iter_events(paced))
     worker = WorkerProcess(config, work / "live-worker.log").start()
     t_start = time.time()
+    timeline = RssTimeline({"worker": worker.pid, "broker": broker_pid})
+    timeline.phase = "recovery"
     probe, rest = live_events[:200], live_events[200:]
     watcher = None
     try:
@@ -175,6 +208,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_u
         if not watcher.wait_drained(timeout=600, settle=2.0):
             raise RuntimeError(f"probe not drained (lag {watcher.lag()})")
         before = _changelog_records(config)
+        timeline.phase = "live"
         t_live = time.time()
         publish_events(config.kafka_bootstrap, topics.purchases, rest, stamp_now=True)
         if not watcher.wait_drained(timeout=1800, settle=2.0):
@@ -184,6 +218,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_u
         t_last = max(u["ts"] for u in updates.items)
         throughput = len(rest) / max(1e-6, t_last - t_live)
         rate = 0.5 * throughput
+        timeline.phase = "paced"
         t_paced = time.time()
         publish_events(config.kafka_bootstrap, topics.purchases, paced_events, rate=rate, stamp_now=True)
         if not watcher.wait_drained(timeout=900, settle=2.0):
@@ -194,6 +229,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_u
         peak_rss = _status_kb(worker.pid, "VmHWM") / 1024
         rss = _status_kb(worker.pid, "VmRSS") / 1024
     finally:
+        rss_by_phase = timeline.close()
         updates.close()
         if watcher is not None:
             watcher.close()
@@ -203,6 +239,7 @@ def live_run(config: StreamConfig, hist, live, paced, labels, work: Path, with_u
             "live_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
             "live_p99_s": float(np.percentile(lat, 99)) if lat.size else None, "latency_samples": int(lat.size),
             "changelog_records_per_purchase": per_purchase, "worker_peak_rss_mb": peak_rss, "worker_rss_mb": rss,
+            "rss_by_phase_mb": rss_by_phase,
             "state_mb": _du_mb(config.data_dir),
             "updates": [u for u in updates.items if u.get("source_ts", 0) >= t_start]}
 
@@ -338,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with EmbeddedBroker(data_dir=work / "broker", port=free_port()) as broker:
         cfg = _config(broker.bootstrap, work, "live", args.partitions, args.eps, personas)
-        out = live_run(cfg, hist, live, paced, labels, work, args.updates)
+        out = live_run(cfg, hist, live, paced, labels, work, args.updates, broker.pid)
         broker_mb = _du_mb(work / "broker")
         replay = replay_rate(_config(broker.bootstrap, work, "replay", args.partitions, args.eps, personas),
                              hist.iloc[:n_slice], labels, work)
@@ -364,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_replay": round(replay_estimate / to_live, 1),
         "state_mb": round(out["state_mb"], 1), "broker_mb": round(broker_mb, 1),
         "worker_peak_rss_mb": round(out["worker_peak_rss_mb"], 1), "worker_rss_mb": round(out["worker_rss_mb"], 1),
+        "rss_by_phase_mb": out["rss_by_phase_mb"],
         "live_events": n_live, "live_events_per_s": round(out["live_events_per_s"], 1),
         "changelog_records_per_live_purchase": out["changelog_records_per_purchase"],
         "paced_events": n_paced, "paced_rate": round(out["paced_rate"], 1),

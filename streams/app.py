@@ -18,12 +18,12 @@ from streams._compat import (
     widen_producer_buffer,
 )
 from streams.agents import StreamLogic, StreamTopics, register_agents
-from streams.config import StreamConfig, faust_settings
+from streams.config import ConfigError, StreamConfig, faust_settings
 from streams.flow import register_purge
 from streams.labeling import LabelPolicy, register_labeling
 from streams.tables import define_tables
 
-__all__ = ["create_app", "group_instance_id"]
+__all__ = ["create_app", "group_instance_id", "require_lz4"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,22 @@ def group_instance_id(config: StreamConfig) -> str:
     return f"{config.app_id}-{digest}"
 
 
+def require_lz4() -> None:
+    """Raise ConfigError unless aiokafka can read lz4 batches (`gplr backfill` writes them)."""
+    from aiokafka.codec import has_lz4
+
+    if not has_lz4():
+        raise ConfigError("aiokafka cannot read lz4 batches, which gplr backfill writes: "
+                          "pip install 'aiokafka[lz4]' (cramjam)")
+
+
 def create_app(config: StreamConfig) -> faust.App:
     """Build the app for `config`; nothing connects until the worker starts."""
     if config.hops != 1:
         logger.warning("GPLR_HOPS=%d ignored: the stream propagates exactly one hop (ℓ̂ = 1)", config.hops)
     config.faust_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     check_hooks()  # fail at start-up, not mid-stream, when a library changed a private hook
+    require_lz4()  # a backfilled changelog is lz4: fail here, not at the first batch of a recovery
     track_changelog_sends()  # batches are acked only once their rows are in the changelogs
     fast_gzip()  # changelog and op batches at zlib level 1, not aiokafka's 9
     commit_only_on_success()  # a commit refused during a rebalance must not count as done

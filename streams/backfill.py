@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: The worker's tables (streams.tables.define_tables) whose changelogs a backfill writes.
 TABLES = ("users", "items", "stats", "label-counts", "persona-model", "prototypes")
+#: Compression of the changelog batches the backfill writes (the worker reads lz4 through cramjam).
+CHANGELOG_COMPRESSION = "lz4"
 #: Rows per produce/flush round (bounds the backfill's memory: rows are built, sent and dropped).
 CHUNK_USERS = 5_000
 
@@ -155,10 +157,11 @@ class _Sink(CountingSink):
         from confluent_kafka import Producer
 
         super().__init__()
-        # Uncompressed: with gzip batches (3x smaller) a worker recovering a 1/2-scale history kept
-        # missing heartbeats while its consumer thread inflated them on a loaded machine, and its
-        # recovery restarted (docs/RESULTS.md §9).
+        # lz4 batches: a recovering worker holds a fetch response's bytes until it has applied its
+        # records, so smaller batches mean less memory; gzip (3x smaller) took the consumer thread so
+        # long to inflate that a worker on a loaded machine missed heartbeats (docs/RESULTS.md §9).
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
+                                  "compression.type": CHANGELOG_COMPRESSION,
                                   "batch.size": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
                                   "message.max.bytes": 16 * 1024**2, "log_level": 2})
         self.failed: list[str] = []
@@ -188,7 +191,7 @@ def _prepare_topics(config: StreamConfig) -> None:
     """The stream's topics, and the tables' changelogs compacted as Faust declares them."""
     from confluent_kafka.admin import NewTopic
 
-    from streams.tables import changelog_topic
+    from streams.tables import CHANGELOG_TOPIC_CONFIG, changelog_topic
     from streams.topics import admin_client, create_topics, topics_for
 
     create_topics(config.kafka_bootstrap, topics_for(config).all(), config.partitions)
@@ -197,8 +200,9 @@ def _prepare_topics(config: StreamConfig) -> None:
     missing = [changelog_topic(config.app_id, t) for t in TABLES
                if changelog_topic(config.app_id, t) not in existing]
     if missing:
+        compacted = {"cleanup.policy": "compact", **CHANGELOG_TOPIC_CONFIG}
         futures = admin.create_topics([NewTopic(n, num_partitions=config.partitions, replication_factor=1,
-                                                config={"cleanup.policy": "compact"}) for n in missing])
+                                                config=compacted) for n in missing])
         for future in futures.values():
             future.result(30)
     create_topics(config.kafka_bootstrap, [changelog_topic(config.app_id, t) for t in TABLES],

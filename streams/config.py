@@ -274,6 +274,12 @@ REBALANCE_TIMEOUT_S = 30.0
 #: Client request timeout: above both (Faust refuses a session longer than it, and a JoinGroup
 #: may be held for the whole rebalance timeout).
 REQUEST_TIMEOUT_S = 40.0
+#: Records one poll of the consumer decodes and hands over at most (aiokafka's `max_poll_records`;
+#: Faust leaves it unbounded, so a poll decoded every record of a fetch response at once: at full
+#: Instacart scale a recovering worker held 3.6-4.7 GB, mostly decoded changelog rows, because the
+#: embedded broker answers a fetch with a whole partition). With 1,000 and lz4 changelog batches
+#: (`streams.backfill`): 2.4 GB (docs/RESULTS.md §9a). A batch of the agents takes up to 1,000 too.
+MAX_POLL_RECORDS = 1000
 
 
 def faust_settings(config: StreamConfig) -> dict[str, Any]:
@@ -298,6 +304,7 @@ def faust_settings(config: StreamConfig) -> dict[str, Any]:
         "broker_rebalance_timeout": REBALANCE_TIMEOUT_S,
         "broker_request_timeout": REQUEST_TIMEOUT_S,
         "broker_commit_interval": 1.0,
+        "broker_max_poll_records": MAX_POLL_RECORDS,
         "web_enabled": config.worker_port > 0,
         "web_port": config.worker_port or 6066,
         "web_bind": "127.0.0.1",

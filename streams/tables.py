@@ -41,6 +41,13 @@ S = TypeVar("S")
 ROCKSDB_OPTIONS = {"write_buffer_size": 4 * 1024**2, "max_write_buffer_number": 2,
                    "block_cache_size": 8 * 1024**2, "block_cache_compressed_size": 8 * 1024**2,
                    "target_file_size_base": 16 * 1024**2}
+#: Topic configuration of every table's changelog, beside the compaction Faust declares. A broker
+#: compacts only closed segments; with Kafka's 1 GiB default a changelog keeps every version of a
+#: row until a segment that large fills, and a live worker writes ~2.5 user rows (~19 kB) per
+#: purchase at grocery density, so recovery time and broker storage would grow with every
+#: purchase rather than with the rows (docs/operations.md, Sizing). `gplr backfill` creates the
+#: changelogs with the same settings.
+CHANGELOG_TOPIC_CONFIG = {"segment.bytes": str(16 * 1024**2)}
 #: Decoded rows kept per table (see `StateTable`): what a batch touches again soon, bounded by
 #: count and by the memory the decoded rows hold (`row_footprint`) — at grocery density a decoded
 #: user row is ~20-100 kB, so 50,000 rows alone let a worker pass 4 GiB at 1/2 Instacart scale.
@@ -280,8 +287,8 @@ class Tables:
 
 
 def _bytes_table(app: faust.App, name: str, partitions: int, help: str) -> TableT:
-    return app.Table(name, key_type=str, value_type=bytes,
-                     partitions=partitions, help=help, options=dict(ROCKSDB_OPTIONS))
+    return app.Table(name, key_type=str, value_type=bytes, partitions=partitions, help=help,
+                     options=dict(ROCKSDB_OPTIONS), extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIG))
 
 
 def define_tables(app: faust.App, partitions: int) -> Tables:
@@ -291,8 +298,10 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
         items=StateTable(_bytes_table(app, "items", partitions, "item-side push state")),
         stats=StateTable(_bytes_table(app, "stats", partitions, "per-partition labeling budget")),
         labels=app.GlobalTable("label-counts", key_type=str, value_type=bytes, options=dict(ROCKSDB_OPTIONS),
+                               extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIG),
                                partitions=partitions, help="persona label counts per partition"),
         model=app.GlobalTable("persona-model", key_type=str, value_type=bytes, partitions=partitions,
+                              options=dict(ROCKSDB_OPTIONS), extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIG),
                               help="the fitted persona model (streams.refit; written from partition 0 only)"),
         prototypes=StateTable(_bytes_table(app, "prototypes", partitions, "the label personas applied per user")),
     )

@@ -179,6 +179,28 @@ def consume(bootstrap: str, topic: str, until: Callable[[list[Any]], bool] | Non
         consumer.close()
 
 
+def topic_configs(bootstrap: str, topics: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Each topic's configuration as the broker describes it (name → value)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics])
+    return {res.name: {k: v.value for k, v in fut.result(30).items()} for res, fut in futures.items()}
+
+
+def assert_changelogs_compacted(bootstrap: str, app_id: str) -> None:
+    """Every table's changelog is compacted in segments of `CHANGELOG_TOPIC_CONFIG` (the broker compacts
+    closed segments only: the default 1 GiB would keep every version of a row)."""
+    from streams.backfill import TABLES
+    from streams.tables import CHANGELOG_TOPIC_CONFIG, changelog_topic
+
+    configs = topic_configs(bootstrap, [changelog_topic(app_id, t) for t in TABLES])
+    assert len(configs) == len(TABLES)
+    for topic, config in configs.items():
+        assert config["cleanup.policy"] == "compact", topic
+        assert {k: config.get(k) for k in CHANGELOG_TOPIC_CONFIG} == CHANGELOG_TOPIC_CONFIG, topic
+
+
 @pytest.fixture(name="produce")
 def produce_fixture() -> Callable[..., int]:
     """`produce(bootstrap, topic, records, key=None) -> count` (see `produce` above)."""

@@ -27,7 +27,7 @@ from streams.backfill import run_backfill
 from streams.records import partition_for
 from streams.tables import changelog_topic, read_table
 from streams.topics import Topics
-from tests.kafka_fixtures import consume
+from tests.kafka_fixtures import assert_changelogs_compacted, consume
 from tests.streams.test_invariant import _labels_for, assert_within_bound, wait_drained
 from tests.streams.test_reliability import _exact_psi
 
@@ -85,6 +85,7 @@ def test_backfill_then_live(stream_config, worker_factory, produce, shop, tmp_pa
     names = Topics(config.topic_prefix)
     raw = consume(config.kafka_bootstrap, changelog_topic(config.app_id, "users"), raw=True)
     assert raw and all(m.partition() == partition_for(m.key().decode().strip('"'), config.partitions) for m in raw)
+    assert_changelogs_compacted(config.kafka_bootstrap, config.app_id)
 
     worker = worker_factory(config)
     worker.wait_ready(90)
@@ -246,3 +247,19 @@ def decode_key(key: bytes) -> str:
     import json
 
     return json.loads(key)
+
+
+def test_worker_refuses_to_start_without_lz4(monkeypatch) -> None:
+    """The backfill's changelog batches are lz4: a worker that could not read them must say so at
+    start-up (one line), not crash in the middle of a recovery."""
+    import aiokafka.codec
+
+    from streams.app import require_lz4
+    from streams.backfill import CHANGELOG_COMPRESSION
+    from streams.config import ConfigError
+
+    assert CHANGELOG_COMPRESSION == "lz4"
+    require_lz4()  # installed with the project (aiokafka[lz4])
+    monkeypatch.setattr(aiokafka.codec, "has_lz4", lambda: False)
+    with pytest.raises(ConfigError, match="lz4"):
+        require_lz4()

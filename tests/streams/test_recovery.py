@@ -18,6 +18,7 @@ from core.incremental import psi_raw, threshold
 from streams.demo import LagWatcher
 from streams.tables import read_table
 from streams.topics import Topics, create_topics
+from tests.kafka_fixtures import assert_changelogs_compacted
 from tests.streams.test_reliability import _exact_psi, _label_records, _labels_for, _shop
 
 pytestmark = pytest.mark.broker
@@ -74,6 +75,7 @@ def test_empty_state_dir_rebuilds_from_changelogs(
 
     reference = deploy("reference")
     worker_factory(reference).wait_ready()
+    assert_changelogs_compacted(reference.kafka_bootstrap, reference.app_id)  # as the worker declares them
     produce(reference.kafka_bootstrap, Topics(reference.topic_prefix).purchases, events)
     _drain(reference)
 
