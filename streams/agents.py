@@ -92,6 +92,7 @@ from streams.labeling import LabelPolicy
 from streams.records import (
     ItemOp,
     UserOp,
+    bounded_ops,
     decode_memberships,
     decode_purchases,
     decode_values,
@@ -594,6 +595,7 @@ class _UserBatch(UserBatch):
 BATCH_MAX = 1000
 BATCH_WITHIN = {"purchases": 0.02, "user-ops": 0.1, "item-ops": 0.25}
 _PUBLIC_JSON = frozenset({"persona_updates", "label_requests", "dlq"})
+_INTERNAL_OPS = frozenset({"user_ops", "item_ops"})
 
 
 def _dumps(value: Any) -> bytes:
@@ -608,9 +610,10 @@ async def _send(topics: StreamTopics, outs: list[Out]) -> list[Awaitable[Any]]:
         if out.topic in _PUBLIC_JSON:  # plain JSON bodies: the stdlib encoder, not Faust's codec
             report = await topic.send(key=out.key, value=_dumps(out.value), partition=out.partition,
                                       value_serializer="raw")
-        else:
-            report = await topic.send(key=out.key, value=out.value, partition=out.partition)
-        reports.append(report)
+            reports.append(report)
+        else:  # internal ops: split where one would exceed what a broker accepts (`MAX_OP_BYTES`)
+            for value in bounded_ops(out.value) if out.topic in _INTERNAL_OPS else [out.value]:
+                reports.append(await topic.send(key=out.key, value=value, partition=out.partition))
     return reports
 
 

@@ -34,6 +34,9 @@ __all__ = [
     "decode_values",
     "encode_memberships",
     "decode_memberships",
+    "split_op",
+    "bounded_ops",
+    "MAX_OP_BYTES",
     "encode_label",
     "dlq_record",
     "error_summary",
@@ -119,6 +122,62 @@ def decode_memberships(op: ItemOp) -> list[tuple[Membership, float]]:
     """(membership, source_ts) of an item op."""
     return [(Membership(str(u), str(i), int(v), None if lab is None else np.asarray(lab, dtype=np.float64)),
              float(ts)) for u, i, v, lab, ts in op.members or ()]
+
+
+#: Largest internal message (user-ops / item-ops, serialised). A batch's ops for one partition
+#: go in one message, and a push of a popular item lists every buyer in that partition: at full
+#: Instacart scale one grew to 1,054,998 bytes, over the producer's `max_request_size` (and Kafka's
+#: default `message.max.bytes`, both ~1 MB), the worker could not send its batch's results, exited,
+#: and would have replayed the same batch into the same failure. Bigger ops are split.
+MAX_OP_BYTES = 256 * 1024
+
+
+def split_op(op: UserOp | ItemOp) -> tuple[UserOp | ItemOp, UserOp | ItemOp] | None:
+    """Two ops that together carry what `op` carries, in order (the first half first), or None
+    when it cannot be split (one event, one membership, one buyer, or a label / refresh op).
+
+    Each half is applied as the whole would be: events and memberships are idempotent per row,
+    and a value reaches each buyer once, the buyers of one push shared between the halves."""
+    if isinstance(op, ItemOp):
+        members = op.members or []
+        if len(members) < 2:
+            return None
+        half = len(members) // 2
+        return ItemOp(members=members[:half]), ItemOp(members=members[half:])
+    if op.kind == "purchase" and op.events and len(op.events) > 1:
+        half = len(op.events) // 2
+        first, second = op.events[:half], op.events[half:]
+        return (UserOp(kind="purchase", users=[e[1] for e in first], events=first,
+                       source_ts=min(float(e[6]) for e in first)),
+                UserOp(kind="purchase", users=[e[1] for e in second], events=second,
+                       source_ts=min(float(e[6]) for e in second)))
+    if op.kind == "value" and op.pushes:
+        pushes = op.pushes
+        if len(pushes) > 1:
+            half = len(pushes) // 2
+            parts = [pushes[:half], pushes[half:]]
+        elif len(pushes[0]["users"]) > 1:  # one push to many buyers: the buyers in two halves
+            push, users = pushes[0], pushes[0]["users"]
+            half = len(users) // 2
+            parts = [[{**push, "users": users[:half]}], [{**push, "users": users[half:]}]]
+        else:
+            return None
+        first_op, second_op = (UserOp(kind="value", users=[u for q in part for u in q["users"]], pushes=part,
+                                      source_ts=min(float(q.get("source_ts", op.source_ts)) for q in part))
+                               for part in parts)
+        return first_op, second_op
+    return None
+
+
+def bounded_ops(op: UserOp | ItemOp, limit: int = MAX_OP_BYTES) -> list[UserOp | ItemOp]:
+    """`op` as messages of at most `limit` serialised bytes each where it can be split
+    (`split_op`), in order; an op that cannot be split is kept whole."""
+    if len(op.dumps()) <= limit:
+        return [op]
+    halves = split_op(op)
+    if halves is None:
+        return [op]
+    return [piece for half in halves for piece in bounded_ops(half, limit)]
 
 
 #: Payload bytes a dead letter keeps verbatim; beyond it only a prefix, with the full size and
