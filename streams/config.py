@@ -275,10 +275,10 @@ REBALANCE_TIMEOUT_S = 30.0
 #: may be held for the whole rebalance timeout).
 REQUEST_TIMEOUT_S = 40.0
 #: Records one poll of the consumer decodes and hands over at most (aiokafka's `max_poll_records`;
-#: Faust leaves it unbounded, so a poll decoded every record of a fetch response at once: at full
-#: Instacart scale a recovering worker held 3.6-4.7 GB, mostly decoded changelog rows, because the
-#: embedded broker answers a fetch with a whole partition). With 1,000 and lz4 changelog batches
-#: (`streams.backfill`): 2.4 GB (docs/RESULTS.md §9a). A batch of the agents takes up to 1,000 too.
+#: Faust leaves it unbounded, so a poll decoded all of a fetch response at once, and the embedded
+#: broker answers a fetch with a whole partition: a worker recovering a full Instacart-scale
+#: history peaked at 3.6-4.7 GB). With 1,000 and lz4 changelog batches (`streams.backfill`):
+#: 2.4 GB (docs/RESULTS.md §9b). An agent's batch takes up to 1,000 messages as well.
 MAX_POLL_RECORDS = 1000
 
 
