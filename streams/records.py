@@ -169,10 +169,10 @@ def split_op(op: UserOp | ItemOp) -> tuple[UserOp | ItemOp, UserOp | ItemOp] | N
     return None
 
 
-def bounded_ops(op: UserOp | ItemOp, limit: int = MAX_OP_BYTES) -> list[UserOp | ItemOp]:
+def bounded_ops(op: Any, limit: int = MAX_OP_BYTES) -> list[Any]:
     """`op` as messages of at most `limit` serialised bytes each where it can be split
-    (`split_op`), in order; an op that cannot be split is kept whole."""
-    if len(op.dumps()) <= limit:
+    (`split_op`), in order; an op that cannot be split, or any other value, is kept whole."""
+    if not isinstance(op, (UserOp, ItemOp)) or len(op.dumps()) <= limit:
         return [op]
     halves = split_op(op)
     if halves is None:

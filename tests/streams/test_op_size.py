@@ -96,6 +96,8 @@ def test_what_cannot_be_split_is_sent_whole():
     assert split_op(ItemOp(members=[["u", "i", 1, None, 0.0]])) is None
     small = encode_purchases(_events(5))
     assert bounded_ops(small) == [small]  # under the limit: untouched, one message
+    other = {"kind": "refresh", "users": ["u"] * 10_000}  # not an op: passed through as it is
+    assert bounded_ops(other, 10) == [other]
 
 
 def test_send_splits_internal_ops_and_nothing_else(monkeypatch):
