@@ -295,13 +295,15 @@ def affinity_updates(updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _row_bytes(by_topic: dict[str, list[int]], app_id: str) -> dict[str, int]:
-    """Mean encoded bytes of a user row and an item row (key included)."""
+    """Mean and largest encoded bytes of a user row and an item row (key included): the largest
+    must stay under what the broker and the worker's producer accept (~1 MB by default)."""
     from streams.tables import changelog_topic
 
     out = {}
     for table in ("users", "items"):
-        records, size = by_topic.get(changelog_topic(app_id, table), [0, 0])
+        records, size, largest = by_topic.get(changelog_topic(app_id, table), [0, 0, 0])
         out[f"{table[:-1]}_row_bytes"] = round(size / max(records, 1))
+        out[f"{table[:-1]}_row_bytes_max"] = largest
     return out
 
 

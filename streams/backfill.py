@@ -70,7 +70,7 @@ class BackfillReport:
     model_version: int
     changelog_records: int
     changelog_bytes: int
-    bytes_by_topic: dict[str, list[int]]
+    bytes_by_topic: dict[str, list[int]]  # topic → [records, bytes, largest record's bytes]
     published_history: int
     start_offsets: dict[int, int]
     last_ts: float
@@ -137,14 +137,16 @@ class CountingSink:
 
     def __init__(self) -> None:
         self.records = self.bytes = 0
-        self.by_topic: dict[str, list[int]] = {}
+        self.by_topic: dict[str, list[int]] = {}  # topic → [records, bytes, largest record's bytes]
 
     def send(self, topic: str, key: bytes | None, value: bytes, partition: int) -> None:
+        size = len(value) + len(key or b"")
         self.records += 1
-        self.bytes += len(value) + len(key or b"")
-        entry = self.by_topic.setdefault(topic, [0, 0])
+        self.bytes += size
+        entry = self.by_topic.setdefault(topic, [0, 0, 0])
         entry[0] += 1
-        entry[1] += len(value) + len(key or b"")
+        entry[1] += size
+        entry[2] = max(entry[2], size)
 
     def flush(self) -> None:
         pass

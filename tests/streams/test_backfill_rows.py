@@ -72,3 +72,14 @@ def test_item_columns_equal_the_worker_encoder() -> None:
         packed = item_tuple(builder.m, c.users, c.versions, c.labeled, c.label_mask, c.labels, c.s, c.told, c.seq,
                             state.applied_offset)
         assert encode_packed(packed) == encode_state(state)
+
+
+def test_counting_sink_sizes_records_per_topic() -> None:
+    """What `bench/scale.py` reports as mean and largest row bytes (key included)."""
+    from streams.backfill import CountingSink
+
+    sink = CountingSink()
+    for topic, key, value in [("a", b"k1", b"x" * 10), ("a", None, b"y" * 30), ("b", b"key", b"z")]:
+        sink.send(topic, key, value, 0)
+    assert (sink.records, sink.bytes) == (3, 12 + 30 + 4)
+    assert sink.by_topic == {"a": [2, 42, 30], "b": [1, 4, 4]}
