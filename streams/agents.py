@@ -595,7 +595,6 @@ class _UserBatch(UserBatch):
 BATCH_MAX = 1000
 BATCH_WITHIN = {"purchases": 0.02, "user-ops": 0.1, "item-ops": 0.25}
 _PUBLIC_JSON = frozenset({"persona_updates", "label_requests", "dlq"})
-_INTERNAL_OPS = frozenset({"user_ops", "item_ops"})
 
 
 def _dumps(value: Any) -> bytes:
@@ -611,8 +610,8 @@ async def _send(topics: StreamTopics, outs: list[Out]) -> list[Awaitable[Any]]:
             report = await topic.send(key=out.key, value=_dumps(out.value), partition=out.partition,
                                       value_serializer="raw")
             reports.append(report)
-        else:  # internal ops: split where one would exceed what a broker accepts (`MAX_OP_BYTES`)
-            for value in bounded_ops(out.value) if out.topic in _INTERNAL_OPS else [out.value]:
+        else:  # internal ops split where one would exceed what a broker accepts (`MAX_OP_BYTES`)
+            for value in bounded_ops(out.value):
                 reports.append(await topic.send(key=out.key, value=value, partition=out.partition))
     return reports
 

@@ -79,10 +79,12 @@ class ItemOp(faust.Record, serializer="json"):
 def encode_purchases(events: Sequence[Any]) -> UserOp:
     """Several validated events of one user-ops partition in one message (as field lists: a
     dict per event would repeat every field name, and `dataclasses.asdict` is slow)."""
-    return UserOp(kind="purchase", users=[e.user_id for e in events],
-                  events=[[e.event_id, e.user_id, e.item_id, e.item_name, e.quantity, e.price, e.ts]
-                          for e in events],
-                  source_ts=min(e.ts for e in events))
+    return _purchase_op([[e.event_id, e.user_id, e.item_id, e.item_name, e.quantity, e.price, e.ts] for e in events])
+
+
+def _purchase_op(events: list[list[Any]]) -> UserOp:
+    """A purchase op of events already as field lists (user id second, ts last)."""
+    return UserOp(kind="purchase", users=[e[1] for e in events], events=events, source_ts=min(e[6] for e in events))
 
 
 def decode_purchases(op: UserOp) -> list[tuple[str, str, str, str, int, float, float]]:
@@ -99,11 +101,14 @@ def encode_label(user: str, personas: Sequence[int], scores: Sequence[float], la
 
 def encode_values(msgs: Sequence[tuple[ItemValue, Sequence[str], float]]) -> UserOp:
     """Several items' values for buyers of one user-ops partition: (value, users, source_ts)."""
-    pushes: list[dict[str, Any]] = [
-        {"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users), "source_ts": ts}
-        for m, users, ts in msgs]
+    return _value_op([{"item": m.item, "seq": m.seq, "value": [float(x) for x in m.value], "users": list(users),
+                       "source_ts": ts} for m, users, ts in msgs])
+
+
+def _value_op(pushes: list[dict[str, Any]]) -> UserOp:
+    """A value op of pushes already as {item, seq, value, users, source_ts}."""
     return UserOp(kind="value", users=[u for p in pushes for u in p["users"]], pushes=pushes,
-                  source_ts=min(ts for _, _, ts in msgs))
+                  source_ts=min(p["source_ts"] for p in pushes))
 
 
 def decode_values(op: UserOp) -> list[tuple[str, int, list[float], list[str], float]]:
@@ -132,6 +137,11 @@ def decode_memberships(op: ItemOp) -> list[tuple[Membership, float]]:
 MAX_OP_BYTES = 256 * 1024
 
 
+def _halves(items: list[Any]) -> tuple[list[Any], list[Any]]:
+    half = len(items) // 2
+    return items[:half], items[half:]
+
+
 def split_op(op: UserOp | ItemOp) -> tuple[UserOp | ItemOp, UserOp | ItemOp] | None:
     """Two ops that together carry what `op` carries, in order (the first half first), or None
     when it cannot be split (one event, one membership, one buyer, or a label / refresh op).
@@ -139,33 +149,22 @@ def split_op(op: UserOp | ItemOp) -> tuple[UserOp | ItemOp, UserOp | ItemOp] | N
     Each half is applied as the whole would be: events and memberships are idempotent per row,
     and a value reaches each buyer once, the buyers of one push shared between the halves."""
     if isinstance(op, ItemOp):
-        members = op.members or []
-        if len(members) < 2:
+        if len(op.members or ()) < 2:
             return None
-        half = len(members) // 2
-        return ItemOp(members=members[:half]), ItemOp(members=members[half:])
-    if op.kind == "purchase" and op.events and len(op.events) > 1:
-        half = len(op.events) // 2
-        first, second = op.events[:half], op.events[half:]
-        return (UserOp(kind="purchase", users=[e[1] for e in first], events=first,
-                       source_ts=min(float(e[6]) for e in first)),
-                UserOp(kind="purchase", users=[e[1] for e in second], events=second,
-                       source_ts=min(float(e[6]) for e in second)))
+        first, second = _halves(op.members or [])
+        return ItemOp(members=first), ItemOp(members=second)
+    if op.kind == "purchase" and len(op.events or ()) > 1:
+        first, second = _halves(op.events or [])
+        return _purchase_op(first), _purchase_op(second)
     if op.kind == "value" and op.pushes:
-        pushes = op.pushes
-        if len(pushes) > 1:
-            half = len(pushes) // 2
-            parts = [pushes[:half], pushes[half:]]
-        elif len(pushes[0]["users"]) > 1:  # one push to many buyers: the buyers in two halves
-            push, users = pushes[0], pushes[0]["users"]
-            half = len(users) // 2
-            parts = [[{**push, "users": users[:half]}], [{**push, "users": users[half:]}]]
+        if len(op.pushes) > 1:
+            first, second = _halves(op.pushes)
+        elif len(op.pushes[0]["users"]) > 1:  # one push to many buyers: the buyers in two halves
+            push = op.pushes[0]
+            first, second = ([{**push, "users": users}] for users in _halves(push["users"]))
         else:
             return None
-        first_op, second_op = (UserOp(kind="value", users=[u for q in part for u in q["users"]], pushes=part,
-                                      source_ts=min(float(q.get("source_ts", op.source_ts)) for q in part))
-                               for part in parts)
-        return first_op, second_op
+        return _value_op(first), _value_op(second)
     return None
 
 

@@ -72,9 +72,15 @@ def shop():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_batched_duplicates_and_crash_replays_converge_to_exact(shop, seed):
+    converge(shop, seed, BatchLog)
+
+
+def converge(shop, seed: int, log_class: type[BatchLog]) -> None:
+    """Stream the shop through `log_class` with duplicates, labels, random batches and crashes;
+    the rows must end within ε of exact Ψ."""
     rng = np.random.default_rng(seed)
     logic = _logic()
-    log = BatchLog(logic, rng)
+    log = log_class(logic, rng)
     events = list(iter_events(shop.frame))
     labels = _labels(shop, seed)
     stream = events + [events[i] for i in rng.choice(len(events), len(events) // 4)]

@@ -12,7 +12,6 @@ import asyncio
 import numpy as np
 import pytest
 
-from core.data import iter_events
 from core.events import PurchaseEvent
 from core.incremental import ItemValue, Membership
 from streams.agents import Out, _send
@@ -28,11 +27,9 @@ from streams.records import (
     encode_memberships,
     encode_purchases,
     encode_values,
-    partition_for,
     split_op,
 )
-from tests.streams.test_batching import BatchLog, _purchases
-from tests.streams.test_idempotence import _check, _labels, _logic
+from tests.streams.test_batching import BatchLog, converge
 
 
 def _events(n: int) -> list[PurchaseEvent]:
@@ -145,21 +142,4 @@ def shop():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_split_messages_with_duplicates_and_crashes_converge_to_exact(shop, seed):
-    rng = np.random.default_rng(seed)
-    logic = _logic()
-    log = SplitLog(logic, rng)
-    events = list(iter_events(shop.frame))
-    labels = _labels(shop, seed)
-    stream = events + [events[i] for i in rng.choice(len(events), len(events) // 4)]
-    stream = [stream[i] for i in rng.permutation(len(stream))]
-    for user, personas in labels.items():
-        log.append([Out("user_ops", user, encode_label(user, personas, [], "t"),
-                        partition_for(user, logic.config.partitions))])
-    for i in range(0, len(stream), 10):
-        log.append(_purchases(logic, stream[i:i + 10]))
-        for _ in range(int(rng.integers(0, 4))):
-            log.step()
-            if rng.random() < 0.1:
-                log.crash()
-    log.drain(crashes=0.1)
-    _check(logic, shop.frame, labels)
+    converge(shop, seed, SplitLog)
